@@ -1,0 +1,115 @@
+"""MicroAttention: attention of a batch of queries over paged KV blocks, returning ``(out, lse)``.
+
+One call covers a batch of sequences. Each sequence brings ``Q`` queries (1 for decode, a
+prefill chunk otherwise) and a run of its KV blocks in one pool: its rBlock. The run
+holds the tokens at absolute positions ``[kv_start, kv_start + kv_len)``; a query at
+position ``p`` sees the keys at positions ``<= p`` (the causal mask). Sequences of one
+call are padded to the longest, so nothing loops over sequences in Python::
+
+    block_table[b] = [ 7, 2, 9, 0, 0 ]      (block_size = 4, padded with any id)
+    key slot j of b:   j // 4 -> block, j % 4 -> offset
+    kv_start[b] = 32, kv_len[b] = 10  ->  keys at positions 32..41, slots 0..9 valid
+
+The partial result over a subset of a sequence's keys is returned with its log-sum-exp
+so that partials over disjoint subsets merge exactly (see ``merge``). A query that sees
+no key at all gets ``out = 0`` and ``lse = -inf``: the identity of the merge.
+
+What a query may see is the same in every layer, so ``KVRun`` computes it once per step
+and each layer's call is a gather of the blocks plus one fused attention kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class KVRun:
+    """Where each sequence's keys lie in a pool, and which of them each query may see."""
+
+    block_table: torch.Tensor  # (B, NB) int64
+    mask: torch.Tensor  # (B, 1, group * Q, NB * block_size): 0 where visible, -inf elsewhere
+    empty: torch.Tensor | None  # (B, Q, H) queries that see no key; None when there are none
+
+    @staticmethod
+    def build(
+        block_table: torch.Tensor,
+        kv_start: torch.Tensor,
+        kv_len: torch.Tensor,
+        q_pos: torch.Tensor,
+        block_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        dtype: torch.dtype,
+    ) -> KVRun:
+        """block_table (B, NB); kv_start, kv_len (B,); q_pos (B, Q) absolute positions."""
+        batch, num_q = q_pos.shape
+        group = num_heads // num_kv_heads
+        slot = torch.arange(block_table.shape[1] * block_size)
+        visible = (slot[None, None, :] < kv_len[:, None, None]) & (
+            kv_start[:, None, None] + slot[None, None, :] <= q_pos[:, :, None]
+        )  # (B, Q, T)
+        # Query rows are ordered (group, Q) to match how micro_attention folds heads.
+        rows = visible[:, None].expand(batch, group, num_q, slot.numel())
+        mask = torch.zeros(rows.shape, dtype=dtype).masked_fill_(~rows, -torch.inf)
+        sees_nothing = ~visible.any(dim=-1)  # (B, Q)
+        empty = None
+        if bool(sees_nothing.any()):
+            empty = sees_nothing[:, :, None].expand(batch, num_q, num_heads)
+        return KVRun(block_table, mask.reshape(batch, 1, group * num_q, -1), empty)
+
+
+def gather_blocks(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """Keys (or values) of each sequence's blocks laid end to end.
+
+    cache: (num_blocks, block_size, kv_heads, head_dim); block_table: (B, NB)
+    returns (B, kv_heads, NB * block_size, head_dim)
+    """
+    batch, num_blocks = block_table.shape
+    _, block_size, kv_heads, head_dim = cache.shape
+    gathered = cache.index_select(0, block_table.reshape(-1))
+    return gathered.view(batch, num_blocks * block_size, kv_heads, head_dim).transpose(1, 2)
+
+
+def micro_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, run: KVRun, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial attention of ``q`` (B, Q, H, D) over each sequence's blocks in one pool.
+
+    k_cache, v_cache: (num_blocks, block_size, KVH, D). Returns out (B, Q, H, D) in q's
+    dtype and lse (B, Q, H) in float32.
+    """
+    batch, num_q, num_heads, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
+    group = num_heads // kv_heads
+    keys = gather_blocks(k_cache, run.block_table)  # (B, KVH, T, D)
+    values = gather_blocks(v_cache, run.block_table)
+    # Grouped-query attention without repeating K/V: the `group` query heads that share
+    # a KV head become extra query rows of that head. (B, KVH, group * Q, D)
+    qg = q.view(batch, num_q, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    qg = qg.reshape(batch, kv_heads, group * num_q, head_dim)
+    out, lse = _attention_with_lse(qg, keys, values, run.mask, scale)
+    out = out.view(batch, kv_heads, group, num_q, head_dim).permute(0, 3, 1, 2, 4)
+    lse = lse.view(batch, kv_heads, group, num_q).permute(0, 3, 1, 2)
+    lse = lse.reshape(batch, num_q, num_heads)
+    if run.empty is not None:
+        # The kernel reports lse = 0 for a row with no visible key; the merge needs -inf.
+        lse = lse.masked_fill(run.empty, -torch.inf)
+    return out.reshape(batch, num_q, num_heads, head_dim), lse
+
+
+def _attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T * scale + mask) v and its row log-sum-exp; (B, KVH, R, D) inputs."""
+    if q.device.type == "cpu":
+        # One fused, multi-threaded kernel that also returns the log-sum-exp.
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=mask, scale=scale
+        )
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale + mask.float()
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num_(0.0)  # rows with no key
+    return torch.matmul(probs.to(v.dtype), v), lse.nan_to_num_(0.0, neginf=0.0)

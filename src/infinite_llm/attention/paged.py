@@ -1,0 +1,108 @@
+"""One step's attention over one instance's paged KV cache: the model's ``attend`` call.
+
+The runner describes each scheduled sequence once per step (``SeqSpan``); this module
+turns the spans into at most two padded batches (decodes, whose one query needs no
+padding, and prefill chunks) so that every layer makes one MicroAttention call per
+batch and no Python loop runs over sequences inside a layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from infinite_llm.attention.micro import KVRun, micro_attention
+from infinite_llm.memory.kv_cache import KVCache
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What the step's masks need to know of the model and the cache."""
+
+    block_size: int
+    num_heads: int
+    num_kv_heads: int
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class SeqSpan:
+    """A sequence's tokens in this step: flat[flat_start : flat_start + num_tokens] sit at
+    positions first_pos.. and attend to every earlier token, stored in ``block_ids``."""
+
+    flat_start: int
+    num_tokens: int
+    first_pos: int
+    block_ids: list[int]
+
+
+@dataclass(frozen=True)
+class AttentionBatch:
+    """Sequences attended in one MicroAttention call, padded to ``Q`` queries each."""
+
+    token_index: torch.Tensor  # (B, Q) flat index of each query; padding repeats a real one
+    keep: torch.Tensor | None  # (K,) which of the B*Q results are real; None: all of them
+    run: KVRun
+
+
+def _pad(rows: list[list[int]], fill: int = 0) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [fill] * (width - len(r)) for r in rows], dtype=torch.int64)
+
+
+def build_batch(spans: list[SeqSpan], layout: KVLayout) -> AttentionBatch:
+    width = max(s.num_tokens for s in spans)
+    offsets = torch.arange(width)
+    starts = torch.tensor([s.flat_start for s in spans])
+    counts = torch.tensor([s.num_tokens for s in spans])
+    first = torch.tensor([s.first_pos for s in spans])
+    real = offsets[None, :] < counts[:, None]
+    # Padding queries repeat the sequence's first token: harmless work, results dropped.
+    token_index = starts[:, None] + torch.where(real, offsets[None, :], 0)
+    keep = None if bool(real.all()) else real.reshape(-1).nonzero().squeeze(1)
+    run = KVRun.build(
+        block_table=_pad([s.block_ids for s in spans]),
+        kv_start=torch.zeros(len(spans), dtype=torch.int64),
+        kv_len=first + counts,
+        q_pos=first[:, None] + offsets[None, :],
+        block_size=layout.block_size,
+        num_heads=layout.num_heads,
+        num_kv_heads=layout.num_kv_heads,
+        dtype=layout.dtype,
+    )
+    return AttentionBatch(token_index, keep, run)
+
+
+def build_batches(spans: list[SeqSpan], layout: KVLayout) -> list[AttentionBatch]:
+    """Decodes in one batch, prefill chunks in another: padding a decode to a chunk's
+    length would multiply its work."""
+    decodes = [s for s in spans if s.num_tokens == 1]
+    chunks = [s for s in spans if s.num_tokens > 1]
+    return [build_batch(group, layout) for group in (decodes, chunks) if group]
+
+
+class PagedAttention:
+    """Writes each layer's new k, v into the cache, then attends over the blocks."""
+
+    def __init__(
+        self, kv_cache: KVCache, slots: torch.Tensor, batches: list[AttentionBatch], scale: float
+    ) -> None:
+        self.kv_cache = kv_cache
+        self.slots = slots
+        self.batches = batches
+        self.scale = scale
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self.kv_cache.write(layer, self.slots, k, v)
+        k_cache, v_cache = self.kv_cache.layer(layer)
+        out = torch.empty_like(q)
+        for b in self.batches:
+            qb = q[b.token_index.view(-1)].view(*b.token_index.shape, *q.shape[1:])
+            ob, _ = micro_attention(qb, k_cache, v_cache, b.run, self.scale)
+            ob = ob.reshape(-1, *q.shape[1:])
+            index = b.token_index.view(-1)
+            if b.keep is not None:
+                ob, index = ob.index_select(0, b.keep), index.index_select(0, b.keep)
+            out.index_copy_(0, index, ob)
+        return out

@@ -1,0 +1,143 @@
+"""Command line: ``infinite-llm generate``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    group.add_argument(
+        "--model", default="smollm2",
+        help="built-in name (smollm2), a .gguf file or a Hugging Face model directory "
+        "(default: %(default)s)",
+    )
+    group.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights and KV cache dtype; auto is float32 on CPU (default: %(default)s)",
+    )
+    group.add_argument(
+        "--kv-cache-memory", default="1GiB",
+        help="KV cache budget, bytes or e.g. 256MiB (default: %(default)s)",
+    )
+    group.add_argument(
+        "--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)"
+    )
+    group.add_argument(
+        "--max-model-len", type=int, default=None,
+        help="maximum prompt + output tokens of one request (default: the model's context)",
+    )
+    group.add_argument(
+        "--max-num-batched-tokens", type=int, default=2048,
+        help="token budget of one engine step (default: %(default)s)",
+    )
+    group.add_argument(
+        "--max-num-seqs", type=int, default=256,
+        help="requests running at once (default: %(default)s)",
+    )
+    group.add_argument("--seed", type=int, default=0, help="engine seed (default: %(default)s)")
+
+
+def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument(
+        "--max-tokens", type=int, default=256, help="tokens to generate at most (default: %(default)s)"
+    )
+    group.add_argument(
+        "--temperature", type=float, default=0.0,
+        help="0 is greedy (default: %(default)s)",
+    )
+    group.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (default: %(default)s)")
+    group.add_argument("--top-k", type=int, default=-1, help="-1 disables (default: %(default)s)")
+    group.add_argument(
+        "--sample-seed", type=int, default=None, help="seed of this request's sampling"
+    )
+    group.add_argument(
+        "--stop", action="append", default=None, help="stop string (repeatable)"
+    )
+    group.add_argument(
+        "--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="infinite-llm",
+        description="LLM serving that treats the KV memory of a cluster as one pool.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    generate = commands.add_parser(
+        "generate", help="generate from one prompt, streaming tokens to the terminal",
+        description="Generate from one prompt, streaming the text as it is produced.",
+    )
+    generate.add_argument("prompt", help="the prompt text")
+    generate.add_argument(
+        "--chat", action="store_true",
+        help="treat the prompt as a user message and apply the model's chat template",
+    )
+    generate.add_argument("--system", default=None, help="system message for --chat")
+    _add_engine_flags(generate)
+    _add_sampling_flags(generate)
+    return parser
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from infinite_llm import LLM, SamplingParams
+
+    llm = LLM(
+        model=args.model,
+        dtype=args.dtype,
+        kv_cache_memory=args.kv_cache_memory,
+        block_size=args.block_size,
+        max_model_len=args.max_model_len,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        seed=args.seed,
+    )
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.sample_seed,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+    )
+    prompt: str | list[int] = args.prompt
+    if args.chat:
+        messages = [{"role": "user", "content": args.prompt}]
+        if args.system:
+            messages.insert(0, {"role": "system", "content": args.system})
+        _, prompt = llm.chat_prompt(messages)
+    # Hold back text that could still turn out to begin a stop string.
+    hold = max((len(s) for s in params.stop_strings), default=1) - 1
+    printed = 0
+    finish = None
+    for output in llm.stream(prompt, params):
+        completion = output.outputs[0]
+        finish = completion.finish_reason
+        ready = len(completion.text) if finish else max(printed, len(completion.text) - hold)
+        sys.stdout.write(completion.text[printed:ready])
+        sys.stdout.flush()
+        printed = ready
+    sys.stdout.write("\n")
+    logging.getLogger("infinite_llm").info("finish reason: %s", finish)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "generate":
+            return _generate(args)
+    except ValueError as error:
+        parser.exit(2, f"infinite-llm: error: {error}\n")
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""The offline API, as vLLM users know it: ``LLM(model=...).generate(prompts, params)``."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+
+from tqdm.auto import tqdm
+
+from infinite_llm.config import CacheConfig, SchedulerConfig, parse_memory_size
+from infinite_llm.engine.engine import LLMEngine, torch_dtype
+from infinite_llm.engine.outputs import RequestOutput
+from infinite_llm.engine.sampling_params import SamplingParams
+from infinite_llm.model.checkpoint import load_checkpoint
+from infinite_llm.model.llama import LlamaForCausalLM
+from infinite_llm.model.tokenizer import Tokenizer
+
+Prompt = str | list[int]
+Message = dict[str, str]
+
+
+class LLM:
+    """Load a model and generate from batches of prompts.
+
+    ``model`` is a built-in name (``"smollm2"``), a ``.gguf`` file or a Hugging Face
+    model directory. ``kv_cache_memory`` is the KV pool's budget (bytes or "256MiB").
+    ``max_model_len`` defaults to the model's trained context; a larger value is
+    refused unless ``allow_long_context=True``, which only warns.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: str = "auto",
+        kv_cache_memory: int | str = "1GiB",
+        block_size: int = 16,
+        max_num_batched_tokens: int = 2048,
+        max_num_seqs: int = 256,
+        max_model_len: int | None = None,
+        allow_long_context: bool = False,
+        seed: int | None = 0,
+    ) -> None:
+        checkpoint = load_checkpoint(model)
+        trained = checkpoint.config.max_position_embeddings
+        max_model_len = max_model_len or trained
+        if max_model_len > trained:
+            if not allow_long_context:
+                raise ValueError(
+                    f"max_model_len={max_model_len} exceeds the model's trained context of "
+                    f"{trained} tokens; pass allow_long_context=True to allow it anyway"
+                )
+            warnings.warn(
+                f"max_model_len={max_model_len} is beyond the trained context ({trained}); "
+                "outputs past it may degrade",
+                stacklevel=2,
+            )
+        module = LlamaForCausalLM(checkpoint.config)
+        module.load_weights(checkpoint.weights())
+        module = module.to(torch_dtype(dtype)).eval().requires_grad_(False)
+        self.tokenizer: Tokenizer | None = checkpoint.tokenizer
+        self.engine = LLMEngine(
+            module,
+            checkpoint.tokenizer,
+            CacheConfig(parse_memory_size(kv_cache_memory), block_size),
+            SchedulerConfig(max_num_batched_tokens, max_num_seqs, max_model_len),
+            seed=seed,
+        )
+
+    def get_tokenizer(self) -> Tokenizer | None:
+        return self.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids); outputs in the prompts' order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = _params_per_prompt(sampling_params, len(prompts))
+
+        # Validate every prompt before any runs, so a bad one leaves nothing queued.
+        added: list[list[str]] = []
+        try:
+            for prompt, p in zip(prompts, params):
+                added.append([self._add(prompt, child) for child in _children(p)])
+        except ValueError:
+            for ids in added:
+                for request_id in ids:
+                    self.engine.abort_request(request_id)
+            raise
+        finals = self._run(sum(len(ids) for ids in added), use_tqdm)
+        results = []
+        for ids in added:
+            first = finals[ids[0]]
+            outputs = [replace(finals[rid].outputs[0], index=i) for i, rid in enumerate(ids)]
+            results.append(RequestOutput(first.request_id, first.prompt, first.prompt_token_ids, outputs, True))
+        return results
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, with the model's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.chat_prompt(c) for c in conversations]
+        outputs = self.generate([ids for _, ids in prompts], sampling_params, use_tqdm)
+        for output, (text, _) in zip(outputs, prompts):
+            output.prompt = text
+        return outputs
+
+    def chat_prompt(self, messages: list[Message]) -> tuple[str, list[int]]:
+        """A conversation rendered with the model's chat template, as text and token ids."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer, so no chat template")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        # The template already writes any BOS token: encode without adding another.
+        return text, self.tokenizer.encode(text, add_special_tokens=False)
+
+    def stream(self, prompt: Prompt, params: SamplingParams) -> Iterator[RequestOutput]:
+        """Outputs of one request as it advances; aborts the request if the caller stops early."""
+        request_id = self._add(prompt, params)
+        try:
+            while True:
+                for output in self.engine.step():
+                    if output.request_id == request_id:
+                        yield output
+                        if output.finished:
+                            return
+        finally:
+            self.engine.abort_request(request_id)
+
+    def _add(self, prompt: Prompt, params: SamplingParams) -> str:
+        return self.engine.add_request(prompt, params).request_id
+
+    def _run(self, total: int, use_tqdm: bool) -> dict[str, RequestOutput]:
+        finals: dict[str, RequestOutput] = {}
+        with tqdm(total=total, desc="Generating", disable=not use_tqdm) as bar:
+            while self.engine.has_unfinished_requests():
+                for output in self.engine.step():
+                    if output.finished:
+                        finals[output.request_id] = output
+                        bar.update(1)
+        return finals
+
+
+def _params_per_prompt(
+    params: SamplingParams | Sequence[SamplingParams] | None, count: int
+) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * count
+    if isinstance(params, SamplingParams):
+        return [params] * count
+    params = list(params)
+    if len(params) != count:
+        raise ValueError(f"got {len(params)} sampling params for {count} prompts")
+    return params
+
+
+def _children(params: SamplingParams) -> list[SamplingParams]:
+    """n samples of one prompt run as n requests; seeded ones get seeds seed, seed+1, ..."""
+    if params.n == 1:
+        return [params]
+    return [
+        replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+        for i in range(params.n)
+    ]

@@ -1,0 +1,73 @@
+"""Runs a step plan through the model on one instance: inputs, attention, logits, samples."""
+
+from __future__ import annotations
+
+import torch
+
+from infinite_llm.attention.paged import KVLayout, PagedAttention, SeqSpan, build_batches
+from infinite_llm.engine.sampler import SampledToken, Sampler, SampleRequest
+from infinite_llm.engine.sampling_params import SamplingParams
+from infinite_llm.engine.scheduler import SchedulerOutput
+from infinite_llm.memory.kv_cache import KVCache
+from infinite_llm.model.llama import LlamaForCausalLM
+
+
+class ModelRunner:
+    """Owns the model, the instance's KV tensors and the sampler."""
+
+    def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, sampler: Sampler) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.sampler = sampler
+        config = model.config
+        self.scale = config.head_dim**-0.5
+        self.layout = KVLayout(
+            kv_cache.block_size,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            next(model.parameters()).dtype,
+        )
+
+    @torch.inference_mode()
+    def execute(
+        self, plan: SchedulerOutput, params: dict[str, SamplingParams]
+    ) -> dict[str, SampledToken]:
+        """Compute the plan's tokens; sample for each chunk that reaches its request's end."""
+        sampled = [c for c in plan.chunks if c.sample]
+        if not plan.chunks:
+            return {}
+        hidden = self.forward(plan)
+        if not sampled:
+            return {}
+        ends = torch.tensor([len(c.token_ids) for c in plan.chunks]).cumsum(0) - 1
+        last = ends[torch.tensor([c.sample for c in plan.chunks])]
+        logits = self.model.compute_logits(hidden.index_select(0, last))
+        rows = [SampleRequest(c.request_id, params[c.request_id]) for c in sampled]
+        return {row.request_id: token for row, token in zip(rows, self.sampler(logits, rows))}
+
+    @torch.inference_mode()
+    def forward(self, plan: SchedulerOutput) -> torch.Tensor:
+        """Final hidden states (N, hidden) of the plan's tokens, chunk after chunk."""
+        input_ids, positions, slots, spans = self._prepare(plan)
+        attend = PagedAttention(self.kv_cache, slots, build_batches(spans, self.layout), self.scale)
+        return self.model(input_ids, positions, attend)
+
+    def _prepare(
+        self, plan: SchedulerOutput
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[SeqSpan]]:
+        token_ids: list[int] = []
+        spans = []
+        for chunk in plan.chunks:
+            spans.append(SeqSpan(len(token_ids), len(chunk.token_ids), chunk.first_pos, chunk.block_ids))
+            token_ids.extend(chunk.token_ids)
+        counts = torch.tensor([s.num_tokens for s in spans])
+        seq = torch.repeat_interleave(torch.arange(len(spans)), counts)  # (N,) sequence of each token
+        starts = torch.tensor([s.flat_start for s in spans])
+        firsts = torch.tensor([s.first_pos for s in spans])
+        positions = firsts[seq] + torch.arange(len(token_ids)) - starts[seq]
+        # Slot of a token: its block's id * block_size + its offset in the block.
+        block_size = self.kv_cache.block_size
+        width = max(len(s.block_ids) for s in spans)
+        table = torch.tensor([s.block_ids + [0] * (width - len(s.block_ids)) for s in spans])
+        slots = table[seq, positions // block_size] * block_size + positions % block_size
+        return torch.tensor(token_ids), positions, slots, spans

@@ -1,0 +1,115 @@
+"""Batched next-token sampling: greedy, temperature, top-k, top-p, per-request seeds.
+
+Random choices use the exponential race: ``argmax(p / E)`` with ``E ~ Exp(1)`` draws
+from ``p``. The noise of a request with a seed comes from its own generator, so its
+tokens do not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from infinite_llm.engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """One row of logits to sample from."""
+
+    request_id: str
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    token_id: int
+    logprob: float | None = None  # log p(token) under the model's raw distribution
+    top_logprobs: dict[int, float] | None = None
+
+
+class Sampler:
+    def __init__(self, seed: int | None = None) -> None:
+        self._generator = torch.Generator()
+        if seed is not None:
+            self._generator.manual_seed(seed)
+        self._request_generators: dict[str, torch.Generator] = {}
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished request's generator."""
+        self._request_generators.pop(request_id, None)
+
+    def __call__(self, logits: torch.Tensor, rows: list[SampleRequest]) -> list[SampledToken]:
+        """logits: (B, V) float32, one row per entry of ``rows``."""
+        tokens = logits.argmax(dim=-1)
+        random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if random_rows:
+            index = torch.tensor(random_rows)
+            chosen = self._sample_random(logits.index_select(0, index), [rows[i] for i in random_rows])
+            tokens.index_copy_(0, index, chosen)
+        token_list = tokens.tolist()
+
+        want = [r.params.logprobs for r in rows]
+        if all(k is None for k in want):
+            return [SampledToken(t) for t in token_list]
+        return self._with_logprobs(logits, tokens, token_list, want)
+
+    def _sample_random(self, logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
+        temperature = torch.tensor([r.params.temperature for r in rows]).unsqueeze(1)
+        logits = logits / temperature
+        top_k = [r.params.top_k for r in rows]
+        top_p = [r.params.top_p for r in rows]
+        if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+            logits = _filter_top_k_top_p(logits, top_k, top_p)
+        probs = torch.softmax(logits, dim=-1)
+        noise = torch.empty_like(probs).exponential_(generator=self._generator)
+        for i, row in enumerate(rows):
+            if row.params.seed is not None:
+                noise[i].exponential_(generator=self._seeded(row))
+        return (probs / noise).argmax(dim=-1)
+
+    def _seeded(self, row: SampleRequest) -> torch.Generator:
+        generator = self._request_generators.get(row.request_id)
+        if generator is None:
+            generator = torch.Generator()
+            generator.manual_seed(row.params.seed)
+            self._request_generators[row.request_id] = generator
+        return generator
+
+    def _with_logprobs(
+        self,
+        logits: torch.Tensor,
+        tokens: torch.Tensor,
+        token_list: list[int],
+        want: list[int | None],
+    ) -> list[SampledToken]:
+        logprobs = torch.log_softmax(logits, dim=-1)
+        chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+        k_max = max(k or 0 for k in want)
+        top_values, top_ids = logprobs.topk(k_max, dim=-1) if k_max else (None, None)
+        out = []
+        for i, k in enumerate(want):
+            if k is None:
+                out.append(SampledToken(token_list[i]))
+                continue
+            top = {}
+            if k:
+                top = dict(zip(top_ids[i, :k].tolist(), top_values[i, :k].tolist()))
+            out.append(SampledToken(token_list[i], chosen[i], top))
+        return out
+
+
+def _filter_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """Mask to -inf every token outside each row's top-k and top-p nucleus."""
+    vocab = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(vocab).unsqueeze(0)
+    k = torch.tensor([kk if kk > 0 else vocab for kk in top_k]).unsqueeze(1)
+    drop = rank >= k
+    probs = torch.softmax(sorted_logits.masked_fill(drop, -torch.inf), dim=-1)
+    # A token stays if the mass strictly before it is below p: the top one always stays.
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop |= mass_before >= torch.tensor(top_p).unsqueeze(1)
+    sorted_logits = sorted_logits.masked_fill(drop, -torch.inf)
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)

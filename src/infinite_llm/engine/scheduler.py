@@ -1,0 +1,151 @@
+"""Continuous batching for one instance: which tokens of which requests run this step.
+
+Each step has a token budget. Running requests go first, in arrival order, each asking
+for the tokens it has not computed (one for a decode, a chunk of its prompt otherwise);
+then waiting requests are admitted while the budget, the request cap and free blocks
+allow. When a running request needs a block and none is free, the most recently
+arrived running request is preempted: its blocks are freed and it waits to be
+recomputed from its tokens. Pure bookkeeping: no torch.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from infinite_llm.config import SchedulerConfig
+from infinite_llm.engine.request import Request, RequestStatus
+from infinite_llm.memory.block_pool import BlockPool
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """Tokens of one request computed this step, at positions first_pos.. ."""
+
+    request_id: str
+    token_ids: list[int]
+    first_pos: int
+    block_ids: list[int]
+    sample: bool  # the chunk reaches the request's last token: sample the next one
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """The step plan handed to the model runner."""
+
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, pool: BlockPool, block_size: int) -> None:
+        self.config = config
+        self.pool = pool
+        self.block_size = block_size
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted: list[str] = []
+
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self._grow(request, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is request:
+                    break
+            else:
+                chunks.append(self._chunk(request, n))
+                budget -= n
+                index += 1
+                continue
+            break
+
+        # Admit only when nobody was preempted (otherwise we would evict and admit in
+        # one breath) and leave a block of headroom per running request, so the next
+        # decodes do not immediately preempt what was just admitted.
+        while (
+            not preempted
+            and self.waiting
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+        ):
+            request = self.waiting[0]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            need = self._blocks_needed(request, n)
+            if need + len(self.running) > self.pool.num_free:
+                break
+            self.waiting.popleft()
+            self._grow(request, n)
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            chunks.append(self._chunk(request, n))
+            budget -= n
+        return SchedulerOutput(chunks=chunks, preempted=preempted)
+
+    def update(self, output: SchedulerOutput) -> None:
+        """Advance the progress counters once the step has run."""
+        by_id = {r.request_id: r for r in self.running}
+        for chunk in output.chunks:
+            request = by_id.get(chunk.request_id)
+            if request is not None:
+                request.num_computed_tokens += len(chunk.token_ids)
+
+    def finish(self, request: Request, reason: str, stop_reason: str | int | None = None) -> None:
+        """End a request (finished, aborted or failed) and return all of its blocks."""
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request.status is RequestStatus.WAITING:
+            self.waiting.remove(request)
+        self.pool.free(request.block_ids)
+        request.block_ids = []
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        request.stop_reason = stop_reason
+
+    def _blocks_needed(self, request: Request, n: int) -> int:
+        total = request.num_computed_tokens + n
+        return max(0, -(-total // self.block_size) - len(request.block_ids))
+
+    def _grow(self, request: Request, n: int) -> bool:
+        need = self._blocks_needed(request, n)
+        if need > self.pool.num_free:
+            return False
+        request.block_ids.extend(self.pool.allocate(need))
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.pool.free(request.block_ids)
+        request.block_ids = []
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+        self.num_preemptions += 1
+
+    def _chunk(self, request: Request, n: int) -> ScheduledChunk:
+        start = request.num_computed_tokens
+        return ScheduledChunk(
+            request_id=request.request_id,
+            token_ids=request.token_ids(start, start + n),
+            first_pos=start,
+            block_ids=list(request.block_ids),
+            sample=start + n == request.num_tokens,
+        )

@@ -1,0 +1,42 @@
+"""The KV tensors of one instance: the only object that holds them."""
+
+from __future__ import annotations
+
+import torch
+
+from infinite_llm.config import CacheConfig, ModelConfig
+
+
+def num_blocks_for(model: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -> int:
+    """How many blocks of K and V (all layers) fit the memory budget."""
+    element = torch.tensor([], dtype=dtype).element_size()
+    block_bytes = model.kv_bytes_per_token * cache.block_size * element
+    return cache.kv_cache_memory // block_bytes
+
+
+class KVCache:
+    """K and V for every layer: (layers, num_blocks, block_size, kv_heads, head_dim) each."""
+
+    def __init__(
+        self, model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype
+    ) -> None:
+        shape = (
+            model.num_hidden_layers,
+            num_blocks,
+            block_size,
+            model.num_key_value_heads,
+            model.head_dim,
+        )
+        self.block_size = block_size
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of one layer's K and V: (num_blocks, block_size, kv_heads, head_dim)."""
+        return self.k[layer], self.v[layer]
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store tokens' k, v (N, kv_heads, head_dim) at flat slots block * block_size + offset."""
+        k_cache, v_cache = self.layer(layer)
+        k_cache.view(-1, *k.shape[1:]).index_copy_(0, slots, k)
+        v_cache.view(-1, *v.shape[1:]).index_copy_(0, slots, v)

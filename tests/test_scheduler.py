@@ -1,0 +1,129 @@
+"""Scheduler logic on tiny numbers: budgets, chunking, admission, preemption, blocks."""
+
+from __future__ import annotations
+
+import pytest
+
+from infinite_llm.config import SchedulerConfig
+from infinite_llm.engine.request import Request, RequestStatus
+from infinite_llm.engine.sampling_params import SamplingParams
+from infinite_llm.engine.scheduler import Scheduler
+from infinite_llm.memory.block_pool import BlockPool, OutOfBlocks
+
+
+def make(num_blocks=11, block_size=4, budget=16, max_seqs=8):
+    pool = BlockPool(num_blocks)
+    return Scheduler(SchedulerConfig(budget, max_seqs, 1024), pool, block_size), pool
+
+
+def request(rid, prompt_len, max_tokens=8):
+    return Request(rid, list(range(prompt_len)), SamplingParams(max_tokens=max_tokens), max_tokens)
+
+
+def run_step(scheduler, sampled_token=7):
+    """Schedule, pretend the model ran, append a token to each request that sampled."""
+    plan = scheduler.schedule()
+    scheduler.update(plan)
+    by_id = {r.request_id: r for r in scheduler.running}
+    for chunk in plan.chunks:
+        if chunk.sample:
+            by_id[chunk.request_id].output_token_ids.append(sampled_token)
+    return plan
+
+
+def test_pool_allocates_all_or_nothing_and_detects_double_free():
+    pool = BlockPool(3)
+    assert pool.allocate(2) == [0, 1]
+    with pytest.raises(OutOfBlocks):
+        pool.allocate(2)
+    assert pool.num_free == 1
+    pool.free([1])
+    with pytest.raises(ValueError):
+        pool.free([1])
+    pool.check_integrity()
+
+
+def test_long_prompt_is_chunked_by_the_token_budget():
+    scheduler, pool = make(budget=6)
+    r = request("a", 14)
+    scheduler.add(r)
+    plans = [run_step(scheduler) for _ in range(3)]
+    assert [len(p.chunks[0].token_ids) for p in plans] == [6, 6, 2]
+    assert [p.chunks[0].first_pos for p in plans] == [0, 6, 12]
+    assert [p.chunks[0].sample for p in plans] == [False, False, True]
+    assert r.num_computed_tokens == 14 and r.output_token_ids == [7]
+    assert len(r.block_ids) == 4  # ceil(14 / 4)
+    plan = run_step(scheduler)  # the decode of the sampled token
+    assert plan.chunks[0].token_ids == [7] and plan.chunks[0].first_pos == 14
+
+
+def test_decodes_go_first_and_the_budget_admits_the_rest():
+    scheduler, _ = make(num_blocks=20, budget=8)
+    a, b = request("a", 5), request("b", 6)
+    scheduler.add(a)
+    run_step(scheduler)
+    scheduler.add(b)
+    plan = run_step(scheduler)
+    assert [(c.request_id, len(c.token_ids)) for c in plan.chunks] == [("a", 1), ("b", 6)]
+
+
+def test_admission_waits_for_free_blocks():
+    scheduler, pool = make(num_blocks=5, budget=64)
+    scheduler.add(request("a", 12))  # 3 blocks
+    scheduler.add(request("b", 8))  # needs 2 blocks + 1 headroom for a's growth
+    plan = run_step(scheduler)
+    assert [c.request_id for c in plan.chunks] == ["a"]
+    assert [r.request_id for r in scheduler.waiting] == ["b"]
+
+
+def test_preemption_frees_the_newest_and_recomputes_it_later():
+    scheduler, pool = make(num_blocks=4, block_size=4, budget=64)
+    a, b = request("a", 7), request("b", 4)
+    scheduler.add(a)
+    scheduler.add(b)
+    run_step(scheduler)  # a: 2 blocks, b: 1 block (3 of 4 used, 1 headroom)
+    assert a.status is b.status is RequestStatus.RUNNING
+    run_step(scheduler)  # a at 8 tokens fits; b's 5th token takes the last block
+    assert pool.num_free == 0
+    plan = run_step(scheduler)  # a needs a third block: b is preempted
+    assert plan.preempted == ["b"]
+    assert b.status is RequestStatus.WAITING and b.block_ids == [] and b.num_computed_tokens == 0
+    assert [c.request_id for c in plan.chunks] == ["a"]
+    scheduler.finish(a, "length")
+    plan = run_step(scheduler)  # b comes back and recomputes prompt + its output so far
+    assert plan.chunks[0].request_id == "b" and len(plan.chunks[0].token_ids) == 6
+    scheduler.finish(b, "length")
+    pool.check_integrity()
+    assert pool.num_free == pool.num_blocks
+
+
+def test_a_request_preempts_itself_when_alone_with_no_room():
+    scheduler, pool = make(num_blocks=2, block_size=4, budget=64)
+    a = request("a", 8)
+    scheduler.add(a)
+    run_step(scheduler)
+    pool.allocate(pool.num_free)  # someone else took the rest (no headroom left)
+    plan = run_step(scheduler)
+    assert plan.preempted == ["a"] and plan.chunks == []
+    assert a.status is RequestStatus.WAITING
+
+
+def test_max_num_seqs_caps_running_requests():
+    scheduler, _ = make(num_blocks=50, budget=64, max_seqs=2)
+    for i in range(4):
+        scheduler.add(request(str(i), 3))
+    run_step(scheduler)
+    assert len(scheduler.running) == 2 and len(scheduler.waiting) == 2
+
+
+def test_finish_and_abort_return_every_block():
+    scheduler, pool = make(num_blocks=10, budget=64)
+    reqs = [request(str(i), 5) for i in range(3)]
+    for r in reqs:
+        scheduler.add(r)
+    run_step(scheduler)
+    scheduler.finish(reqs[0], "stop")
+    scheduler.finish(reqs[1], "abort")
+    scheduler.finish(reqs[2], "abort")
+    assert pool.num_free == 10 and not scheduler.has_work()
+    pool.check_integrity()
