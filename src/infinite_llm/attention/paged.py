@@ -74,6 +74,14 @@ def build_batch(spans: list[SeqSpan], layout: KVLayout) -> AttentionBatch:
     return AttentionBatch(token_index, keep, run)
 
 
+def slot_mapping(spans: list[SeqSpan], positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Cache slot of every flat token: its block's id * block_size + its offset in the block."""
+    counts = torch.tensor([s.num_tokens for s in spans])
+    seq = torch.repeat_interleave(torch.arange(len(spans)), counts)  # (N,) span of each token
+    table = _pad([s.block_ids for s in spans])
+    return table[seq, positions // block_size] * block_size + positions % block_size
+
+
 def build_batches(spans: list[SeqSpan], layout: KVLayout) -> list[AttentionBatch]:
     """Decodes in one batch, prefill chunks in another: padding a decode to a chunk's
     length would multiply its work."""

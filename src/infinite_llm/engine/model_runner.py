@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from infinite_llm.attention.paged import KVLayout, PagedAttention, SeqSpan, build_batches
+from infinite_llm.attention.paged import (
+    KVLayout,
+    PagedAttention,
+    SeqSpan,
+    build_batches,
+    slot_mapping,
+)
 from infinite_llm.engine.sampler import SampledToken, Sampler, SampleRequest
 from infinite_llm.engine.sampling_params import SamplingParams
 from infinite_llm.engine.scheduler import SchedulerOutput
@@ -56,18 +62,13 @@ class ModelRunner:
         self, plan: SchedulerOutput
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[SeqSpan]]:
         token_ids: list[int] = []
+        positions: list[int] = []
         spans = []
         for chunk in plan.chunks:
-            spans.append(SeqSpan(len(token_ids), len(chunk.token_ids), chunk.first_pos, chunk.block_ids))
+            n = len(chunk.token_ids)
+            spans.append(SeqSpan(len(token_ids), n, chunk.first_pos, chunk.block_ids))
             token_ids.extend(chunk.token_ids)
-        counts = torch.tensor([s.num_tokens for s in spans])
-        seq = torch.repeat_interleave(torch.arange(len(spans)), counts)  # (N,) sequence of each token
-        starts = torch.tensor([s.flat_start for s in spans])
-        firsts = torch.tensor([s.first_pos for s in spans])
-        positions = firsts[seq] + torch.arange(len(token_ids)) - starts[seq]
-        # Slot of a token: its block's id * block_size + its offset in the block.
-        block_size = self.kv_cache.block_size
-        width = max(len(s.block_ids) for s in spans)
-        table = torch.tensor([s.block_ids + [0] * (width - len(s.block_ids)) for s in spans])
-        slots = table[seq, positions // block_size] * block_size + positions % block_size
-        return torch.tensor(token_ids), positions, slots, spans
+            positions.extend(range(chunk.first_pos, chunk.first_pos + n))
+        position_tensor = torch.tensor(positions)
+        slots = slot_mapping(spans, position_tensor, self.kv_cache.block_size)
+        return torch.tensor(token_ids), position_tensor, slots, spans
