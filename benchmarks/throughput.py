@@ -203,7 +203,7 @@ def measure(engines: list[Engine], workload: Workload, dtype: str, repeats: int)
             if one_token is not None:
                 result.seconds_one_token.append(timed_run(engine, one_token))
             print(f"  {workload.label} {dtype} {engine.name} repeat {repeat + 1}/{repeats}: "
-                  f"{result.seconds[-1]:.2f} s", flush=True)
+                  f"{result.seconds[-1]:.2f} s (load before: {result.load_avg[-1]:.1f})", flush=True)
     return results
 
 
@@ -253,6 +253,20 @@ def print_table(results: list[Result]) -> None:
           "speedup is on output tok/s (W1, W2) or on 1 / LAT ms/token")
     if any(not r.standard for r in results):
         print("*** (quick) rows are small slices for smoke tests, NOT the standard workloads ***")
+    warn_if_contended(results)
+
+
+def warn_if_contended(results: list[Result]) -> None:
+    """Flag runs that shared the CPU with other work, which on 2 cores can slow runs several-fold.
+
+    Our own previous run leaves about `threads` in the 1-minute load average, so only
+    load clearly above the core count points at competing processes.
+    """
+    cores = os.cpu_count() or 1
+    worst = max((load for r in results for load in r.load_avg), default=0.0)
+    if worst > cores + 0.5:
+        print(f"WARNING: 1-min load average reached {worst:.1f} on {cores} cores before some runs: "
+              f"other processes competed for the CPU; treat these figures as unreliable")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -71,3 +71,10 @@ def hf_smollm2(smollm2_path):
             path.parent, gguf_file=path.name, dtype=torch.float32
         )
     return tokenizer, model.eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_llm(smollm2_path):
+    from infinite_llm import LLM
+
+    return LLM("smollm2", kv_cache_memory="256MiB", dtype="float32")

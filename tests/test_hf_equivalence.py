@@ -121,11 +121,6 @@ def test_tiny_llama_variants_match_transformers(tmp_path, overrides):
         assert output.outputs[0].token_ids == hf_greedy(hf, prompt, 12)
 
 
-@pytest.fixture(scope="module")
-def smollm2_llm(smollm2_path):
-    return LLM("smollm2", kv_cache_memory="256MiB", dtype="float32")
-
-
 def test_smollm2_greedy_matches_transformers(smollm2_llm, hf_smollm2):
     tokenizer, hf = hf_smollm2
     params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)

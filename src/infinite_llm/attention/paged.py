@@ -44,6 +44,7 @@ class AttentionBatch:
     token_index: torch.Tensor  # (B, Q) flat index of each query; padding repeats a real one
     keep: torch.Tensor | None  # (K,) which of the B*Q results are real; None: all of them
     run: KVRun
+    in_order: bool  # the batch is every flat token, in order: no gather or scatter needed
 
 
 def _pad(rows: list[list[int]], fill: int = 0) -> torch.Tensor:
@@ -71,7 +72,10 @@ def build_batch(spans: list[SeqSpan], layout: KVLayout) -> AttentionBatch:
         num_kv_heads=layout.num_kv_heads,
         dtype=layout.dtype,
     )
-    return AttentionBatch(token_index, keep, run)
+    in_order = keep is None and spans[0].flat_start == 0 and all(
+        a.flat_start + a.num_tokens == b.flat_start for a, b in zip(spans, spans[1:])
+    )
+    return AttentionBatch(token_index, keep, run, in_order)
 
 
 def slot_mapping(spans: list[SeqSpan], positions: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -104,6 +108,12 @@ class PagedAttention:
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.kv_cache.write(layer, self.slots, k, v)
         k_cache, v_cache = self.kv_cache.layer(layer)
+        if len(self.batches) == 1 and self.batches[0].in_order:
+            # Decode-only steps: the flat tokens already are the batch.
+            b = self.batches[0]
+            qb = q.reshape(*b.token_index.shape, *q.shape[1:])
+            out, _ = micro_attention(qb, k_cache, v_cache, b.run, self.scale)
+            return out.reshape(q.shape)
         out = torch.empty_like(q)
         for b in self.batches:
             qb = q[b.token_index.view(-1)].view(*b.token_index.shape, *q.shape[1:])

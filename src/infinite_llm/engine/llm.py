@@ -42,6 +42,9 @@ class LLM:
         allow_long_context: bool = False,
         seed: int | None = 0,
     ) -> None:
+        # Cheap checks first, so a typo fails before seconds of loading.
+        cache = CacheConfig(parse_memory_size(kv_cache_memory), block_size)
+        weight_dtype = torch_dtype(dtype)
         checkpoint = load_checkpoint(model)
         trained = checkpoint.config.max_position_embeddings
         max_model_len = max_model_len or trained
@@ -58,12 +61,12 @@ class LLM:
             )
         module = LlamaForCausalLM(checkpoint.config)
         module.load_weights(checkpoint.weights())
-        module = module.to(torch_dtype(dtype)).eval().requires_grad_(False)
+        module = module.to(weight_dtype).eval().requires_grad_(False)
         self.tokenizer: Tokenizer | None = checkpoint.tokenizer
         self.engine = LLMEngine(
             module,
             checkpoint.tokenizer,
-            CacheConfig(parse_memory_size(kv_cache_memory), block_size),
+            cache,
             SchedulerConfig(max_num_batched_tokens, max_num_seqs, max_model_len),
             seed=seed,
         )
