@@ -137,3 +137,23 @@ def test_merge_of_only_empty_partials_is_zero_not_nan():
 def test_merge_needs_a_partial():
     with pytest.raises(ValueError):
         merge([])
+
+
+def test_causal_run_over_padded_prompts_equals_dense_attention():
+    """Fresh prompts of different lengths in one batch, no mask tensor: every real query
+    equals dense causal attention over its own prompt."""
+    g = torch.Generator().manual_seed(1)
+    kv_heads, heads, dim, block_size = 3, 9, 8, 4
+    k_cache = torch.randn(30, block_size, kv_heads, dim, generator=g)
+    v_cache = torch.randn(30, block_size, kv_heads, dim, generator=g)
+    tables, lengths = [[4, 9, 2], [17], [20, 21, 22, 23, 5]], [10, 3, 18]
+    table = torch.tensor([t + [0] * (5 - len(t)) for t in tables])
+    q = torch.randn(3, 18, heads, dim, generator=g)
+    out, lse = micro_attention(q, k_cache, v_cache, KVRun.causal(table), dim**-0.5)
+    for b, n in enumerate(lengths):
+        ids = torch.tensor(tables[b])
+        keys = k_cache[ids].reshape(-1, kv_heads, dim)[:n]
+        values = v_cache[ids].reshape(-1, kv_heads, dim)[:n]
+        expected = dense_reference(q[b, :n], keys, values, torch.arange(n), torch.arange(n))
+        torch.testing.assert_close(out[b, :n].double(), expected, rtol=1e-5, atol=1e-5)
+        assert torch.isfinite(lse[b, :n]).all()

@@ -30,8 +30,17 @@ class KVRun:
     """Where each sequence's keys lie in a pool, and which of them each query may see."""
 
     block_table: torch.Tensor  # (B, NB) int64
-    mask: torch.Tensor  # (B, 1, group * Q, NB * block_size): 0 where visible, -inf elsewhere
+    # (B, 1, group * Q, NB * block_size): 0 where visible, -inf elsewhere; None when causal.
+    mask: torch.Tensor | None
     empty: torch.Tensor | None  # (B, Q, H) queries that see no key; None when there are none
+
+    @staticmethod
+    def causal(block_table: torch.Tensor) -> KVRun:
+        """Each sequence's queries are exactly its keys, tokens 0, 1, ... of the sequence:
+        the plain causal mask, which the fused kernel applies without a mask tensor while
+        skipping the masked half. Queries past a sequence's end (batch padding) see
+        padding keys; their results must be dropped by the caller."""
+        return KVRun(block_table, None, None)
 
     @staticmethod
     def build(
@@ -86,6 +95,17 @@ def micro_attention(
     group = num_heads // kv_heads
     keys = gather_blocks(k_cache, run.block_table)  # (B, KVH, T, D)
     values = gather_blocks(v_cache, run.block_table)
+    if run.mask is None:
+        # Causal prefill: compute-bound, so repeating K/V per query head costs little
+        # and lets the kernel skip the upper triangle.
+        out, lse = _attention_with_lse(
+            q.transpose(1, 2),
+            keys.repeat_interleave(group, dim=1),
+            values.repeat_interleave(group, dim=1),
+            None,
+            scale,
+        )
+        return out.transpose(1, 2), lse.transpose(1, 2)
     # Grouped-query attention without repeating K/V: the `group` query heads that share
     # a KV head become extra query rows of that head. (B, KVH, group * Q, D)
     qg = q.view(batch, num_q, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
@@ -101,14 +121,19 @@ def micro_attention(
 
 
 def _attention_with_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q k^T * scale + mask) v and its row log-sum-exp; (B, KVH, R, D) inputs."""
+    """softmax(q k^T * scale + mask) v and its row log-sum-exp; (B, heads, R, D) inputs.
+    With no mask, row i sees keys 0..i (causal, top-left aligned)."""
+    causal = mask is None
     if q.device.type == "cpu":
         # One fused, multi-threaded kernel that also returns the log-sum-exp.
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=mask, scale=scale
+            q, k, v, 0.0, causal, attn_mask=mask, scale=scale
         )
+    if causal:
+        rows, cols = q.shape[-2], k.shape[-2]
+        mask = torch.full((rows, cols), -torch.inf, device=q.device).triu_(1)
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale + mask.float()
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num_(0.0)  # rows with no key

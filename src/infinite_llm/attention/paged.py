@@ -62,8 +62,11 @@ def build_batch(spans: list[SeqSpan], layout: KVLayout) -> AttentionBatch:
     # Padding queries repeat the sequence's first token: harmless work, results dropped.
     token_index = starts[:, None] + torch.where(real, offsets[None, :], 0)
     keep = None if bool(real.all()) else real.reshape(-1).nonzero().squeeze(1)
+    table = _pad([s.block_ids for s in spans])
+    if all(s.first_pos == 0 for s in spans) and width > 1:
+        return AttentionBatch(token_index, keep, KVRun.causal(table), _in_order(spans, keep))
     run = KVRun.build(
-        block_table=_pad([s.block_ids for s in spans]),
+        block_table=table,
         kv_start=torch.zeros(len(spans), dtype=torch.int64),
         kv_len=first + counts,
         q_pos=first[:, None] + offsets[None, :],
@@ -72,10 +75,13 @@ def build_batch(spans: list[SeqSpan], layout: KVLayout) -> AttentionBatch:
         num_kv_heads=layout.num_kv_heads,
         dtype=layout.dtype,
     )
-    in_order = keep is None and spans[0].flat_start == 0 and all(
+    return AttentionBatch(token_index, keep, run, _in_order(spans, keep))
+
+
+def _in_order(spans: list[SeqSpan], keep: torch.Tensor | None) -> bool:
+    return keep is None and spans[0].flat_start == 0 and all(
         a.flat_start + a.num_tokens == b.flat_start for a, b in zip(spans, spans[1:])
     )
-    return AttentionBatch(token_index, keep, run, in_order)
 
 
 def slot_mapping(spans: list[SeqSpan], positions: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -87,11 +93,13 @@ def slot_mapping(spans: list[SeqSpan], positions: torch.Tensor, block_size: int)
 
 
 def build_batches(spans: list[SeqSpan], layout: KVLayout) -> list[AttentionBatch]:
-    """Decodes in one batch, prefill chunks in another: padding a decode to a chunk's
-    length would multiply its work."""
+    """Decodes in one batch (padding a decode to a chunk's length would multiply its
+    work), prompts that start at token 0 in another (plain causal attention) and
+    later chunks of prompts in a third."""
     decodes = [s for s in spans if s.num_tokens == 1]
-    chunks = [s for s in spans if s.num_tokens > 1]
-    return [build_batch(group, layout) for group in (decodes, chunks) if group]
+    fresh = [s for s in spans if s.num_tokens > 1 and s.first_pos == 0]
+    later = [s for s in spans if s.num_tokens > 1 and s.first_pos > 0]
+    return [build_batch(group, layout) for group in (decodes, fresh, later) if group]
 
 
 class PagedAttention:

@@ -6,12 +6,14 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
+import torch
 from tqdm.auto import tqdm
 
 from infinite_llm.config import CacheConfig, SchedulerConfig, parse_memory_size
 from infinite_llm.engine.engine import LLMEngine, torch_dtype
 from infinite_llm.engine.outputs import RequestOutput
 from infinite_llm.engine.sampling_params import SamplingParams
+from infinite_llm.model.bf16_cpu import has_native_bf16, upcast_bf16_linears
 from infinite_llm.model.checkpoint import load_checkpoint
 from infinite_llm.model.llama import LlamaForCausalLM
 from infinite_llm.model.tokenizer import Tokenizer
@@ -62,6 +64,8 @@ class LLM:
         module = LlamaForCausalLM(checkpoint.config)
         module.load_weights(checkpoint.weights())
         module = module.to(weight_dtype).eval().requires_grad_(False)
+        if weight_dtype == torch.bfloat16 and not has_native_bf16():
+            upcast_bf16_linears(module)
         self.tokenizer: Tokenizer | None = checkpoint.tokenizer
         self.engine = LLMEngine(
             module,
