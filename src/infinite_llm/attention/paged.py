@@ -92,14 +92,27 @@ def slot_mapping(spans: list[SeqSpan], positions: torch.Tensor, block_size: int)
     return table[seq, positions // block_size] * block_size + positions % block_size
 
 
+# Below this many decodes one padded batch is cheaper than several calls per layer.
+_BUCKET_MIN_DECODES = 16
+
+
 def build_batches(spans: list[SeqSpan], layout: KVLayout) -> list[AttentionBatch]:
-    """Decodes in one batch (padding a decode to a chunk's length would multiply its
-    work), prompts that start at token 0 in another (plain causal attention) and
-    later chunks of prompts in a third."""
+    """Decodes apart from prompt chunks (padding a decode to a chunk's length would
+    multiply its work), prompts that start at token 0 apart from later chunks (plain
+    causal attention needs no mask). Many decodes are further split by context length
+    in powers of two, since decode attention costs what the padded contexts hold."""
     decodes = [s for s in spans if s.num_tokens == 1]
     fresh = [s for s in spans if s.num_tokens > 1 and s.first_pos == 0]
     later = [s for s in spans if s.num_tokens > 1 and s.first_pos > 0]
-    return [build_batch(group, layout) for group in (decodes, fresh, later) if group]
+    groups = [fresh, later]
+    if len(decodes) >= _BUCKET_MIN_DECODES:
+        buckets: dict[int, list[SeqSpan]] = {}
+        for span in decodes:
+            buckets.setdefault((len(span.block_ids) - 1).bit_length(), []).append(span)
+        groups += buckets.values()
+    else:
+        groups.append(decodes)
+    return [build_batch(group, layout) for group in groups if group]
 
 
 class PagedAttention:
