@@ -30,7 +30,7 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
         help="maximum prompt + output tokens of one request (default: the model's context)",
     )
     group.add_argument(
-        "--max-num-batched-tokens", type=int, default=2048,
+        "--max-num-batched-tokens", type=int, default=8192,
         help="token budget of one engine step (default: %(default)s)",
     )
     group.add_argument(
