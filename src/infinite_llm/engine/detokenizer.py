@@ -8,7 +8,6 @@ if TYPE_CHECKING:
     from infinite_llm.model.tokenizer import Tokenizer
 
 
-
 class Detokenizer:
     """Turns output token ids into text one token at a time, in O(1) per token."""
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import itertools
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 
