@@ -43,6 +43,18 @@ class KVRun:
         return KVRun(block_table, None, None)
 
     @staticmethod
+    def prefix(
+        block_table: torch.Tensor, kv_len: torch.Tensor, block_size: int, dtype: torch.dtype
+    ) -> KVRun:
+        """Every query of sequence b sees its first kv_len[b] (>= 1) slots: the history
+        before a prompt chunk. The mask covers keys only (B, 1, 1, T), whatever the
+        chunk's length."""
+        slot = torch.arange(block_table.shape[1] * block_size)
+        hidden = slot[None, :] >= kv_len[:, None]
+        mask = torch.zeros(hidden.shape, dtype=dtype).masked_fill_(hidden, -torch.inf)
+        return KVRun(block_table, mask[:, None, None, :], None)
+
+    @staticmethod
     def build(
         block_table: torch.Tensor,
         kv_start: torch.Tensor,
@@ -118,6 +130,24 @@ def micro_attention(
         # The kernel reports lse = 0 for a row with no visible key; the merge needs -inf.
         lse = lse.masked_fill(run.empty, -torch.inf)
     return out.reshape(batch, num_q, num_heads, head_dim), lse
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of a chunk over its own keys, query i seeing keys 0..i.
+
+    q (B, Q, H, D); k, v (B, Q, KVH, D). Returns out (B, Q, H, D) and lse (B, Q, H).
+    """
+    group = q.shape[2] // k.shape[2]
+    out, lse = _attention_with_lse(
+        q.transpose(1, 2),
+        k.transpose(1, 2).repeat_interleave(group, dim=1),
+        v.transpose(1, 2).repeat_interleave(group, dim=1),
+        None,
+        scale,
+    )
+    return out.transpose(1, 2), lse.transpose(1, 2)
 
 
 def _attention_with_lse(

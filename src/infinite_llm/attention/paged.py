@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from infinite_llm.attention.micro import KVRun, micro_attention
+from infinite_llm.attention.merge import merge
+from infinite_llm.attention.micro import KVRun, causal_attention, micro_attention
 from infinite_llm.memory.kv_cache import KVCache
 
 
@@ -45,6 +46,9 @@ class AttentionBatch:
     keep: torch.Tensor | None  # (K,) which of the B*Q results are real; None: all of them
     run: KVRun
     in_order: bool  # the batch is every flat token, in order: no gather or scatter needed
+    # The run holds only the history before each chunk; the chunk's own keys are
+    # attended causally from this step's k, v and merged in.
+    own_chunk: bool = False
 
 
 def _pad(rows: list[list[int]], fill: int = 0) -> torch.Tensor:
@@ -63,8 +67,13 @@ def build_batch(spans: list[SeqSpan], layout: KVLayout) -> AttentionBatch:
     token_index = starts[:, None] + torch.where(real, offsets[None, :], 0)
     keep = None if bool(real.all()) else real.reshape(-1).nonzero().squeeze(1)
     table = _pad([s.block_ids for s in spans])
-    if all(s.first_pos == 0 for s in spans) and width > 1:
-        return AttentionBatch(token_index, keep, KVRun.causal(table), _in_order(spans, keep))
+    in_order = _in_order(spans, keep)
+    if width > 1 and all(s.first_pos == 0 for s in spans):
+        return AttentionBatch(token_index, keep, KVRun.causal(table), in_order)
+    if width > 1 and all(s.first_pos > 0 for s in spans):
+        # A (chunk x context) mask would grow with both; history + own chunk needs none.
+        run = KVRun.prefix(table, first, layout.block_size, layout.dtype)
+        return AttentionBatch(token_index, keep, run, in_order, own_chunk=True)
     run = KVRun.build(
         block_table=table,
         kv_start=torch.zeros(len(spans), dtype=torch.int64),
@@ -75,7 +84,7 @@ def build_batch(spans: list[SeqSpan], layout: KVLayout) -> AttentionBatch:
         num_kv_heads=layout.num_kv_heads,
         dtype=layout.dtype,
     )
-    return AttentionBatch(token_index, keep, run, _in_order(spans, keep))
+    return AttentionBatch(token_index, keep, run, in_order)
 
 
 def _in_order(spans: list[SeqSpan], keep: torch.Tensor | None) -> bool:
@@ -129,7 +138,7 @@ class PagedAttention:
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.kv_cache.write(layer, self.slots, k, v)
         k_cache, v_cache = self.kv_cache.layer(layer)
-        if len(self.batches) == 1 and self.batches[0].in_order:
+        if len(self.batches) == 1 and self.batches[0].in_order and not self.batches[0].own_chunk:
             # Decode-only steps: the flat tokens already are the batch.
             b = self.batches[0]
             qb = q.reshape(*b.token_index.shape, *q.shape[1:])
@@ -137,10 +146,14 @@ class PagedAttention:
             return out.reshape(q.shape)
         out = torch.empty_like(q)
         for b in self.batches:
-            qb = q[b.token_index.view(-1)].view(*b.token_index.shape, *q.shape[1:])
-            ob, _ = micro_attention(qb, k_cache, v_cache, b.run, self.scale)
-            ob = ob.reshape(-1, *q.shape[1:])
             index = b.token_index.view(-1)
+            qb = q[index].view(*b.token_index.shape, *q.shape[1:])
+            ob, lse = micro_attention(qb, k_cache, v_cache, b.run, self.scale)
+            if b.own_chunk:
+                kb = k[index].view(*b.token_index.shape, *k.shape[1:])
+                vb = v[index].view(*b.token_index.shape, *v.shape[1:])
+                ob, _ = merge([(ob, lse), causal_attention(qb, kb, vb, self.scale)])
+            ob = ob.reshape(-1, *q.shape[1:])
             if b.keep is not None:
                 ob, index = ob.index_select(0, b.keep), index.index_select(0, b.keep)
             out.index_copy_(0, index, ob)
