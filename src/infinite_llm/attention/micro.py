@@ -110,14 +110,7 @@ def micro_attention(
     if run.mask is None:
         # Causal prefill: compute-bound, so repeating K/V per query head costs little
         # and lets the kernel skip the upper triangle.
-        out, lse = _attention_with_lse(
-            q.transpose(1, 2),
-            keys.repeat_interleave(group, dim=1),
-            values.repeat_interleave(group, dim=1),
-            None,
-            scale,
-        )
-        return out.transpose(1, 2), lse.transpose(1, 2)
+        return causal_attention(q, keys.transpose(1, 2), values.transpose(1, 2), scale)
     # Grouped-query attention without repeating K/V: the `group` query heads that share
     # a KV head become extra query rows of that head. (B, KVH, group * Q, D)
     qg = q.view(batch, num_q, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)

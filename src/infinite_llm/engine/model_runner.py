@@ -39,10 +39,10 @@ class ModelRunner:
         self, plan: SchedulerOutput, params: dict[str, SamplingParams]
     ) -> dict[str, SampledToken]:
         """Compute the plan's tokens; sample for each chunk that reaches its request's end."""
-        sampled = [c for c in plan.chunks if c.sample]
         if not plan.chunks:
             return {}
         hidden = self.forward(plan)
+        sampled = [c for c in plan.chunks if c.sample]
         if not sampled:
             return {}
         ends = torch.tensor([len(c.token_ids) for c in plan.chunks]).cumsum(0) - 1
