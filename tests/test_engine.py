@@ -23,7 +23,8 @@ def prompts_of(lengths: list[int], seed: int = 0) -> list[list[int]]:
 def assert_pool_full(llm: LLM) -> None:
     engine = llm.engine
     engine.check_integrity()
-    assert engine.pool.num_free == engine.pool.num_blocks
+    for inst in engine.cluster.instances:
+        assert inst.rmanager.num_free == inst.rmanager.capacity
     assert not engine.has_unfinished_requests() and not engine.requests
 
 
@@ -39,10 +40,10 @@ def test_64_mixed_requests_under_a_small_kv_budget_equal_each_alone(tiny_llama_d
     # 96 blocks of 4 tokens: 384 tokens for ~4,900 of KV in total.
     small = LLM(str(tiny_llama_dir), kv_cache_memory=96 * 4 * 2 * 3 * 2 * 16 * 4, block_size=4,
                 max_num_batched_tokens=48)
-    assert small.engine.pool.num_blocks == 96
+    assert small.engine.cluster.blocks_per_instance == 96
     assert sum(lengths) + sum(outs) > 4 * small.engine.capacity_tokens
     together = small.generate(prompts, params, use_tqdm=False)
-    assert small.engine.scheduler.num_preemptions > 0  # the budget really was exceeded
+    assert small.engine.cluster.num_preemptions > 0  # the budget really was exceeded
 
     alone = LLM(str(tiny_llama_dir), kv_cache_memory="4MiB", block_size=4)
     for prompt, p, out in zip(prompts, params, together):
@@ -179,7 +180,7 @@ def test_abort_frees_blocks_and_returns_a_final_output(llm):
     engine = llm.engine
     request = engine.add_request(prompts_of([40], seed=9)[0], GREEDY)
     engine.step()
-    assert engine.pool.num_used > 0
+    assert engine.cluster.instances[0].rmanager.num_used > 0
     final = engine.abort_request(request.request_id)
     assert final.finished and final.outputs[0].finish_reason == "abort"
     assert_pool_full(llm)

@@ -7,6 +7,7 @@ import torch
 
 from infinite_llm import LLM, SamplingParams
 from infinite_llm.engine.scheduler import ScheduledChunk, SchedulerOutput
+from infinite_llm.memory.rblock import BlockTable
 
 transformers = pytest.importorskip("transformers")
 
@@ -49,11 +50,28 @@ def tiny(tiny_llama_dir):
     return tiny_llama_dir, hf.eval()
 
 
-def paged_logits(llm: LLM, sequences: list[list[int]], chunk: int) -> list[torch.Tensor]:
-    """Logits of every position, computed by the paged runner in chunks of ``chunk`` tokens,
-    all sequences sharing each step (prefill chunks and single tokens mixed in one batch)."""
+def place_blocks(llm: LLM, sequences: list[list[int]], owner_of) -> list[BlockTable]:
+    """A block table per sequence whose logical block j lives on instance owner_of(i, j),
+    taken straight from the owners' pools (the placement under test, not the policy)."""
     engine = llm.engine
-    blocks = [engine.pool.allocate(-(-len(s) // engine.block_size)) for s in sequences]
+    tables = []
+    for i, seq in enumerate(sequences):
+        table = BlockTable()
+        for j in range(-(-len(seq) // engine.block_size)):
+            owner = owner_of(i, j)
+            table.append(owner, engine.cluster.instances[owner].rmanager.pool.allocate(1))
+        tables.append(table)
+    return tables
+
+
+def paged_logits(
+    llm: LLM, sequences: list[list[int]], chunk: int, owner_of=lambda i, j: 0
+) -> list[torch.Tensor]:
+    """Logits of every position, computed by the runner in chunks of ``chunk`` tokens,
+    all sequences sharing each step (prefill chunks and single tokens mixed in one batch),
+    with each sequence's KV blocks placed on instances by ``owner_of``."""
+    engine = llm.engine
+    tables = place_blocks(llm, sequences, owner_of)
     done = [0] * len(sequences)
     hidden: list[list[torch.Tensor]] = [[] for _ in sequences]
     step = 0
@@ -63,7 +81,9 @@ def paged_logits(llm: LLM, sequences: list[list[int]], chunk: int) -> list[torch
             # Sequence i takes chunks of (chunk - i) tokens, at least 1: mixed sizes per step.
             n = min(max(1, chunk - i - step % 2), len(seq) - done[i])
             if n > 0:
-                chunks.append(ScheduledChunk(str(i), seq[done[i]:done[i] + n], done[i], blocks[i], True))
+                chunks.append(
+                    ScheduledChunk(str(i), seq[done[i]:done[i] + n], done[i], tables[i].rblocks, True)
+                )
         out = engine.runner.forward(SchedulerOutput(chunks))
         offset = 0
         for c in chunks:
@@ -72,8 +92,9 @@ def paged_logits(llm: LLM, sequences: list[list[int]], chunk: int) -> list[torch
             offset += len(c.token_ids)
             done[i] += len(c.token_ids)
         step += 1
-    for b in blocks:
-        engine.pool.free(b)
+    for table in tables:
+        for rb in table.rblocks:
+            engine.cluster.instances[rb.owner].rmanager.pool.free(list(rb.block_ids))
     return [llm.engine.runner.model.compute_logits(torch.cat(h)) for h in hidden]
 
 
@@ -99,7 +120,9 @@ def test_tiny_llama_greedy_matches_transformers(tiny, batch):
         assert output.prompt_token_ids == prompt
         assert output.outputs[0].token_ids == hf_greedy(hf, prompt, 20)
         assert output.outputs[0].finish_reason == "length"
-    assert llm.engine.pool.num_free == llm.engine.pool.num_blocks
+    llm.engine.check_integrity()
+    rm = llm.engine.cluster.instances[0].rmanager
+    assert rm.num_free == rm.capacity
 
 
 @pytest.mark.parametrize("overrides", [

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from infinite_llm.attention.merge import merge
-from infinite_llm.attention.micro import KVRun, micro_attention
+from infinite_llm.attention.micro import KVRun, causal_attention, micro_attention
 
 
 def dense_reference(q, keys, values, q_pos, key_pos):
@@ -139,21 +139,30 @@ def test_merge_needs_a_partial():
         merge([])
 
 
-def test_causal_run_over_padded_prompts_equals_dense_attention():
-    """Fresh prompts of different lengths in one batch, no mask tensor: every real query
-    equals dense causal attention over its own prompt."""
+def test_causal_attention_over_padded_prompts_equals_dense_attention():
+    """Fresh prompts of different lengths padded into one batch (padding repeats the first
+    token): every real query equals dense causal attention over its own prompt."""
     g = torch.Generator().manual_seed(1)
-    kv_heads, heads, dim, block_size = 3, 9, 8, 4
-    k_cache = torch.randn(30, block_size, kv_heads, dim, generator=g)
-    v_cache = torch.randn(30, block_size, kv_heads, dim, generator=g)
-    tables, lengths = [[4, 9, 2], [17], [20, 21, 22, 23, 5]], [10, 3, 18]
-    table = torch.tensor([t + [0] * (5 - len(t)) for t in tables])
+    kv_heads, heads, dim = 3, 9, 8
+    lengths = [10, 3, 18]
+    keys = torch.randn(3, 18, kv_heads, dim, generator=g)
+    values = torch.randn(3, 18, kv_heads, dim, generator=g)
     q = torch.randn(3, 18, heads, dim, generator=g)
-    out, lse = micro_attention(q, k_cache, v_cache, KVRun.causal(table), dim**-0.5)
     for b, n in enumerate(lengths):
-        ids = torch.tensor(tables[b])
-        keys = k_cache[ids].reshape(-1, kv_heads, dim)[:n]
-        values = v_cache[ids].reshape(-1, kv_heads, dim)[:n]
-        expected = dense_reference(q[b, :n], keys, values, torch.arange(n), torch.arange(n))
+        keys[b, n:], values[b, n:], q[b, n:] = keys[b, 0], values[b, 0], q[b, 0]
+    out, lse = causal_attention(q, keys, values, dim**-0.5)
+    for b, n in enumerate(lengths):
+        expected = dense_reference(q[b, :n], keys[b, :n], values[b, :n], torch.arange(n), torch.arange(n))
         torch.testing.assert_close(out[b, :n].double(), expected, rtol=1e-5, atol=1e-5)
         assert torch.isfinite(lse[b, :n]).all()
+
+
+def test_prefix_run_with_an_empty_sequence_is_the_merge_identity():
+    """An owner holding none of a sequence's blocks: out 0, lse -inf for that sequence."""
+    g = torch.Generator().manual_seed(2)
+    k_cache = torch.randn(6, 4, 1, 8, generator=g)
+    v_cache = torch.randn(6, 4, 1, 8, generator=g)
+    run = KVRun.prefix(torch.tensor([[1, 2], [0, 0]]), torch.tensor([6, 0]), 4, torch.float32)
+    out, lse = micro_attention(torch.randn(2, 3, 2, 8, generator=g), k_cache, v_cache, run, 1.0)
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.isneginf(lse[1]).all()
+    assert torch.isfinite(lse[0]).all()

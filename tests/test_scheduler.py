@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import pytest
 
-from infinite_llm.config import SchedulerConfig
+from infinite_llm.config import PoolingConfig, SchedulerConfig
 from infinite_llm.engine.request import Request, RequestStatus
 from infinite_llm.engine.sampling_params import SamplingParams
 from infinite_llm.engine.scheduler import Scheduler
 from infinite_llm.memory.block_pool import BlockPool, OutOfBlocks
+from infinite_llm.memory.gmanager import GManager
+from infinite_llm.memory.rmanager import RManager
+
+
+def no_peers(*args):
+    raise AssertionError(f"a lone instance called a peer: {args}")
 
 
 def make(num_blocks=11, block_size=4, budget=16, max_seqs=8):
+    """A scheduler over the rManager of a lone instance (nobody to borrow from)."""
     pool = BlockPool(num_blocks)
-    return Scheduler(SchedulerConfig(budget, max_seqs, 1024), pool, block_size), pool
+    gmanager = GManager()
+    gmanager.register(0, num_blocks)
+    memory = RManager(0, pool, PoolingConfig(), gmanager, no_peers)
+    return Scheduler(SchedulerConfig(budget, max_seqs, 1024), memory, block_size), pool
 
 
 def request(rid, prompt_len, max_tokens=8):
@@ -52,7 +62,7 @@ def test_long_prompt_is_chunked_by_the_token_budget():
     assert [p.chunks[0].first_pos for p in plans] == [0, 6, 12]
     assert [p.chunks[0].sample for p in plans] == [False, False, True]
     assert r.num_computed_tokens == 14 and r.output_token_ids == [7]
-    assert len(r.block_ids) == 4  # ceil(14 / 4)
+    assert r.block_table.num_blocks == 4  # ceil(14 / 4)
     plan = run_step(scheduler)  # the decode of the sampled token
     assert plan.chunks[0].token_ids == [7] and plan.chunks[0].first_pos == 14
 
@@ -87,7 +97,7 @@ def test_preemption_frees_the_newest_and_recomputes_it_later():
     assert pool.num_free == 0
     plan = run_step(scheduler)  # a needs a third block: b is preempted
     assert plan.preempted == ["b"]
-    assert b.status is RequestStatus.WAITING and b.block_ids == [] and b.num_computed_tokens == 0
+    assert b.status is RequestStatus.WAITING and b.block_table.num_blocks == 0 and b.num_computed_tokens == 0
     assert [c.request_id for c in plan.chunks] == ["a"]
     scheduler.finish(a, "length")
     plan = run_step(scheduler)  # b comes back and recomputes prompt + its output so far

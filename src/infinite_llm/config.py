@@ -112,3 +112,29 @@ class SchedulerConfig:
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class PoolingConfig:
+    """How an instance shares its KV pool with the rest of the cluster.
+
+    Lending is capped twice so that a generous creditor cannot starve its own requests:
+    at most ``max_lend_fraction`` of its capacity is ever lent out, and a lend never
+    leaves fewer than ``reserve_blocks`` free (headroom for its own requests' growth).
+    """
+
+    enabled: bool = True  # False: isolated instances that never lend or borrow
+    max_lend_fraction: float = 0.5  # of capacity, lent out at most
+    reserve_blocks: int = 0  # free blocks a lend must leave behind
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"enabled must be a bool, got {self.enabled!r}")
+        if not 0.0 <= self.max_lend_fraction <= 1.0:  # also refuses NaN
+            raise ValueError(
+                f"max_lend_fraction must be in [0, 1], got {self.max_lend_fraction!r}"
+            )
+        if isinstance(self.reserve_blocks, bool) or not isinstance(self.reserve_blocks, int):
+            raise ValueError(f"reserve_blocks must be an int, got {self.reserve_blocks!r}")
+        if self.reserve_blocks < 0:
+            raise ValueError(f"reserve_blocks must be >= 0, got {self.reserve_blocks}")

@@ -24,35 +24,43 @@ from dataclasses import dataclass
 
 import torch
 
+from infinite_llm.kernels.cpu import paged_decode_attention
+
 
 @dataclass(frozen=True)
 class KVRun:
     """Where each sequence's keys lie in a pool, and which of them each query may see."""
 
     block_table: torch.Tensor  # (B, NB) int64
-    # (B, 1, group * Q, NB * block_size): 0 where visible, -inf elsewhere; None when causal.
+    # (B, 1, group * Q or 1, NB * block_size): 0 where visible, -inf elsewhere;
+    # None for ``lengths`` runs, which the paged kernel attends without a mask.
     mask: torch.Tensor | None
-    empty: torch.Tensor | None  # (B, Q, H) queries that see no key; None when there are none
-
-    @staticmethod
-    def causal(block_table: torch.Tensor) -> KVRun:
-        """Each sequence's queries are exactly its keys, tokens 0, 1, ... of the sequence:
-        the plain causal mask, which the fused kernel applies without a mask tensor while
-        skipping the masked half. Queries past a sequence's end (batch padding) see
-        padding keys; their results must be dropped by the caller."""
-        return KVRun(block_table, None, None)
+    # Queries that see no key, broadcastable to (B, Q, H); None when there are none.
+    empty: torch.Tensor | None
+    # (B,) every query of sequence b sees exactly its first kv_len[b] slots. With no mask,
+    # the paged kernel reads the blocks in place (decode); see ``lengths``.
+    kv_len: torch.Tensor | None = None
 
     @staticmethod
     def prefix(
         block_table: torch.Tensor, kv_len: torch.Tensor, block_size: int, dtype: torch.dtype
     ) -> KVRun:
-        """Every query of sequence b sees its first kv_len[b] (>= 1) slots: the history
-        before a prompt chunk. The mask covers keys only (B, 1, 1, T), whatever the
-        chunk's length."""
+        """Every query of sequence b sees its first kv_len[b] (>= 0) slots: the history
+        before a prompt chunk, or one owner's share of it. The mask covers keys only
+        (B, 1, 1, T), whatever the chunk's length."""
         slot = torch.arange(block_table.shape[1] * block_size)
         hidden = slot[None, :] >= kv_len[:, None]
         mask = torch.zeros(hidden.shape, dtype=dtype).masked_fill_(hidden, -torch.inf)
-        return KVRun(block_table, mask[:, None, None, :], None)
+        none = kv_len == 0
+        empty = none[:, None, None] if bool(none.any()) else None
+        return KVRun(block_table, mask[:, None, None, :], empty, kv_len)
+
+    @staticmethod
+    def lengths(block_table: torch.Tensor, kv_len: torch.Tensor) -> KVRun:
+        """Every query of sequence b sees its first kv_len[b] (>= 0) slots, attended by
+        the paged CPU kernel without gathering the blocks or building a mask (the
+        caller checked ``paged_decode_supported``)."""
+        return KVRun(block_table, None, None, kv_len)
 
     @staticmethod
     def build(
@@ -102,15 +110,13 @@ def micro_attention(
     k_cache, v_cache: (num_blocks, block_size, KVH, D). Returns out (B, Q, H, D) in q's
     dtype and lse (B, Q, H) in float32.
     """
+    if run.mask is None:
+        return paged_decode_attention(q, k_cache, v_cache, run.block_table, run.kv_len, scale)
     batch, num_q, num_heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     group = num_heads // kv_heads
     keys = gather_blocks(k_cache, run.block_table)  # (B, KVH, T, D)
     values = gather_blocks(v_cache, run.block_table)
-    if run.mask is None:
-        # Causal prefill: compute-bound, so repeating K/V per query head costs little
-        # and lets the kernel skip the upper triangle.
-        return causal_attention(q, keys.transpose(1, 2), values.transpose(1, 2), scale)
     # Grouped-query attention without repeating K/V: the `group` query heads that share
     # a KV head become extra query rows of that head. (B, KVH, group * Q, D)
     qg = q.view(batch, num_q, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
@@ -119,10 +125,13 @@ def micro_attention(
     out = out.view(batch, kv_heads, group, num_q, head_dim).permute(0, 3, 1, 2, 4)
     lse = lse.view(batch, kv_heads, group, num_q).permute(0, 3, 1, 2)
     lse = lse.reshape(batch, num_q, num_heads)
+    out = out.reshape(batch, num_q, num_heads, head_dim)
     if run.empty is not None:
-        # The kernel reports lse = 0 for a row with no visible key; the merge needs -inf.
+        # The kernel reports lse = 0 for a row with no visible key; the merge needs -inf
+        # and an output of 0.
         lse = lse.masked_fill(run.empty, -torch.inf)
-    return out.reshape(batch, num_q, num_heads, head_dim), lse
+        out = out.masked_fill(run.empty[..., None], 0.0)
+    return out, lse
 
 
 def causal_attention(

@@ -1,4 +1,5 @@
-"""The engine of one instance: add requests, step (schedule, execute, update), abort."""
+"""The engine: add requests, step (schedule, execute, update), abort, over a cluster of
+one or more instances whose KV may be pooled."""
 
 from __future__ import annotations
 
@@ -8,16 +9,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from infinite_llm.config import CacheConfig, ModelConfig, SchedulerConfig
+from infinite_llm.config import CacheConfig, ModelConfig, PoolingConfig, SchedulerConfig
+from infinite_llm.engine.cluster import Cluster
 from infinite_llm.engine.detokenizer import Detokenizer
 from infinite_llm.engine.model_runner import ModelRunner
 from infinite_llm.engine.outputs import CompletionOutput, RequestOutput
 from infinite_llm.engine.request import Request
 from infinite_llm.engine.sampler import SampledToken, Sampler
 from infinite_llm.engine.sampling_params import SamplingParams
-from infinite_llm.engine.scheduler import Scheduler
-from infinite_llm.memory.block_pool import BlockPool
-from infinite_llm.memory.kv_cache import KVCache, num_blocks_for
 from infinite_llm.model.llama import LlamaForCausalLM
 
 if TYPE_CHECKING:
@@ -34,34 +33,35 @@ class LLMEngine:
         cache: CacheConfig,
         scheduler: SchedulerConfig,
         seed: int | None = 0,
+        instances: int = 1,
+        pooling: PoolingConfig | None = None,
     ) -> None:
         self.model_config: ModelConfig = model.config
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler
         dtype = next(model.parameters()).dtype
-        num_blocks = num_blocks_for(model.config, cache, dtype)
-        if num_blocks < 1:
-            raise ValueError(
-                f"kv_cache_memory={cache.kv_cache_memory} bytes holds no block of "
-                f"{cache.block_size} tokens for this model"
-            )
         self.block_size = cache.block_size
-        self.pool = BlockPool(num_blocks)
-        self.scheduler = Scheduler(scheduler, self.pool, cache.block_size)
-        kv_cache = KVCache(model.config, num_blocks, cache.block_size, dtype)
-        self.runner = ModelRunner(model, kv_cache, Sampler(seed))
+        self.cluster = Cluster(
+            model.config, cache, scheduler, pooling or PoolingConfig(), instances, dtype
+        )
+        self.runner = ModelRunner(model, self.cluster.kv_caches, Sampler(seed))
         self.requests: dict[str, Request] = {}
         self._detokenizers: dict[str, Detokenizer] = {}
         self._logprobs: dict[str, list[dict[int, float]]] = {}
         self._ids = itertools.count()
+        per_instance = self.cluster.blocks_per_instance * self.block_size
         logger.info(
-            "KV cache: %d blocks of %d tokens = %d tokens",
-            num_blocks, cache.block_size, self.capacity_tokens,
+            "KV cache: %d instance(s) x %d blocks of %d tokens = %d tokens each, %d in all; "
+            "one request can hold up to %d",
+            instances, self.cluster.blocks_per_instance, self.block_size, per_instance,
+            per_instance * instances, self.capacity_tokens,
         )
 
     @property
     def capacity_tokens(self) -> int:
-        return self.pool.num_blocks * self.block_size
+        """The most KV tokens one request can hold: its home's pool, plus what the other
+        instances may lend when pooling is on."""
+        return self.cluster.max_request_tokens
 
     def add_request(
         self,
@@ -85,7 +85,7 @@ class LLMEngine:
             )
         if params.logprobs is not None:
             self._logprobs[request_id] = []
-        self.scheduler.add(request)
+        self.cluster.add(request)
         return request
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -117,10 +117,16 @@ class LLMEngine:
                 f"{max_tokens} to generate)"
             )
         if num_prompt + max_tokens > self.capacity_tokens:
+            instances = len(self.cluster.instances)
+            where = (
+                f"the whole KV cache holds ({self.capacity_tokens} tokens)" if instances == 1
+                else f"one request can hold in this cluster of {instances} instances "
+                f"({self.capacity_tokens} tokens{'' if self.cluster.pooling.enabled else ', pooling off'})"
+            )
             raise ValueError(
                 f"the request needs KV cache for {num_prompt + max_tokens} tokens "
-                f"({num_prompt} prompt + {max_tokens} to generate), more than the whole KV "
-                f"cache holds ({self.capacity_tokens} tokens); raise kv_cache_memory"
+                f"({num_prompt} prompt + {max_tokens} to generate), more than {where}; "
+                f"raise kv_cache_memory or the number of instances"
             )
         return max_tokens
 
@@ -135,14 +141,14 @@ class LLMEngine:
         return output
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work()
+        return self.cluster.has_work()
 
     def step(self) -> list[RequestOutput]:
         """One iteration: schedule, execute, update. Returns outputs of requests that advanced."""
-        plan = self.scheduler.schedule()
+        plan = self.cluster.schedule()
         params = {c.request_id: self.requests[c.request_id].params for c in plan.chunks}
         sampled = self.runner.execute(plan, params)
-        self.scheduler.update(plan)
+        self.cluster.update(plan)
         outputs = []
         for request_id, token in sampled.items():
             request = self.requests[request_id]
@@ -173,7 +179,7 @@ class LLMEngine:
             self._finish(request, "length")
 
     def _finish(self, request: Request, reason: str, stop_reason: str | int | None = None) -> None:
-        self.scheduler.finish(request, reason, stop_reason)
+        self.cluster.finish(request, reason, stop_reason)
         self.runner.sampler.release(request.request_id)
 
     def _output(self, request: Request) -> RequestOutput:
@@ -200,10 +206,8 @@ class LLMEngine:
         self._logprobs.pop(request.request_id, None)
 
     def check_integrity(self) -> None:
-        """Every block is either free or held by exactly one live request."""
-        self.pool.check_integrity()
-        held = [b for r in self.scheduler.running + list(self.scheduler.waiting) for b in r.block_ids]
-        assert len(held) == len(set(held)) == self.pool.num_used, "block ownership is inconsistent"
+        """Every block is free or held by exactly one live request; the ledger balances."""
+        self.cluster.check_integrity()
 
 
 def torch_dtype(name: str) -> torch.dtype:

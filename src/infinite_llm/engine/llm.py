@@ -9,11 +9,11 @@ from dataclasses import replace
 import torch
 from tqdm.auto import tqdm
 
-from infinite_llm.config import CacheConfig, SchedulerConfig, parse_memory_size
+from infinite_llm.config import CacheConfig, PoolingConfig, SchedulerConfig, parse_memory_size
 from infinite_llm.engine.engine import LLMEngine, torch_dtype
 from infinite_llm.engine.outputs import RequestOutput
 from infinite_llm.engine.sampling_params import SamplingParams
-from infinite_llm.model.bf16_cpu import has_native_bf16, upcast_bf16_linears
+from infinite_llm.model.cpu_linear import use_cpu_linears
 from infinite_llm.model.checkpoint import load_checkpoint
 from infinite_llm.model.llama import LlamaForCausalLM
 from infinite_llm.model.tokenizer import Tokenizer
@@ -26,7 +26,11 @@ class LLM:
     """Load a model and generate from batches of prompts.
 
     ``model`` is a built-in name (``"smollm2"``), a ``.gguf`` file or a Hugging Face
-    model directory. ``kv_cache_memory`` is the KV pool's budget (bytes or "256MiB").
+    model directory. ``instances`` model replicas run in this process, each with its own
+    KV pool of ``kv_cache_memory`` (bytes or "256MiB"). With ``kv_pooling`` (the default)
+    the pools form one: an instance short of blocks borrows from the others, each lending
+    at most ``max_lend_fraction`` of its pool, so one request can hold far more KV than one
+    instance has. ``kv_pooling=False`` gives isolated replicas.
     ``max_model_len`` defaults to the model's trained context; a larger value is
     refused unless ``allow_long_context=True``, which only warns.
     ``max_num_batched_tokens`` defaults to 8192 as in vLLM's offline ``LLM``: large
@@ -46,9 +50,15 @@ class LLM:
         max_model_len: int | None = None,
         allow_long_context: bool = False,
         seed: int | None = 0,
+        instances: int = 1,
+        kv_pooling: bool = True,
+        max_lend_fraction: float = PoolingConfig.max_lend_fraction,
     ) -> None:
         # Cheap checks first, so a typo fails before seconds of loading.
         cache = CacheConfig(parse_memory_size(kv_cache_memory), block_size)
+        pooling = PoolingConfig(enabled=kv_pooling, max_lend_fraction=max_lend_fraction)
+        if not isinstance(instances, int) or instances < 1:
+            raise ValueError(f"instances must be a positive int, got {instances!r}")
         weight_dtype = torch_dtype(dtype)
         checkpoint = load_checkpoint(model)
         trained = checkpoint.config.max_position_embeddings
@@ -67,8 +77,7 @@ class LLM:
         module = LlamaForCausalLM(checkpoint.config)
         module.load_weights(checkpoint.weights())
         module = module.to(weight_dtype).eval().requires_grad_(False)
-        if weight_dtype == torch.bfloat16 and not has_native_bf16():
-            upcast_bf16_linears(module)
+        use_cpu_linears(module)
         self.tokenizer: Tokenizer | None = checkpoint.tokenizer
         self.engine = LLMEngine(
             module,
@@ -76,6 +85,8 @@ class LLM:
             cache,
             SchedulerConfig(max_num_batched_tokens, max_num_seqs, max_model_len),
             seed=seed,
+            instances=instances,
+            pooling=pooling,
         )
 
     def get_tokenizer(self) -> Tokenizer | None:

@@ -4,34 +4,39 @@ from __future__ import annotations
 
 import torch
 
-from infinite_llm.attention.paged import (
-    KVLayout,
-    PagedAttention,
-    SeqSpan,
-    build_batches,
-    slot_mapping,
-)
+from infinite_llm.attention.dist import DistAttention, KVLayout, KVWrites, SeqSpan, build_batches
 from infinite_llm.engine.sampler import SampledToken, Sampler, SampleRequest
 from infinite_llm.engine.sampling_params import SamplingParams
 from infinite_llm.engine.scheduler import SchedulerOutput
+from infinite_llm.kernels.cpu import paged_decode_supported
 from infinite_llm.memory.kv_cache import KVCache
 from infinite_llm.model.llama import LlamaForCausalLM
 
 
 class ModelRunner:
-    """Owns the model, the instance's KV tensors and the sampler."""
+    """Runs the model over the instances' KV tensors (by instance id) and samples."""
 
-    def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, sampler: Sampler) -> None:
+    def __init__(
+        self, model: LlamaForCausalLM, kv_caches: dict[int, KVCache], sampler: Sampler
+    ) -> None:
         self.model = model
-        self.kv_cache = kv_cache
+        self.kv_caches = kv_caches
         self.sampler = sampler
         config = model.config
         self.scale = config.head_dim**-0.5
+        weight = next(model.parameters())
+        block_size = next(iter(kv_caches.values())).block_size
+        self.block_size = block_size
         self.layout = KVLayout(
-            kv_cache.block_size,
-            config.num_attention_heads,
-            config.num_key_value_heads,
-            next(model.parameters()).dtype,
+            block_size,
+            weight.dtype,
+            decode_kernel=paged_decode_supported(
+                weight.device,
+                weight.dtype,
+                config.num_attention_heads,
+                config.head_dim,
+                block_size,
+            ),
         )
 
     @torch.inference_mode()
@@ -54,21 +59,22 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, plan: SchedulerOutput) -> torch.Tensor:
         """Final hidden states (N, hidden) of the plan's tokens, chunk after chunk."""
-        input_ids, positions, slots, spans = self._prepare(plan)
-        attend = PagedAttention(self.kv_cache, slots, build_batches(spans, self.layout), self.scale)
+        input_ids, positions, spans = self._prepare(plan)
+        attend = DistAttention(
+            self.kv_caches,
+            KVWrites.build(spans, positions, self.block_size),
+            build_batches(spans, self.layout),
+            self.scale,
+        )
         return self.model(input_ids, positions, attend)
 
-    def _prepare(
-        self, plan: SchedulerOutput
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[SeqSpan]]:
+    def _prepare(self, plan: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, list[SeqSpan]]:
         token_ids: list[int] = []
         positions: list[int] = []
         spans = []
         for chunk in plan.chunks:
             n = len(chunk.token_ids)
-            spans.append(SeqSpan(len(token_ids), n, chunk.first_pos, chunk.block_ids))
+            spans.append(SeqSpan(len(token_ids), n, chunk.first_pos, chunk.rblocks))
             token_ids.extend(chunk.token_ids)
             positions.extend(range(chunk.first_pos, chunk.first_pos + n))
-        position_tensor = torch.tensor(positions)
-        slots = slot_mapping(spans, position_tensor, self.kv_cache.block_size)
-        return torch.tensor(token_ids), position_tensor, slots, spans
+        return torch.tensor(token_ids), torch.tensor(positions), spans

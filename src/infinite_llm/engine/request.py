@@ -1,4 +1,4 @@
-"""A request as the scheduler sees it: tokens, one progress counter, its blocks."""
+"""A request as the scheduler sees it: tokens, one progress counter, its rBlocks."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from infinite_llm.engine.sampling_params import SamplingParams
+from infinite_llm.memory.rblock import BlockTable
 
 
 class RequestStatus(enum.Enum):
@@ -33,7 +34,8 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
-    block_ids: list[int] = field(default_factory=list)
+    home: int = 0  # the instance that schedules it and runs its non-attention layers
+    block_table: BlockTable = field(default_factory=BlockTable)  # rBlocks, local or lent
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
     stop_reason: str | int | None = None

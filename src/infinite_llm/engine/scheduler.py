@@ -2,10 +2,11 @@
 
 Each step has a token budget. Running requests go first, in arrival order, each asking
 for the tokens it has not computed (one for a decode, a chunk of its prompt otherwise);
-then waiting requests are admitted while the budget, the request cap and free blocks
-allow. When a running request needs a block and none is free, the most recently
-arrived running request is preempted: its blocks are freed and it waits to be
-recomputed from its tokens. Pure bookkeeping: no torch.
+then waiting requests are admitted while the budget, the request cap and blocks allow:
+the instance's own free blocks plus what its rManager can borrow from other instances.
+When a running request needs a block and none can be had, the most recently arrived
+running request of this instance is preempted: its blocks, local and borrowed, are
+freed and it waits to be recomputed from its tokens. Pure bookkeeping: no torch.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from dataclasses import dataclass, field
 
 from infinite_llm.config import SchedulerConfig
 from infinite_llm.engine.request import Request, RequestStatus
-from infinite_llm.memory.block_pool import BlockPool
+from infinite_llm.memory.rblock import RBlock
+from infinite_llm.memory.rmanager import RManager
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,7 @@ class ScheduledChunk:
     request_id: str
     token_ids: list[int]
     first_pos: int
-    block_ids: list[int]
+    rblocks: tuple[RBlock, ...]  # where its KV lives, the new tokens' blocks included
     sample: bool  # the chunk reaches the request's last token: sample the next one
 
 
@@ -42,9 +44,9 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, pool: BlockPool, block_size: int) -> None:
+    def __init__(self, config: SchedulerConfig, memory: RManager, block_size: int) -> None:
         self.config = config
-        self.pool = pool
+        self.memory = memory
         self.block_size = block_size
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -90,10 +92,11 @@ class Scheduler:
             request = self.waiting[0]
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             need = self._blocks_needed(request, n)
-            if need + len(self.running) > self.pool.num_free:
+            if need + len(self.running) > self.memory.num_free + self.memory.borrowable():
+                break
+            if not self._grow(request, n):  # the gManager's view was stale: wait
                 break
             self.waiting.popleft()
-            self._grow(request, n)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             chunks.append(self._chunk(request, n))
@@ -114,26 +117,21 @@ class Scheduler:
             self.running.remove(request)
         elif request.status is RequestStatus.WAITING:
             self.waiting.remove(request)
-        self.pool.free(request.block_ids)
-        request.block_ids = []
+        self.memory.release(request.request_id, request.block_table)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         request.stop_reason = stop_reason
 
     def _blocks_needed(self, request: Request, n: int) -> int:
         total = request.num_computed_tokens + n
-        return max(0, -(-total // self.block_size) - len(request.block_ids))
+        return max(0, -(-total // self.block_size) - request.block_table.num_blocks)
 
     def _grow(self, request: Request, n: int) -> bool:
         need = self._blocks_needed(request, n)
-        if need > self.pool.num_free:
-            return False
-        request.block_ids.extend(self.pool.allocate(need))
-        return True
+        return need == 0 or self.memory.allocate(request.request_id, request.block_table, need)
 
     def _preempt(self, request: Request) -> None:
-        self.pool.free(request.block_ids)
-        request.block_ids = []
+        self.memory.release(request.request_id, request.block_table)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         request.status = RequestStatus.WAITING
@@ -146,6 +144,6 @@ class Scheduler:
             request_id=request.request_id,
             token_ids=request.token_ids(start, start + n),
             first_pos=start,
-            block_ids=list(request.block_ids),
+            rblocks=request.block_table.rblocks,
             sample=start + n == request.num_tokens,
         )

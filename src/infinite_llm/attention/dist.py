@@ -1,0 +1,231 @@
+"""DistAttention for one step: every layer's ``attend`` call over KV spread on instances.
+
+A request's KV lives in rBlocks, each on an owner instance (its home or a creditor).
+Each layer, the new tokens' k, v are written into the block that owns their position;
+then each query is sent to every owner of its request's blocks, each owner computes
+MicroAttention over the blocks it holds, and the partial ``(out, lse)`` are merged.
+KV never moves; only queries go out and partials come back.
+
+What goes where is the same for every layer of a step, so the runner describes each
+scheduled sequence once (``SeqSpan``) and this module turns the spans into a few
+batches, each with one MicroAttention call per owner::
+
+    span: positions first_pos .. first_pos + n - 1, rBlocks (owner, first_block, ids)
+    decode (n = 1)       parts: each owner's blocks, slots of positions <= first_pos
+    later prompt chunk   parts: each owner's blocks, slots of positions <  first_pos
+                         + causal attention over the chunk's own k, v (this step's)
+    fresh prompt chunk   causal attention over its own k, v only (no history)
+
+An owner's blocks of a sequence, in logical order, hold the positions below any limit
+as a prefix of their slots, so one length per (sequence, owner) says what is visible.
+No Python loop runs over sequences inside a layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from infinite_llm.attention.merge import merge
+from infinite_llm.attention.micro import KVRun, causal_attention, micro_attention
+from infinite_llm.memory.kv_cache import KVCache
+from infinite_llm.memory.rblock import RBlock
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What the step's runs need to know of the model and the caches."""
+
+    block_size: int
+    dtype: torch.dtype
+    # Decodes go to the paged CPU kernel (blocks read in place, no mask, no padding).
+    decode_kernel: bool = False
+
+
+@dataclass(frozen=True)
+class SeqSpan:
+    """A sequence's tokens in this step: flat[flat_start : flat_start + num_tokens] sit at
+    positions first_pos.. and attend to every earlier token, stored in ``rblocks``."""
+
+    flat_start: int
+    num_tokens: int
+    first_pos: int
+    rblocks: tuple[RBlock, ...]
+
+    def owned_below(self, limit: int, block_size: int) -> dict[int, tuple[list[int], int]]:
+        """owner -> (its physical blocks of this sequence in logical order, how many of
+        their slots hold positions < limit)."""
+        owned: dict[int, tuple[list[int], int]] = {}
+        for rb in self.rblocks:
+            ids, visible = owned.get(rb.owner, ([], 0))
+            start = rb.first_block * block_size
+            visible += min(max(0, limit - start), rb.num_blocks * block_size)
+            owned[rb.owner] = (ids + list(rb.block_ids), visible)
+        return owned
+
+
+@dataclass(frozen=True)
+class Part:
+    """MicroAttention of a batch's queries over one owner's blocks."""
+
+    owner: int
+    run: KVRun
+
+
+@dataclass(frozen=True)
+class AttentionBatch:
+    """Sequences attended together, padded to ``Q`` queries each."""
+
+    token_index: torch.Tensor  # (B, Q) flat index of each query; padding repeats a real one
+    keep: torch.Tensor | None  # (K,) which of the B*Q results are real; None: all of them
+    parts: tuple[Part, ...]  # the history, per owner
+    in_order: bool  # the batch is every flat token, in order: no gather or scatter needed
+    own_chunk: bool  # also attend causally to the chunk's own k, v, from this step
+
+
+def _pad(rows: list[list[int]], fill: int = 0) -> torch.Tensor:
+    width = max(1, max(len(r) for r in rows))
+    return torch.tensor([r + [fill] * (width - len(r)) for r in rows], dtype=torch.int64)
+
+
+def _parts(spans: list[SeqSpan], limits: list[int], layout: KVLayout) -> tuple[Part, ...]:
+    """One run per owner over every span's blocks there (none, for a span it holds none of)."""
+    owned = [s.owned_below(limit, layout.block_size) for s, limit in zip(spans, limits)]
+    parts = []
+    for owner in sorted({o for per_span in owned for o in per_span}):
+        tables = [per_span.get(owner, ([], 0)) for per_span in owned]
+        table = _pad([ids for ids, _ in tables])
+        kv_len = torch.tensor([n for _, n in tables])
+        if layout.decode_kernel and all(s.num_tokens == 1 for s in spans):
+            run = KVRun.lengths(table, kv_len)
+        else:
+            run = KVRun.prefix(table, kv_len, layout.block_size, layout.dtype)
+        parts.append(Part(owner, run))
+    return tuple(parts)
+
+
+def build_batch(spans: list[SeqSpan], layout: KVLayout) -> AttentionBatch:
+    width = max(s.num_tokens for s in spans)
+    offsets = torch.arange(width)
+    starts = torch.tensor([s.flat_start for s in spans])
+    counts = torch.tensor([s.num_tokens for s in spans])
+    real = offsets[None, :] < counts[:, None]
+    # Padding queries repeat the sequence's first token: harmless work, results dropped.
+    token_index = starts[:, None] + torch.where(real, offsets[None, :], 0)
+    keep = None if bool(real.all()) else real.reshape(-1).nonzero().squeeze(1)
+    in_order = _in_order(spans, keep)
+    if width == 1:  # decodes: the new token's k, v are in the cache already
+        parts = _parts(spans, [s.first_pos + 1 for s in spans], layout)
+        return AttentionBatch(token_index, keep, parts, in_order, own_chunk=False)
+    history = [s.first_pos for s in spans]
+    parts = _parts(spans, history, layout) if any(history) else ()
+    return AttentionBatch(token_index, keep, parts, in_order, own_chunk=True)
+
+
+def _in_order(spans: list[SeqSpan], keep: torch.Tensor | None) -> bool:
+    return keep is None and spans[0].flat_start == 0 and all(
+        a.flat_start + a.num_tokens == b.flat_start for a, b in zip(spans, spans[1:])
+    )
+
+
+# Below this many decodes one padded batch is cheaper than several calls per layer.
+_BUCKET_MIN_DECODES = 16
+
+
+def build_batches(spans: list[SeqSpan], layout: KVLayout) -> list[AttentionBatch]:
+    """Decodes apart from prompt chunks (padding a decode to a chunk's length would
+    multiply its work), prompts that start at token 0 apart from later chunks (they have
+    no history to attend). Without the paged decode kernel, many decodes are further
+    split by context length in powers of two, since attention over gathered blocks
+    costs what the padded contexts hold; the kernel reads only real tokens."""
+    decodes = [s for s in spans if s.num_tokens == 1]
+    fresh = [s for s in spans if s.num_tokens > 1 and s.first_pos == 0]
+    later = [s for s in spans if s.num_tokens > 1 and s.first_pos > 0]
+    groups = [fresh, later]
+    if len(decodes) >= _BUCKET_MIN_DECODES and not layout.decode_kernel:
+        buckets: dict[int, list[SeqSpan]] = {}
+        for span in decodes:
+            num_blocks = sum(rb.num_blocks for rb in span.rblocks)
+            buckets.setdefault((num_blocks - 1).bit_length(), []).append(span)
+        groups += buckets.values()
+    else:
+        groups.append(decodes)
+    return [build_batch(group, layout) for group in groups if group]
+
+
+@dataclass(frozen=True)
+class KVWrites:
+    """Where each layer's new k, v go: per owner, the flat tokens and their cache slots."""
+
+    per_owner: tuple[tuple[int, torch.Tensor | None, torch.Tensor], ...]  # (owner, index, slots)
+
+    @staticmethod
+    def build(spans: list[SeqSpan], positions: torch.Tensor, block_size: int) -> KVWrites:
+        owners, blocks = [], []
+        for span in spans:  # logical block -> (owner, physical id), once per sequence
+            owners.append([rb.owner for rb in span.rblocks for _ in rb.block_ids])
+            blocks.append([b for rb in span.rblocks for b in rb.block_ids])
+        counts = torch.tensor([s.num_tokens for s in spans])
+        seq = torch.repeat_interleave(torch.arange(len(spans)), counts)  # (N,) span of each token
+        logical = positions // block_size
+        owner = _pad(owners)[seq, logical]
+        slots = _pad(blocks)[seq, logical] * block_size + positions % block_size
+        distinct = sorted({o for row in owners for o in row})
+        if len(distinct) == 1:
+            return KVWrites(((distinct[0], None, slots),))
+        per_owner = []
+        for o in distinct:
+            index = (owner == o).nonzero().squeeze(1)
+            if index.numel():
+                per_owner.append((o, index, slots.index_select(0, index)))
+        return KVWrites(tuple(per_owner))
+
+
+class DistAttention:
+    """The ``attend`` of one step: writes each layer's new k, v to their owners, then
+    merges every owner's MicroAttention (and the chunk's own causal attention)."""
+
+    def __init__(
+        self,
+        kv_caches: dict[int, KVCache],
+        writes: KVWrites,
+        batches: list[AttentionBatch],
+        scale: float,
+    ) -> None:
+        self.kv_caches = kv_caches
+        self.writes = writes
+        self.batches = batches
+        self.scale = scale
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        for owner, index, slots in self.writes.per_owner:
+            if index is None:
+                self.kv_caches[owner].write(layer, slots, k, v)
+            else:
+                self.kv_caches[owner].write(layer, slots, k[index], v[index])
+        first = self.batches[0]
+        if len(self.batches) == 1 and first.in_order and not first.own_chunk and len(first.parts) == 1:
+            # Decode-only steps with all KV on one owner: the flat tokens are the batch.
+            qb = q.reshape(*first.token_index.shape, *q.shape[1:])
+            out, _ = self._micro(layer, qb, first.parts[0])
+            return out.reshape(q.shape)
+        out = torch.empty_like(q)
+        for b in self.batches:
+            index = b.token_index.view(-1)
+            qb = q[index].view(*b.token_index.shape, *q.shape[1:])
+            partials = [self._micro(layer, qb, part) for part in b.parts]
+            if b.own_chunk:
+                kb = k[index].view(*b.token_index.shape, *k.shape[1:])
+                vb = v[index].view(*b.token_index.shape, *v.shape[1:])
+                partials.append(causal_attention(qb, kb, vb, self.scale))
+            ob = partials[0][0] if len(partials) == 1 else merge(partials)[0]
+            ob = ob.reshape(-1, *q.shape[1:])
+            if b.keep is not None:
+                ob, index = ob.index_select(0, b.keep), index.index_select(0, b.keep)
+            out.index_copy_(0, index, ob)
+        return out
+
+    def _micro(self, layer: int, q: torch.Tensor, part: Part) -> tuple[torch.Tensor, torch.Tensor]:
+        k_cache, v_cache = self.kv_caches[part.owner].layer(layer)
+        return micro_attention(q, k_cache, v_cache, part.run, self.scale)

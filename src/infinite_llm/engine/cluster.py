@@ -1,0 +1,148 @@
+"""The instances of a cluster and the gManager between them.
+
+Each instance has its own block pool and KV tensors, its rManager and its scheduler;
+the gManager keeps the debt ledger from their heartbeats. A cluster step is every
+instance scheduling its own requests; the runner then computes all of their chunks
+in one forward pass, with DistAttention reaching each rBlock on its owner.
+With ``PoolingConfig(enabled=False)`` the instances never lend: N isolated replicas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from infinite_llm.config import CacheConfig, ModelConfig, PoolingConfig, SchedulerConfig
+from infinite_llm.engine.request import Request
+from infinite_llm.engine.scheduler import Scheduler, SchedulerOutput
+from infinite_llm.memory.block_pool import BlockPool
+from infinite_llm.memory.gmanager import GManager, Ledger
+from infinite_llm.memory.kv_cache import KVCache, num_blocks_for
+from infinite_llm.memory.rmanager import RManager
+from infinite_llm.transport.local import LocalTransport
+
+
+@dataclass
+class Instance:
+    """One replica's memory and scheduling; its KV tensors are the only tensors here."""
+
+    instance_id: int
+    rmanager: RManager
+    scheduler: Scheduler
+    kv_cache: KVCache
+
+
+class Cluster:
+    def __init__(
+        self,
+        model: ModelConfig,
+        cache: CacheConfig,
+        scheduler: SchedulerConfig,
+        pooling: PoolingConfig,
+        num_instances: int,
+        dtype: torch.dtype,
+    ) -> None:
+        if num_instances < 1:
+            raise ValueError(f"instances must be at least 1, got {num_instances}")
+        num_blocks = num_blocks_for(model, cache, dtype)
+        if num_blocks < 1:
+            raise ValueError(
+                f"kv_cache_memory={cache.kv_cache_memory} bytes holds no block of "
+                f"{cache.block_size} tokens for this model"
+            )
+        self.block_size = cache.block_size
+        self.pooling = pooling
+        self.gmanager = GManager(config=pooling)
+        self.transport = LocalTransport()
+        self.instances: list[Instance] = []
+        for i in range(num_instances):
+            rmanager = RManager(i, BlockPool(num_blocks), pooling, self.gmanager, self.transport.call)
+            self.transport.register(i, rmanager)
+            self.gmanager.register(i, num_blocks)
+            self.instances.append(
+                Instance(
+                    i,
+                    rmanager,
+                    Scheduler(scheduler, rmanager, cache.block_size),
+                    KVCache(model, num_blocks, cache.block_size, dtype),
+                )
+            )
+        self._load = [0] * num_instances  # tokens of KV its unfinished requests may need
+
+    @property
+    def kv_caches(self) -> dict[int, KVCache]:
+        return {inst.instance_id: inst.kv_cache for inst in self.instances}
+
+    @property
+    def blocks_per_instance(self) -> int:
+        return self.instances[0].rmanager.capacity
+
+    @property
+    def max_request_tokens(self) -> int:
+        """The most KV one request can ever hold: its home's pool plus all it may borrow."""
+        return self.gmanager.max_request_blocks() * self.block_size
+
+    def add(self, request: Request) -> None:
+        """Give the request a home, the least loaded instance, and queue it there."""
+        request.home = min(range(len(self.instances)), key=lambda i: (self._load[i], i))
+        self._load[request.home] += request.max_total_tokens
+        self.instances[request.home].scheduler.add(request)
+
+    def schedule(self) -> SchedulerOutput:
+        """Every instance's step plan, one after the other (their borrowing sees each
+        other's allocations at once, through the creditors' own answers)."""
+        chunks, preempted = [], []
+        for inst in self.instances:
+            plan = inst.scheduler.schedule()
+            chunks += plan.chunks
+            preempted += plan.preempted
+        return SchedulerOutput(chunks, preempted)
+
+    def update(self, plan: SchedulerOutput) -> None:
+        for inst in self.instances:
+            inst.scheduler.update(plan)
+        self.heartbeat()
+
+    def heartbeat(self) -> None:
+        for inst in self.instances:
+            beat = inst.rmanager.heartbeat()
+            if not beat.is_empty:
+                self.gmanager.apply(beat)
+
+    def finish(self, request: Request, reason: str, stop_reason: str | int | None = None) -> None:
+        """End a request on its home: every block, local and lent, goes back."""
+        if not request.finished:
+            self._load[request.home] -= request.max_total_tokens
+        self.instances[request.home].scheduler.finish(request, reason, stop_reason)
+
+    def has_work(self) -> bool:
+        return any(inst.scheduler.has_work() for inst in self.instances)
+
+    @property
+    def num_preemptions(self) -> int:
+        return sum(inst.scheduler.num_preemptions for inst in self.instances)
+
+    def ledger(self) -> Ledger:
+        self.heartbeat()
+        return self.gmanager.ledger()
+
+    def check_integrity(self) -> None:
+        """Every pool sound; every (owner, block) held by exactly one live request or free;
+        each instance's used + lent equals what the requests' tables place on it; the
+        ledger balances."""
+        held: dict[int, list[int]] = {inst.instance_id: [] for inst in self.instances}
+        for inst in self.instances:
+            inst.rmanager.check_integrity()
+            for request in [*inst.scheduler.running, *inst.scheduler.waiting]:
+                for rb in request.block_table.rblocks:
+                    held[rb.owner].extend(rb.block_ids)
+        for inst in self.instances:
+            ids = held[inst.instance_id]
+            assert len(ids) == len(set(ids)), f"instance {inst.instance_id}: a block has two holders"
+            rm = inst.rmanager
+            assert len(ids) == rm.num_used + rm.num_lent, (
+                f"instance {inst.instance_id}: tables hold {len(ids)} blocks, "
+                f"used {rm.num_used} + lent {rm.num_lent}"
+            )
+        self.ledger().check_balanced()

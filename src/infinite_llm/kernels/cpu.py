@@ -1,0 +1,100 @@
+"""The CPU kernels of ``csrc/cpu_kernels.cpp``, compiled on first use, with their contracts.
+
+Two hot spots of CPU decoding have no good PyTorch form: attention over paged blocks
+(PyTorch needs them gathered into a padded copy first) and matrix-vector products
+(PyTorch's reach about 11-13 GB/s here of the ~27 GB/s the memory gives). The kernels
+need x86 AVX2 + FMA and a C++ compiler; they are built once per machine by
+``torch.utils.cpp_extension`` (cached under ``~/.cache/torch_extensions``). Where either
+is missing every caller keeps its PyTorch path, which computes the same thing.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import platform
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+_DTYPES = (torch.float32, torch.bfloat16)
+# Query rows (queries x heads) of one sequence the attention kernel holds at once.
+MAX_QUERY_ROWS = 32
+
+
+def _has_avx2_fma() -> bool:
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+@functools.cache
+def cpu_kernels() -> ModuleType | None:
+    """The compiled module, or None when this machine cannot build or run it."""
+    if not _has_avx2_fma():
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(
+            name="infinite_llm_cpu_kernels",
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+        )
+    except Exception as error:  # no compiler, no ninja, a build error: keep PyTorch's path
+        logger.warning("CPU kernels unavailable, using PyTorch ops instead: %s", error)
+        return None
+
+
+def paged_decode_supported(
+    device: torch.device, dtype: torch.dtype, num_heads: int, head_dim: int, block_size: int
+) -> bool:
+    """Whether ``paged_decode_attention`` takes one query per sequence of this model and cache."""
+    return (
+        torch.device(device).type == "cpu"
+        and dtype in _DTYPES
+        and head_dim % 8 == 0
+        and head_dim <= 256
+        and block_size <= 64
+        and num_heads <= MAX_QUERY_ROWS
+        and cpu_kernels() is not None
+    )
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    kv_len: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every query of sequence b attends to the first kv_len[b] slots of its blocks,
+    read in place. Returns out (B, Q, H, D) in q's dtype and lse (B, Q, H) in float32;
+    kv_len[b] == 0 gives out 0 and lse -inf."""
+    out, lse = cpu_kernels().paged_decode_attention(
+        q.contiguous(), k_cache, v_cache, block_table, kv_len, scale
+    )
+    return out, lse
+
+
+def linear_small_supported(dtype: torch.dtype) -> bool:
+    """Whether ``linear_small`` takes CPU tensors of this dtype."""
+    return dtype in _DTYPES and cpu_kernels() is not None
+
+
+def linear_small(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x (M, K) @ weight (N, K)^T + bias for small M, float32 accumulation."""
+    return cpu_kernels().linear_small(x, weight, bias)

@@ -1,0 +1,271 @@
+// CPU kernels for the decode hot path, for x86 with AVX2 + FMA.
+//
+// paged_decode_attention: attention of each sequence's queries over its KV blocks read
+//   in place from the paged cache (no gather into a padded copy), returning (out, lse)
+//   like MicroAttention. Online softmax, one (sequence, KV head) pair per task, the
+//   query heads sharing that KV head processed together so each K and V row is loaded
+//   once.
+// linear_small: y = x W^T + b for a few rows of x: a bandwidth-bound GEMV that streams
+//   each weight row once for all rows of x, in float32 or bfloat16 (accumulating in
+//   float32 and rounding once, as a bfloat16 GEMM does).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using bf16 = at::BFloat16;
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+
+inline __m256 load8(const bf16* p) {
+  // bfloat16 is the top half of a float32: widen and shift.
+  __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+
+inline float to_float(float x) { return x; }
+inline float to_float(bf16 x) { return static_cast<float>(x); }
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// exp on 8 floats (Cephes polynomial, relative error ~2e-7); inputs below -87 give ~0.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  __m256i n = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+}
+
+constexpr int kMaxRows = 32;   // query rows (queries x heads) one task holds
+constexpr int kMaxHeadDim = 256;
+constexpr int kMaxBlock = 64;  // tokens per block
+
+// One task is a sequence and a range of its KV heads: with many sequences, all heads
+// (each block is then read front to back, which the prefetcher likes); with few, one
+// KV head per task so that both cores work.
+template <typename T>
+void paged_decode_attention_impl(
+    const T* q, const T* k_cache, const T* v_cache, const int64_t* table,
+    const int64_t* kv_len, T* out, float* lse, int64_t batch, int64_t num_q,
+    int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_size,
+    int64_t table_width, float scale) {
+  const int64_t group = heads / kv_heads;
+  const int64_t splits = batch >= 2 * at::get_num_threads() ? 1 : kv_heads;
+  const int64_t heads_per_split = kv_heads / splits;
+  const int64_t rows = num_q * group * heads_per_split;
+  const int64_t token_stride = kv_heads * head_dim;  // between tokens of a block
+  const int64_t vecs = head_dim / 8;
+  at::parallel_for(0, batch * splits, 1, [&](int64_t begin, int64_t end) {
+    alignas(32) float qf[kMaxRows][kMaxHeadDim];
+    alignas(32) float acc[kMaxRows][kMaxHeadDim];
+    alignas(32) float scores[kMaxRows][kMaxBlock];
+    float row_max[kMaxRows], row_sum[kMaxRows];
+    int64_t row_head[kMaxRows], row_query[kMaxRows], row_offset[kMaxRows];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / splits, first_kv_head = (task % splits) * heads_per_split;
+      // Row r: query token r / (group * heads_per_split), head first_kv_head * group + the rest.
+      for (int64_t r = 0; r < rows; ++r) {
+        row_query[r] = r / (group * heads_per_split);
+        row_head[r] = first_kv_head * group + r % (group * heads_per_split);
+        row_offset[r] = (row_head[r] / group) * head_dim;  // its KV head within a token
+        const T* src = q + ((b * num_q + row_query[r]) * heads + row_head[r]) * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) qf[r][d] = to_float(src[d]) * scale;
+        for (int64_t d = 0; d < head_dim; ++d) acc[r][d] = 0.0f;
+        row_max[r] = -std::numeric_limits<float>::infinity();
+        row_sum[r] = 0.0f;
+      }
+      const int64_t length = kv_len[b];
+      for (int64_t blk = 0; blk * block_size < length; ++blk) {
+        const int64_t ntok = std::min(block_size, length - blk * block_size);
+        const int64_t base = table[b * table_width + blk] * block_size * token_stride;
+        const T* kb = k_cache + base;
+        const T* vb = v_cache + base;
+        for (int64_t t = 0; t < ntok; ++t) {
+          const T* kt = kb + t * token_stride;
+          for (int64_t r = 0; r < rows; ++r) {
+            const T* kr = kt + row_offset[r];
+            __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+            int64_t v = 0;
+            for (; v + 1 < vecs; v += 2) {
+              s0 = _mm256_fmadd_ps(_mm256_load_ps(qf[r] + 8 * v), load8(kr + 8 * v), s0);
+              s1 = _mm256_fmadd_ps(_mm256_load_ps(qf[r] + 8 * v + 8), load8(kr + 8 * v + 8), s1);
+            }
+            if (v < vecs) s0 = _mm256_fmadd_ps(_mm256_load_ps(qf[r] + 8 * v), load8(kr + 8 * v), s0);
+            scores[r][t] = hsum(_mm256_add_ps(s0, s1));
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          float block_max = scores[r][0];
+          for (int64_t t = 1; t < ntok; ++t) block_max = std::max(block_max, scores[r][t]);
+          const float new_max = std::max(row_max[r], block_max);
+          const float correction = std::exp(row_max[r] - new_max);  // 0 on the first block
+          row_max[r] = new_max;
+          const __m256 m = _mm256_set1_ps(new_max);
+          int64_t t = 0;
+          __m256 sum8 = _mm256_setzero_ps();
+          for (; t + 8 <= ntok; t += 8) {
+            __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores[r] + t), m));
+            _mm256_storeu_ps(scores[r] + t, p);
+            sum8 = _mm256_add_ps(sum8, p);
+          }
+          float sum = hsum(sum8);
+          for (; t < ntok; ++t) {
+            scores[r][t] = std::exp(scores[r][t] - new_max);
+            sum += scores[r][t];
+          }
+          row_sum[r] = row_sum[r] * correction + sum;
+          if (correction != 1.0f) {
+            const __m256 c = _mm256_set1_ps(correction);
+            for (int64_t v = 0; v < vecs; ++v)
+              _mm256_store_ps(acc[r] + 8 * v, _mm256_mul_ps(_mm256_load_ps(acc[r] + 8 * v), c));
+          }
+        }
+        for (int64_t t = 0; t < ntok; ++t) {
+          const T* vt = vb + t * token_stride;
+          for (int64_t r = 0; r < rows; ++r) {
+            const T* vr = vt + row_offset[r];
+            const __m256 p = _mm256_set1_ps(scores[r][t]);
+            for (int64_t v = 0; v < vecs; ++v) {
+              float* a = acc[r] + 8 * v;
+              _mm256_store_ps(a, _mm256_fmadd_ps(p, load8(vr + 8 * v), _mm256_load_ps(a)));
+            }
+          }
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        T* dst = out + ((b * num_q + row_query[r]) * heads + row_head[r]) * head_dim;
+        float* lse_dst = lse + (b * num_q + row_query[r]) * heads + row_head[r];
+        if (row_sum[r] == 0.0f) {  // no visible key: the identity of the merge
+          for (int64_t d = 0; d < head_dim; ++d) dst[d] = T(0.0f);
+          *lse_dst = -std::numeric_limits<float>::infinity();
+          continue;
+        }
+        const float inv = 1.0f / row_sum[r];
+        for (int64_t d = 0; d < head_dim; ++d) dst[d] = T(acc[r][d] * inv);
+        *lse_dst = row_max[r] + std::log(row_sum[r]);
+      }
+    }
+  });
+}
+
+template <typename T>
+void linear_small_impl(const T* x_in, const T* w, const T* bias, T* y, int64_t rows,
+                       int64_t n_out, int64_t k_in) {
+  std::vector<float> x(rows * k_in);
+  for (int64_t i = 0; i < rows * k_in; ++i) x[i] = to_float(x_in[i]);
+  // Grain of 64 output features: ~74 KB of bfloat16 weights per task at k_in = 576.
+  at::parallel_for(0, n_out, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const T* wr = w + n * k_in;
+      const float b = bias ? to_float(bias[n]) : 0.0f;
+      for (int64_t m = 0; m < rows; ++m) {
+        const float* xr = x.data() + m * k_in;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        int64_t k = 0;
+        for (; k + 32 <= k_in; k += 32) {
+          a0 = _mm256_fmadd_ps(load8(wr + k), _mm256_loadu_ps(xr + k), a0);
+          a1 = _mm256_fmadd_ps(load8(wr + k + 8), _mm256_loadu_ps(xr + k + 8), a1);
+          a2 = _mm256_fmadd_ps(load8(wr + k + 16), _mm256_loadu_ps(xr + k + 16), a2);
+          a3 = _mm256_fmadd_ps(load8(wr + k + 24), _mm256_loadu_ps(xr + k + 24), a3);
+        }
+        for (; k + 8 <= k_in; k += 8)
+          a0 = _mm256_fmadd_ps(load8(wr + k), _mm256_loadu_ps(xr + k), a0);
+        float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+        for (; k < k_in; ++k) s += to_float(wr[k]) * xr[k];
+        y[m * n_out + n] = T(s + b);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> paged_decode_attention(
+    torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_table,
+    torch::Tensor kv_len, double scale) {
+  // q (B, Q, H, D); caches (num_blocks, block_size, KVH, D); block_table (B, NB) int64;
+  // kv_len (B,) int64: every query of sequence b sees its first kv_len[b] slots.
+  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4, "paged_decode_attention: bad ranks");
+  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "paged_decode_attention: inputs must be contiguous");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type(),
+              "paged_decode_attention: dtypes differ");
+  const int64_t batch = q.size(0), num_q = q.size(1), heads = q.size(2), head_dim = q.size(3);
+  const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
+  TORCH_CHECK(heads % kv_heads == 0 && num_q * heads <= kMaxRows,
+              "paged_decode_attention: too many query rows");
+  TORCH_CHECK(head_dim % 8 == 0 && head_dim <= kMaxHeadDim && block_size <= kMaxBlock,
+              "paged_decode_attention: unsupported head_dim or block_size");
+  auto table = block_table.to(torch::kInt64).contiguous();
+  auto lengths = kv_len.to(torch::kInt64).contiguous();
+  auto out = torch::empty_like(q);
+  auto lse = torch::empty({batch, num_q, heads}, q.options().dtype(torch::kFloat32));
+  const float s = static_cast<float>(scale);
+  if (q.scalar_type() == torch::kFloat32) {
+    paged_decode_attention_impl<float>(
+        q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+        table.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), out.data_ptr<float>(),
+        lse.data_ptr<float>(), batch, num_q, heads, kv_heads, head_dim, block_size,
+        table.size(1), s);
+  } else if (q.scalar_type() == torch::kBFloat16) {
+    paged_decode_attention_impl<bf16>(
+        q.data_ptr<bf16>(), k_cache.data_ptr<bf16>(), v_cache.data_ptr<bf16>(),
+        table.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), out.data_ptr<bf16>(),
+        lse.data_ptr<float>(), batch, num_q, heads, kv_heads, head_dim, block_size,
+        table.size(1), s);
+  } else {
+    TORCH_CHECK(false, "paged_decode_attention: float32 or bfloat16 only");
+  }
+  return {out, lse};
+}
+
+torch::Tensor linear_small(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
+  // x (M, K), weight (N, K), bias (N,) -> (M, N), all of one dtype.
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
+              "linear_small: shapes do not match");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "linear_small: dtypes differ");
+  auto xc = x.contiguous();
+  auto wc = weight.contiguous();
+  auto y = torch::empty({x.size(0), weight.size(0)}, x.options());
+  torch::Tensor bc;
+  if (bias.has_value()) bc = bias->to(x.scalar_type()).contiguous();
+  if (x.scalar_type() == torch::kFloat32) {
+    linear_small_impl<float>(xc.data_ptr<float>(), wc.data_ptr<float>(),
+                             bias.has_value() ? bc.data_ptr<float>() : nullptr,
+                             y.data_ptr<float>(), x.size(0), weight.size(0), x.size(1));
+  } else if (x.scalar_type() == torch::kBFloat16) {
+    linear_small_impl<bf16>(xc.data_ptr<bf16>(), wc.data_ptr<bf16>(),
+                            bias.has_value() ? bc.data_ptr<bf16>() : nullptr,
+                            y.data_ptr<bf16>(), x.size(0), weight.size(0), x.size(1));
+  } else {
+    TORCH_CHECK(false, "linear_small: float32 or bfloat16 only");
+  }
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention);
+  m.def("linear_small", &linear_small);
+}

@@ -1,0 +1,107 @@
+"""The CPU kernels equal float64 references, and they are built wherever they can be."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from infinite_llm.attention.merge import merge
+from infinite_llm.kernels.cpu import _has_avx2_fma, cpu_kernels, linear_small, paged_decode_attention
+
+pytestmark = pytest.mark.skipif(not _has_avx2_fma(), reason="the kernels need x86 AVX2 + FMA")
+
+
+def test_kernels_build_on_this_machine():
+    # A machine with AVX2 that silently fell back to PyTorch ops would hide a build break.
+    assert cpu_kernels() is not None
+
+
+def reference_attention(q, k_cache, v_cache, table, kv_len, scale):
+    """float64 attention of every query of b over its first kv_len[b] slots."""
+    batch, num_q, heads, dim = q.shape
+    kv_heads = k_cache.shape[2]
+    out = torch.zeros(batch, num_q, heads, dim, dtype=torch.float64)
+    lse = torch.full((batch, num_q, heads), -math.inf, dtype=torch.float64)
+    for b in range(batch):
+        n = int(kv_len[b])
+        if n == 0:
+            continue
+        keys = k_cache[table[b]].reshape(-1, kv_heads, dim)[:n].double()
+        values = v_cache[table[b]].reshape(-1, kv_heads, dim)[:n].double()
+        keys = keys.repeat_interleave(heads // kv_heads, dim=1)
+        values = values.repeat_interleave(heads // kv_heads, dim=1)
+        scores = torch.einsum("qhd,thd->qht", q[b].double(), keys) * scale
+        lse[b] = torch.logsumexp(scores, dim=-1)
+        out[b] = torch.einsum("qht,thd->qhd", torch.softmax(scores, dim=-1), values)
+    return out, lse
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 6),
+    num_q=st.integers(1, 2),
+    kv_heads=st.integers(1, 3),
+    group=st.sampled_from([1, 2, 3, 4]),
+    dim=st.sampled_from([8, 16, 64]),
+    block_size=st.sampled_from([1, 3, 16, 64]),
+    max_len=st.integers(0, 90),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_paged_decode_attention_equals_dense(
+    batch, num_q, kv_heads, group, dim, block_size, max_len, dtype, seed
+):
+    g = torch.Generator().manual_seed(seed)
+    heads = kv_heads * group
+    width = max(1, -(-max_len // block_size))
+    num_blocks = batch * width + 3
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=g).to(dtype)
+    table = torch.randperm(num_blocks, generator=g)[: batch * width].view(batch, width)
+    kv_len = torch.randint(0, max_len + 1, (batch,), generator=g)
+    q = torch.randn(batch, num_q, heads, dim, generator=g).to(dtype)
+    scale = dim**-0.5
+    out, lse = paged_decode_attention(q, k_cache, v_cache, table, kv_len, scale)
+    want_out, want_lse = reference_attention(q, k_cache, v_cache, table, kv_len, scale)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.double(), want_out, rtol=tol, atol=tol)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_partials_over_split_blocks_merge_to_the_whole():
+    # DistAttention's use: each owner attends over its own blocks, the home merges.
+    g = torch.Generator().manual_seed(3)
+    k_cache = torch.randn(12, 16, 3, 64, generator=g)
+    v_cache = torch.randn(12, 16, 3, 64, generator=g)
+    q = torch.randn(2, 1, 9, 64, generator=g)
+    table = torch.tensor([[4, 7, 1, 9, 2], [0, 3, 5, 6, 8]])
+    kv_len = torch.tensor([70, 33])
+    whole = paged_decode_attention(q, k_cache, v_cache, table, kv_len, 0.125)
+    first = paged_decode_attention(q, k_cache, v_cache, table[:, :2], torch.tensor([32, 32]), 0.125)
+    rest = paged_decode_attention(q, k_cache, v_cache, table[:, 2:], kv_len - 32, 0.125)
+    merged, lse = merge([first, rest])
+    torch.testing.assert_close(merged, whole[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse, whole[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("in_features", [96, 100, 576])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_small_equals_float64(dtype, rows, in_features, bias):
+    g = torch.Generator().manual_seed(rows * in_features)
+    x = torch.randn(rows, in_features, generator=g).to(dtype)
+    weight = (torch.randn(200, in_features, generator=g) * 0.1).to(dtype)
+    b = torch.randn(200, generator=g).to(dtype) if bias else None
+    exact = x.double() @ weight.double().T + (0 if b is None else b.double())
+    y = linear_small(x, weight, b)
+    assert y.dtype == dtype and y.shape == (rows, 200)
+    if dtype == torch.float32:
+        torch.testing.assert_close(y.double(), exact, rtol=1e-5, atol=1e-5)
+    else:  # one rounding to bfloat16 of a float32 sum
+        torch.testing.assert_close(y.double(), exact.to(dtype).double(), rtol=8e-3, atol=1e-2)
