@@ -105,3 +105,52 @@ def test_linear_small_equals_float64(dtype, rows, in_features, bias):
         torch.testing.assert_close(y.double(), exact, rtol=1e-5, atol=1e-5)
     else:  # one rounding to bfloat16 of a float32 sum
         torch.testing.assert_close(y.double(), exact.to(dtype).double(), rtol=8e-3, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 576), (7, 96), (3, 5, 100)])
+def test_rms_norm_equals_the_hugging_face_formula(dtype, shape):
+    from infinite_llm.kernels.cpu import rms_norm
+
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(*shape, generator=g) * 3).to(dtype)
+    weight = torch.randn(shape[-1], generator=g).to(dtype)
+    xf = x.float()
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    expected = weight * normed
+    got = rms_norm(x, weight, 1e-5)
+    assert got.dtype == dtype and got.shape == x.shape
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 3072), (9, 2 * 160), (2, 3, 2 * 13)])
+def test_silu_and_mul_equals_silu_times_up(dtype, shape):
+    from infinite_llm.kernels.cpu import silu_and_mul
+
+    g = torch.Generator().manual_seed(shape[-1])
+    x = (torch.randn(*shape, generator=g) * 4).to(dtype)
+    gate, up = x.double().chunk(2, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    got = silu_and_mul(x)
+    assert got.dtype == dtype and got.shape == (*shape[:-1], shape[-1] // 2)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_in_place_equals_apply_rotary_and_leaves_v_alone(dtype):
+    from infinite_llm.kernels.cpu import rotary_
+    from infinite_llm.model.rope import apply_rotary
+
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(5, 6 + 2 * 2, 16, generator=g).to(dtype)
+    angles = torch.randn(5, 1, 16, generator=g)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    expected = apply_rotary(qkv[:, :8].double(), cos.double(), sin.double())
+    v_before = qkv[:, 8:].clone()
+    rotary_(qkv, cos, sin, 8)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(qkv[:, :8].double(), expected, rtol=tol, atol=tol)
+    assert torch.equal(qkv[:, 8:], v_before)

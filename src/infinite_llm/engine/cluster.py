@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from infinite_llm.config import CacheConfig, ModelConfig, PoolingConfig, SchedulerConfig
-from infinite_llm.engine.request import Request
+from infinite_llm.engine.request import Request, RequestStatus
 from infinite_llm.engine.scheduler import Scheduler, SchedulerOutput
 from infinite_llm.memory.block_pool import BlockPool
 from infinite_llm.memory.gmanager import GManager, Ledger
@@ -64,11 +64,14 @@ class Cluster:
                 Instance(
                     i,
                     rmanager,
-                    Scheduler(scheduler, rmanager, cache.block_size),
+                    Scheduler(scheduler, rmanager, cache.block_size, arbiter=self),
                     KVCache(model, num_blocks, cache.block_size, dtype),
                 )
             )
         self._load = [0] * num_instances  # tokens of KV its unfinished requests may need
+        self._arrivals = 0
+        self._victims: list[Request] = []  # newer requests to preempt for stuck older ones
+        self._stuck = False  # an older request could not grow this step
 
     @property
     def kv_caches(self) -> dict[int, KVCache]:
@@ -86,18 +89,54 @@ class Cluster:
     def add(self, request: Request) -> None:
         """Give the request a home, the least loaded instance, and queue it there."""
         request.home = min(range(len(self.instances)), key=lambda i: (self._load[i], i))
+        request.arrival = self._arrivals
+        self._arrivals += 1
         self._load[request.home] += request.max_total_tokens
         self.instances[request.home].scheduler.add(request)
 
     def schedule(self) -> SchedulerOutput:
-        """Every instance's step plan, one after the other (their borrowing sees each
-        other's allocations at once, through the creditors' own answers)."""
+        """Every instance's step plan, one after the other, oldest work first (their
+        borrowing sees each other's allocations at once, through the creditors' answers)."""
         chunks, preempted = [], []
-        for inst in self.instances:
+        # Preempt first the newer requests that stood in an older one's way last step, and
+        # admit nothing new this step: the freed blocks are the older request's.
+        self._stuck = bool(self._victims)
+        for victim in self._victims:
+            if victim.status is RequestStatus.RUNNING:
+                self.instances[victim.home].scheduler.preempt(victim)
+                preempted.append(victim.request_id)
+        self._victims = []
+        for inst in sorted(self.instances, key=self._oldest):
             plan = inst.scheduler.schedule()
             chunks += plan.chunks
             preempted += plan.preempted
         return SchedulerOutput(chunks, preempted)
+
+    @staticmethod
+    def _oldest(inst: Instance) -> tuple[int, int]:
+        """Instances whose oldest running request is older schedule first, so blocks go
+        to the oldest work and it always advances; idle instances last."""
+        running = inst.scheduler.running
+        return (min(r.arrival for r in running) if running else 1 << 62, inst.instance_id)
+
+    def defer_for(self, request: Request) -> bool:
+        """The newest running request anywhere that is newer than ``request`` and holds
+        blocks is preempted at the start of the next step; ``request`` waits for it.
+        Without one, the caller preempts ``request`` itself."""
+        self._stuck = True
+        newer = [
+            r
+            for inst in self.instances
+            for r in inst.scheduler.running
+            if r.arrival > request.arrival and r.block_table.num_blocks and r not in self._victims
+        ]
+        if not newer:
+            return False
+        self._victims.append(max(newer, key=lambda r: r.arrival))
+        return True
+
+    def admission_open(self) -> bool:
+        return not self._stuck
 
     def update(self, plan: SchedulerOutput) -> None:
         for inst in self.instances:

@@ -35,6 +35,7 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     home: int = 0  # the instance that schedules it and runs its non-attention layers
+    arrival: int = 0  # order of arrival in the cluster: older requests win for blocks
     block_table: BlockTable = field(default_factory=BlockTable)  # rBlocks, local or lent
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None

@@ -13,11 +13,25 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from infinite_llm.config import SchedulerConfig
 from infinite_llm.engine.request import Request, RequestStatus
 from infinite_llm.memory.rblock import RBlock
 from infinite_llm.memory.rmanager import RManager
+
+
+class Arbiter(Protocol):
+    """The cluster's say in one instance's scheduling, where instances share blocks."""
+
+    def defer_for(self, request: Request) -> bool:
+        """``request`` cannot grow and is its instance's newest: will a newer request on
+        another instance be preempted instead (so this one only waits a step)?"""
+        ...
+
+    def admission_open(self) -> bool:
+        """Whether new requests may be admitted now (not while older ones are stuck)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -44,9 +58,16 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, memory: RManager, block_size: int) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        memory: RManager,
+        block_size: int,
+        arbiter: Arbiter | None = None,
+    ) -> None:
         self.config = config
         self.memory = memory
+        self.arbiter = arbiter
         self.block_size = block_size
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -67,18 +88,10 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             n = min(request.num_tokens - request.num_computed_tokens, budget)
-            while not self._grow(request, n):
-                victim = self.running.pop()
-                self._preempt(victim)
-                preempted.append(victim.request_id)
-                if victim is request:
-                    break
-            else:
+            if self._make_room(request, n, preempted):
                 chunks.append(self._chunk(request, n))
                 budget -= n
-                index += 1
-                continue
-            break
+            index += 1  # past the end when the request preempted itself
 
         # Admit only when nobody was preempted (otherwise we would evict and admit in
         # one breath) and leave a block of headroom per running request, so the next
@@ -88,6 +101,7 @@ class Scheduler:
             and self.waiting
             and budget > 0
             and len(self.running) < self.config.max_num_seqs
+            and (self.arbiter is None or self.arbiter.admission_open())
         ):
             request = self.waiting[0]
             n = min(request.num_tokens - request.num_computed_tokens, budget)
@@ -129,6 +143,27 @@ class Scheduler:
     def _grow(self, request: Request, n: int) -> bool:
         need = self._blocks_needed(request, n)
         return need == 0 or self.memory.allocate(request.request_id, request.block_table, need)
+
+    def _make_room(self, request: Request, n: int, preempted: list[str]) -> bool:
+        """Blocks for n more tokens of ``request``: preempt this instance's newest running
+        requests until they fit. When the request is itself the newest here, the cluster
+        may instead free a newer request elsewhere (``arbiter.defer_for``): the request
+        then waits this step, keeping its blocks, so the oldest work always advances."""
+        while not self._grow(request, n):
+            if self.running[-1] is request and self.arbiter is not None:
+                if self.arbiter.defer_for(request):
+                    return False
+            victim = self.running.pop()
+            self._preempt(victim)
+            preempted.append(victim.request_id)
+            if victim is request:
+                return False
+        return True
+
+    def preempt(self, request: Request) -> None:
+        """Preempt a running request on the cluster's behalf (it waits to be recomputed)."""
+        self.running.remove(request)
+        self._preempt(request)
 
     def _preempt(self, request: Request) -> None:
         self.memory.release(request.request_id, request.block_table)

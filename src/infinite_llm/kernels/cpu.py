@@ -98,3 +98,24 @@ def linear_small(
 ) -> torch.Tensor:
     """x (M, K) @ weight (N, K)^T + bias for small M, float32 accumulation."""
     return cpu_kernels().linear_small(x, weight, bias)
+
+
+def elementwise_supported(x: torch.Tensor) -> bool:
+    """Whether ``rms_norm``, ``silu_and_mul`` and ``rotary_`` take this tensor."""
+    return x.device.type == "cpu" and x.dtype in _DTYPES and cpu_kernels() is not None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm over the last dimension (normalised in float32, as Hugging Face)."""
+    return cpu_kernels().rms_norm(x, weight, eps)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x (..., 2 * I) = [gate | up] -> silu(gate) * up (..., I)."""
+    return cpu_kernels().silu_and_mul(x)
+
+
+def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> None:
+    """Rotate, in place, the first ``heads`` heads of x (N, all heads, D) by each token's
+    cos, sin (N, 1, D), in the rotate-half layout."""
+    cpu_kernels().rotary_(x, cos, sin, heads)

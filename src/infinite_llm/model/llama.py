@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from infinite_llm.config import ModelConfig
+from infinite_llm.kernels import cpu as kernels
+from infinite_llm.kernels.cpu import elementwise_supported
 from infinite_llm.model.rope import RotaryEmbedding, apply_rotary
 
 
@@ -32,8 +34,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One fused kernel (it normalises in float32 for bfloat16 inputs): a handful of
-        # small ops per norm add up to milliseconds per decode step.
+        # One pass (PyTorch's bfloat16 rms_norm is a dozen small ops): they add up to
+        # milliseconds per decode step.
+        if elementwise_supported(x):
+            return kernels.rms_norm(x, self.weight, self.eps)
         return nn.functional.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
@@ -58,9 +62,14 @@ class LlamaAttention(nn.Module):
         n = x.shape[0]
         qkv = self.qkv_proj(x).view(n, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         # q and k heads sit side by side: rotate them in one go.
-        qk = apply_rotary(qkv[:, : self.num_heads + self.num_kv_heads], cos, sin)
+        rotated = self.num_heads + self.num_kv_heads
+        if elementwise_supported(qkv):
+            kernels.rotary_(qkv, cos, sin, rotated)
+            qk = qkv[:, :rotated]
+        else:
+            qk = apply_rotary(qkv[:, :rotated], cos, sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        out = attend(self.layer, q, k, qkv[:, self.num_heads + self.num_kv_heads :])
+        out = attend(self.layer, q, k, qkv[:, rotated:])
         return self.o_proj(out.reshape(n, self.q_size))
 
 
@@ -72,7 +81,10 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if elementwise_supported(gate_up):
+            return self.down_proj(kernels.silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(nn.functional.silu(gate) * up)
 
 

@@ -1,0 +1,70 @@
+"""Helpers shared by the pooled-KV benchmarks: engines on SmolLM2 and timed runs."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from infinite_llm import LLM, SamplingParams
+from infinite_llm.engine.engine import LLMEngine
+
+KV_BYTES_PER_TOKEN = {"float32": 30 * 2 * 3 * 64 * 4, "bfloat16": 30 * 2 * 3 * 64 * 2}  # SmolLM2
+
+
+def smollm2(instances: int, tokens_each: int, pooling: bool, dtype: str = "float32", **kw) -> LLM:
+    """SmolLM2 on ``instances`` instances of ``tokens_each`` KV tokens each."""
+    return LLM(
+        "smollm2",
+        dtype=dtype,
+        instances=instances,
+        kv_cache_memory=tokens_each * KV_BYTES_PER_TOKEN[dtype],
+        kv_pooling=pooling,
+        **kw,
+    )
+
+
+def random_prompt(rng: np.random.Generator, length: int) -> list[int]:
+    return rng.integers(1000, 49000, size=length).tolist()
+
+
+@dataclass
+class Run:
+    seconds: float
+    outputs: dict[str, list[int]]  # request id -> output tokens, for the ones that finished
+    refused: list[str]  # why each refused request was refused
+    most_owners: int  # the most instances one request's KV spanned
+
+
+def run(engine: LLMEngine, prompts: list[list[int]], max_tokens: list[int]) -> Run:
+    """Submit everything at once (refusals recorded, not raised), run to the end."""
+    refused, ids = [], []
+    start = time.perf_counter()
+    for prompt, n in zip(prompts, max_tokens):
+        try:
+            params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+            ids.append(engine.add_request(prompt, params).request_id)
+        except ValueError as error:
+            refused.append(str(error))
+    outputs, most = {}, 0
+    while engine.has_unfinished_requests():
+        for inst in engine.cluster.instances:
+            for request in inst.scheduler.running:
+                most = max(most, len(request.block_table.owners()))
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = list(out.outputs[0].token_ids)
+    seconds = time.perf_counter() - start
+    engine.check_integrity()
+    assert all(i.rmanager.num_free == i.rmanager.capacity for i in engine.cluster.instances)
+    return Run(seconds, outputs, refused, most)
+
+
+def print_table(header: list[str], rows: list[list[object]]) -> None:
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for k, row in enumerate(cells):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+        if k == 0:
+            print("  ".join("-" * w for w in widths))
