@@ -198,3 +198,19 @@ def test_bad_cluster_arguments_are_clear_errors(tiny_llama_dir):
         tiny_cluster(tiny_llama_dir, 0, 8)
     with pytest.raises(ValueError, match="max_lend_fraction"):
         tiny_cluster(tiny_llama_dir, 2, 8, max_lend_fraction=1.5)
+
+
+def test_smollm2_greedy_tokens_do_not_depend_on_placement(smollm2_path, smollm2_llm):
+    """SmolLM2 (float32) with 64 KV tokens per instance: each prompt's KV spans 2, 3 or 4
+    instances, and the tokens equal one instance holding everything."""
+    per_token = 30 * 2 * 3 * 64 * 4
+    pooled = LLM("smollm2", dtype="float32", instances=4, kv_cache_memory=64 * per_token,
+                 max_lend_fraction=1.0)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1000, 49000, (n,), generator=g).tolist() for n in (90, 150, 220)]
+    params = SamplingParams(max_tokens=16, **GREEDY)
+    got, most = run_watching_owners(pooled.engine, prompts, params)
+    assert most == 4
+    expected = smollm2_llm.generate(prompts, params, use_tqdm=False)
+    assert got == [o.outputs[0].token_ids for o in expected]
+    assert_all_pools_full(pooled.engine)

@@ -10,7 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from infinite_llm.attention.merge import merge
-from infinite_llm.kernels.cpu import _has_avx2_fma, cpu_kernels, linear_small, paged_decode_attention
+from infinite_llm.kernels.cpu import (
+    _has_avx2_fma,
+    cpu_kernels,
+    linear_small,
+    paged_decode_attention,
+    paged_decode_attention_owners,
+)
 
 pytestmark = pytest.mark.skipif(not _has_avx2_fma(), reason="the kernels need x86 AVX2 + FMA")
 
@@ -87,6 +93,15 @@ def test_partials_over_split_blocks_merge_to_the_whole():
     merged, lse = merge([first, rest])
     torch.testing.assert_close(merged, whole[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lse, whole[1], rtol=1e-5, atol=1e-6)
+    # In one process the owners' partials and their merge are one pass over both pools.
+    k2, v2 = k_cache.clone(), v_cache.clone()  # a second owner: its own pool tensors
+    fused = paged_decode_attention_owners(
+        q,
+        [(k_cache, v_cache, table[:, :2], torch.tensor([32, 32])), (k2, v2, table[:, 2:], kv_len - 32)],
+        0.125,
+    )
+    torch.testing.assert_close(fused[0], whole[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused[1], whole[1], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -22,7 +22,7 @@ from infinite_llm.memory.rmanager import RManager
 
 
 def free_ids(pool: BlockPool) -> list[int]:
-    return list(pool._free)  # BlockPool exposes no free list; the test needs the ids
+    return pool.free_ids()
 
 
 class PooledCluster(RuleBasedStateMachine):

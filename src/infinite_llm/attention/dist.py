@@ -29,6 +29,7 @@ import torch
 
 from infinite_llm.attention.merge import merge
 from infinite_llm.attention.micro import KVRun, causal_attention, micro_attention
+from infinite_llm.kernels.cpu import paged_decode_attention_owners
 from infinite_llm.memory.kv_cache import KVCache
 from infinite_llm.memory.rblock import RBlock
 
@@ -205,16 +206,17 @@ class DistAttention:
             else:
                 self.kv_caches[owner].write(layer, slots, k[index], v[index])
         first = self.batches[0]
-        if len(self.batches) == 1 and first.in_order and not first.own_chunk and len(first.parts) == 1:
-            # Decode-only steps with all KV on one owner: the flat tokens are the batch.
+        if len(self.batches) == 1 and first.in_order and not first.own_chunk:
+            # Decode-only steps: the flat tokens already are the batch.
             qb = q.reshape(*first.token_index.shape, *q.shape[1:])
-            out, _ = self._micro(layer, qb, first.parts[0])
+            partials = self._history(layer, qb, first.parts)
+            out = partials[0][0] if len(partials) == 1 else merge(partials)[0]
             return out.reshape(q.shape)
         out = torch.empty_like(q)
         for b in self.batches:
             index = b.token_index.view(-1)
             qb = q[index].view(*b.token_index.shape, *q.shape[1:])
-            partials = [self._micro(layer, qb, part) for part in b.parts]
+            partials = self._history(layer, qb, b.parts)
             if b.own_chunk:
                 kb = k[index].view(*b.token_index.shape, *k.shape[1:])
                 vb = v[index].view(*b.token_index.shape, *v.shape[1:])
@@ -226,6 +228,20 @@ class DistAttention:
             out.index_copy_(0, index, ob)
         return out
 
-    def _micro(self, layer: int, q: torch.Tensor, part: Part) -> tuple[torch.Tensor, torch.Tensor]:
-        k_cache, v_cache = self.kv_caches[part.owner].layer(layer)
-        return micro_attention(q, k_cache, v_cache, part.run, self.scale)
+    def _history(
+        self, layer: int, q: torch.Tensor, parts: tuple[Part, ...]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each owner's MicroAttention partial. Where every owner's run goes to the paged
+        kernel, the owners' caches are all in this process: one kernel pass computes
+        their partials and the merge together (its online softmax is the merge)."""
+        if len(parts) > 1 and all(part.run.mask is None for part in parts):
+            owners = [
+                (*self.kv_caches[part.owner].layer(layer), part.run.block_table, part.run.kv_len)
+                for part in parts
+            ]
+            return [paged_decode_attention_owners(q, owners, self.scale)]
+        partials = []
+        for part in parts:
+            k_cache, v_cache = self.kv_caches[part.owner].layer(layer)
+            partials.append(micro_attention(q, k_cache, v_cache, part.run, self.scale))
+        return partials

@@ -82,9 +82,19 @@ def paged_decode_attention(
     """Every query of sequence b attends to the first kv_len[b] slots of its blocks,
     read in place. Returns out (B, Q, H, D) in q's dtype and lse (B, Q, H) in float32;
     kv_len[b] == 0 gives out 0 and lse -inf."""
-    out, lse = cpu_kernels().paged_decode_attention(
-        q.contiguous(), k_cache, v_cache, block_table, kv_len, scale
-    )
+    return paged_decode_attention_owners(q, [(k_cache, v_cache, block_table, kv_len)], scale)
+
+
+def paged_decode_attention_owners(
+    q: torch.Tensor,
+    owners: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same over several pools at once: ``owners`` is a list of (k_cache, v_cache,
+    block_table, kv_len), one per owner. Equal to merging each owner's partial, in one
+    pass (the online softmax runs on from one owner's blocks to the next)."""
+    k_caches, v_caches, tables, lengths = (list(x) for x in zip(*owners))
+    out, lse = cpu_kernels().paged_decode_attention(q, k_caches, v_caches, tables, lengths, scale)
     return out, lse
 
 

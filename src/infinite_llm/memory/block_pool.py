@@ -26,6 +26,10 @@ class BlockPool:
     def num_free(self) -> int:
         return len(self._free)
 
+    def free_ids(self) -> list[int]:
+        """The free block ids, in the order they will be handed out."""
+        return list(self._free)
+
     @property
     def num_used(self) -> int:
         return len(self._used)

@@ -66,12 +66,23 @@ constexpr int kMaxBlock = 64;  // tokens per block
 // One task is a sequence and a range of its KV heads: with many sequences, all heads
 // (each block is then read front to back, which the prefetcher likes); with few, one
 // KV head per task so that both cores work.
+// One owner's blocks: its pool and, per sequence, its table row and visible length.
+template <typename T>
+struct OwnerRun {
+  const T* k_cache;
+  const T* v_cache;
+  const int64_t* table;  // (batch, table_width)
+  int64_t table_width;
+  const int64_t* kv_len;  // (batch,)
+};
+
+// Several owners in one pass: the online softmax carries on from one owner's blocks to
+// the next, which is exactly the merge of their (out, lse) partials.
 template <typename T>
 void paged_decode_attention_impl(
-    const T* q, const T* k_cache, const T* v_cache, const int64_t* table,
-    const int64_t* kv_len, T* out, float* lse, int64_t batch, int64_t num_q,
-    int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_size,
-    int64_t table_width, float scale) {
+    const T* q, const std::vector<OwnerRun<T>>& owners, T* out, float* lse, int64_t batch,
+    int64_t num_q, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_size,
+    float scale) {
   const int64_t group = heads / kv_heads;
   const int64_t splits = batch >= 2 * at::get_num_threads() ? 1 : kv_heads;
   const int64_t heads_per_split = kv_heads / splits;
@@ -97,60 +108,62 @@ void paged_decode_attention_impl(
         row_max[r] = -std::numeric_limits<float>::infinity();
         row_sum[r] = 0.0f;
       }
-      const int64_t length = kv_len[b];
-      for (int64_t blk = 0; blk * block_size < length; ++blk) {
-        const int64_t ntok = std::min(block_size, length - blk * block_size);
-        const int64_t base = table[b * table_width + blk] * block_size * token_stride;
-        const T* kb = k_cache + base;
-        const T* vb = v_cache + base;
-        for (int64_t t = 0; t < ntok; ++t) {
-          const T* kt = kb + t * token_stride;
-          for (int64_t r = 0; r < rows; ++r) {
-            const T* kr = kt + row_offset[r];
-            __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-            int64_t v = 0;
-            for (; v + 1 < vecs; v += 2) {
-              s0 = _mm256_fmadd_ps(_mm256_load_ps(qf[r] + 8 * v), load8(kr + 8 * v), s0);
-              s1 = _mm256_fmadd_ps(_mm256_load_ps(qf[r] + 8 * v + 8), load8(kr + 8 * v + 8), s1);
+      for (const OwnerRun<T>& run : owners) {
+        const int64_t length = run.kv_len[b];
+        for (int64_t blk = 0; blk * block_size < length; ++blk) {
+          const int64_t ntok = std::min(block_size, length - blk * block_size);
+          const int64_t base = run.table[b * run.table_width + blk] * block_size * token_stride;
+          const T* kb = run.k_cache + base;
+          const T* vb = run.v_cache + base;
+          for (int64_t t = 0; t < ntok; ++t) {
+            const T* kt = kb + t * token_stride;
+            for (int64_t r = 0; r < rows; ++r) {
+              const T* kr = kt + row_offset[r];
+              __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+              int64_t v = 0;
+              for (; v + 1 < vecs; v += 2) {
+                s0 = _mm256_fmadd_ps(_mm256_load_ps(qf[r] + 8 * v), load8(kr + 8 * v), s0);
+                s1 = _mm256_fmadd_ps(_mm256_load_ps(qf[r] + 8 * v + 8), load8(kr + 8 * v + 8), s1);
+              }
+              if (v < vecs) s0 = _mm256_fmadd_ps(_mm256_load_ps(qf[r] + 8 * v), load8(kr + 8 * v), s0);
+              scores[r][t] = hsum(_mm256_add_ps(s0, s1));
             }
-            if (v < vecs) s0 = _mm256_fmadd_ps(_mm256_load_ps(qf[r] + 8 * v), load8(kr + 8 * v), s0);
-            scores[r][t] = hsum(_mm256_add_ps(s0, s1));
           }
-        }
-        for (int64_t r = 0; r < rows; ++r) {
-          float block_max = scores[r][0];
-          for (int64_t t = 1; t < ntok; ++t) block_max = std::max(block_max, scores[r][t]);
-          const float new_max = std::max(row_max[r], block_max);
-          const float correction = std::exp(row_max[r] - new_max);  // 0 on the first block
-          row_max[r] = new_max;
-          const __m256 m = _mm256_set1_ps(new_max);
-          int64_t t = 0;
-          __m256 sum8 = _mm256_setzero_ps();
-          for (; t + 8 <= ntok; t += 8) {
-            __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores[r] + t), m));
-            _mm256_storeu_ps(scores[r] + t, p);
-            sum8 = _mm256_add_ps(sum8, p);
-          }
-          float sum = hsum(sum8);
-          for (; t < ntok; ++t) {
-            scores[r][t] = std::exp(scores[r][t] - new_max);
-            sum += scores[r][t];
-          }
-          row_sum[r] = row_sum[r] * correction + sum;
-          if (correction != 1.0f) {
-            const __m256 c = _mm256_set1_ps(correction);
-            for (int64_t v = 0; v < vecs; ++v)
-              _mm256_store_ps(acc[r] + 8 * v, _mm256_mul_ps(_mm256_load_ps(acc[r] + 8 * v), c));
-          }
-        }
-        for (int64_t t = 0; t < ntok; ++t) {
-          const T* vt = vb + t * token_stride;
           for (int64_t r = 0; r < rows; ++r) {
-            const T* vr = vt + row_offset[r];
-            const __m256 p = _mm256_set1_ps(scores[r][t]);
-            for (int64_t v = 0; v < vecs; ++v) {
-              float* a = acc[r] + 8 * v;
-              _mm256_store_ps(a, _mm256_fmadd_ps(p, load8(vr + 8 * v), _mm256_load_ps(a)));
+            float block_max = scores[r][0];
+            for (int64_t t = 1; t < ntok; ++t) block_max = std::max(block_max, scores[r][t]);
+            const float new_max = std::max(row_max[r], block_max);
+            const float correction = std::exp(row_max[r] - new_max);  // 0 on the first block
+            row_max[r] = new_max;
+            const __m256 m = _mm256_set1_ps(new_max);
+            int64_t t = 0;
+            __m256 sum8 = _mm256_setzero_ps();
+            for (; t + 8 <= ntok; t += 8) {
+              __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores[r] + t), m));
+              _mm256_storeu_ps(scores[r] + t, p);
+              sum8 = _mm256_add_ps(sum8, p);
+            }
+            float sum = hsum(sum8);
+            for (; t < ntok; ++t) {
+              scores[r][t] = std::exp(scores[r][t] - new_max);
+              sum += scores[r][t];
+            }
+            row_sum[r] = row_sum[r] * correction + sum;
+            if (correction != 1.0f) {
+              const __m256 c = _mm256_set1_ps(correction);
+              for (int64_t v = 0; v < vecs; ++v)
+                _mm256_store_ps(acc[r] + 8 * v, _mm256_mul_ps(_mm256_load_ps(acc[r] + 8 * v), c));
+            }
+          }
+          for (int64_t t = 0; t < ntok; ++t) {
+            const T* vt = vb + t * token_stride;
+            for (int64_t r = 0; r < rows; ++r) {
+              const T* vr = vt + row_offset[r];
+              const __m256 p = _mm256_set1_ps(scores[r][t]);
+              for (int64_t v = 0; v < vecs; ++v) {
+                float* a = acc[r] + 8 * v;
+                _mm256_store_ps(a, _mm256_fmadd_ps(p, load8(vr + 8 * v), _mm256_load_ps(a)));
+              }
             }
           }
         }
@@ -326,38 +339,56 @@ torch::Tensor silu_and_mul(torch::Tensor x) {
 }
 
 std::vector<torch::Tensor> paged_decode_attention(
-    torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_table,
-    torch::Tensor kv_len, double scale) {
-  // q (B, Q, H, D); caches (num_blocks, block_size, KVH, D); block_table (B, NB) int64;
-  // kv_len (B,) int64: every query of sequence b sees its first kv_len[b] slots.
-  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4, "paged_decode_attention: bad ranks");
-  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
-              "paged_decode_attention: inputs must be contiguous");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type(),
-              "paged_decode_attention: dtypes differ");
+    torch::Tensor q, std::vector<torch::Tensor> k_caches, std::vector<torch::Tensor> v_caches,
+    std::vector<torch::Tensor> block_tables, std::vector<torch::Tensor> kv_lens, double scale) {
+  // q (B, Q, H, D); per owner j: caches (num_blocks_j, block_size, KVH, D), block_table
+  // (B, NB_j) and kv_len (B,): every query of sequence b sees the first kv_len[b] slots
+  // of its blocks on every owner; the result is attention over all of them.
+  TORCH_CHECK(q.dim() == 4 && !k_caches.empty(), "paged_decode_attention: bad inputs");
+  TORCH_CHECK(k_caches.size() == v_caches.size() && k_caches.size() == block_tables.size() &&
+                  k_caches.size() == kv_lens.size(),
+              "paged_decode_attention: one cache pair, table and length per owner");
   const int64_t batch = q.size(0), num_q = q.size(1), heads = q.size(2), head_dim = q.size(3);
-  const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
+  const int64_t block_size = k_caches[0].size(1), kv_heads = k_caches[0].size(2);
   TORCH_CHECK(heads % kv_heads == 0 && num_q * heads <= kMaxRows,
               "paged_decode_attention: too many query rows");
   TORCH_CHECK(head_dim % 8 == 0 && head_dim <= kMaxHeadDim && block_size <= kMaxBlock,
               "paged_decode_attention: unsupported head_dim or block_size");
-  auto table = block_table.to(torch::kInt64).contiguous();
-  auto lengths = kv_len.to(torch::kInt64).contiguous();
-  auto out = torch::empty_like(q);
+  std::vector<torch::Tensor> keep;  // int64 copies live until the kernel is done
+  for (size_t j = 0; j < k_caches.size(); ++j) {
+    const auto& k = k_caches[j];
+    const auto& v = v_caches[j];
+    TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.dim() == 4 &&
+                    k.size(1) == block_size && k.size(2) == kv_heads && k.size(3) == head_dim &&
+                    k.sizes() == v.sizes(),
+                "paged_decode_attention: caches must be contiguous and of one shape per block");
+    TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+                "paged_decode_attention: dtypes differ");
+    keep.push_back(block_tables[j].to(torch::kInt64).contiguous());
+    keep.push_back(kv_lens[j].to(torch::kInt64).contiguous());
+    TORCH_CHECK(keep[2 * j].dim() == 2 && keep[2 * j].size(0) == batch && keep[2 * j + 1].numel() == batch,
+                "paged_decode_attention: a table row and a length per sequence");
+  }
+  auto qc = q.contiguous();
+  auto out = torch::empty_like(qc);
   auto lse = torch::empty({batch, num_q, heads}, q.options().dtype(torch::kFloat32));
   const float s = static_cast<float>(scale);
+  auto launch = [&](auto tag) {
+    using T = decltype(tag);
+    std::vector<OwnerRun<T>> owners;
+    for (size_t j = 0; j < k_caches.size(); ++j) {
+      owners.push_back({k_caches[j].data_ptr<T>(), v_caches[j].data_ptr<T>(),
+                        keep[2 * j].data_ptr<int64_t>(), keep[2 * j].size(1),
+                        keep[2 * j + 1].data_ptr<int64_t>()});
+    }
+    paged_decode_attention_impl<T>(qc.data_ptr<T>(), owners, out.data_ptr<T>(),
+                                   lse.data_ptr<float>(), batch, num_q, heads, kv_heads,
+                                   head_dim, block_size, s);
+  };
   if (q.scalar_type() == torch::kFloat32) {
-    paged_decode_attention_impl<float>(
-        q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
-        table.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), out.data_ptr<float>(),
-        lse.data_ptr<float>(), batch, num_q, heads, kv_heads, head_dim, block_size,
-        table.size(1), s);
+    launch(float{});
   } else if (q.scalar_type() == torch::kBFloat16) {
-    paged_decode_attention_impl<bf16>(
-        q.data_ptr<bf16>(), k_cache.data_ptr<bf16>(), v_cache.data_ptr<bf16>(),
-        table.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), out.data_ptr<bf16>(),
-        lse.data_ptr<float>(), batch, num_q, heads, kv_heads, head_dim, block_size,
-        table.size(1), s);
+    launch(bf16{});
   } else {
     TORCH_CHECK(false, "paged_decode_attention: float32 or bfloat16 only");
   }
