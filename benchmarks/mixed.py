@@ -50,9 +50,12 @@ def main() -> None:
         results[pooled] = result
         done = len(result.outputs)
         out_tokens = sum(len(t) for t in result.outputs.values())
+        prompt_tokens = sum(len(prompts[i]) for i in result.outputs)
         rows.append([
             "pooled" if pooled else "isolated", len(prompts), done, len(result.refused),
-            result.most_owners, f"{result.seconds:.1f}", f"{out_tokens / result.seconds:.1f}",
+            result.most_owners, llm.engine.cluster.num_preemptions, prompt_tokens, out_tokens,
+            f"{result.seconds:.1f}", f"{out_tokens / result.seconds:.1f}",
+            f"{(prompt_tokens + out_tokens) / result.seconds:.1f}",
         ])
     # Requests both served must agree token for token.
     iso, pooled = results[False], results[True]
@@ -64,7 +67,9 @@ def main() -> None:
           f"{args.short} requests of 32-160 prompt tokens + {args.long} of {args.long_len}, "
           f"{args.output_tokens} output tokens each")
     print_table(
-        ["mode", "requests", "completed", "refused", "most owners", "seconds", "output tok/s"], rows
+        ["mode", "requests", "completed", "refused", "most owners", "preemptions",
+         "prompt tokens served", "output tokens", "seconds", "output tok/s", "total tok/s"],
+        rows,
     )
     print(f"outputs of requests served by both: {len(common)}, identical: {'yes' if agree else 'NO'}")
     for reason in sorted(set(iso.refused)):

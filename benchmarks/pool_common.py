@@ -32,19 +32,19 @@ def random_prompt(rng: np.random.Generator, length: int) -> list[int]:
 @dataclass
 class Run:
     seconds: float
-    outputs: dict[str, list[int]]  # request id -> output tokens, for the ones that finished
+    outputs: dict[int, list[int]]  # prompt index -> output tokens, for the ones that finished
     refused: list[str]  # why each refused request was refused
     most_owners: int  # the most instances one request's KV spanned
 
 
 def run(engine: LLMEngine, prompts: list[list[int]], max_tokens: list[int]) -> Run:
     """Submit everything at once (refusals recorded, not raised), run to the end."""
-    refused, ids = [], []
+    refused, index_of = [], {}
     start = time.perf_counter()
-    for prompt, n in zip(prompts, max_tokens):
+    for i, (prompt, n) in enumerate(zip(prompts, max_tokens)):
         try:
             params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-            ids.append(engine.add_request(prompt, params).request_id)
+            index_of[engine.add_request(prompt, params).request_id] = i
         except ValueError as error:
             refused.append(str(error))
     outputs, most = {}, 0
@@ -54,7 +54,7 @@ def run(engine: LLMEngine, prompts: list[list[int]], max_tokens: list[int]) -> R
                 most = max(most, len(request.block_table.owners()))
         for out in engine.step():
             if out.finished:
-                outputs[out.request_id] = list(out.outputs[0].token_ids)
+                outputs[index_of[out.request_id]] = list(out.outputs[0].token_ids)
     seconds = time.perf_counter() - start
     engine.check_integrity()
     assert all(i.rmanager.num_free == i.rmanager.capacity for i in engine.cluster.instances)
