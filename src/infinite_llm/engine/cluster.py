@@ -1,9 +1,10 @@
-"""The instances of a cluster and the gManager between them.
+"""The bookkeeping of a cluster's instances and the gManager between them.
 
-Each instance has its own block pool and KV tensors, its rManager and its scheduler;
-the gManager keeps the debt ledger from their heartbeats. A cluster step is every
-instance scheduling its own requests; the runner then computes all of their chunks
-in one forward pass, with DistAttention reaching each rBlock on its owner.
+Each instance has its own block pool, rManager and scheduler; the gManager keeps the
+debt ledger from their heartbeats. A cluster step is every instance scheduling its own
+requests; a runner then computes the chunks (in this process, or on one Ray actor per
+instance), with DistAttention reaching each rBlock on its owner. No tensors here: the
+runner owns each instance's KV tensors.
 With ``PoolingConfig(enabled=False)`` the instances never lend: N isolated replicas.
 """
 
@@ -11,41 +12,35 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from infinite_llm.config import CacheConfig, ModelConfig, PoolingConfig, SchedulerConfig
+from infinite_llm.config import CacheConfig, PoolingConfig, SchedulerConfig
 from infinite_llm.engine.request import Request, RequestStatus
 from infinite_llm.engine.scheduler import Scheduler, SchedulerOutput
 from infinite_llm.memory.block_pool import BlockPool
 from infinite_llm.memory.gmanager import GManager, Ledger
-from infinite_llm.memory.kv_cache import KVCache, num_blocks_for
 from infinite_llm.memory.rmanager import RManager
 from infinite_llm.transport.local import LocalTransport
 
 
 @dataclass
 class Instance:
-    """One replica's memory and scheduling; its KV tensors are the only tensors here."""
+    """One replica's memory bookkeeping and scheduling."""
 
     instance_id: int
     rmanager: RManager
     scheduler: Scheduler
-    kv_cache: KVCache
 
 
 class Cluster:
     def __init__(
         self,
-        model: ModelConfig,
+        num_blocks: int,
         cache: CacheConfig,
         scheduler: SchedulerConfig,
         pooling: PoolingConfig,
         num_instances: int,
-        dtype: torch.dtype,
     ) -> None:
         if num_instances < 1:
             raise ValueError(f"instances must be at least 1, got {num_instances}")
-        num_blocks = num_blocks_for(model, cache, dtype)
         if num_blocks < 1:
             raise ValueError(
                 f"kv_cache_memory={cache.kv_cache_memory} bytes holds no block of "
@@ -65,17 +60,12 @@ class Cluster:
                     i,
                     rmanager,
                     Scheduler(scheduler, rmanager, cache.block_size, arbiter=self),
-                    KVCache(model, num_blocks, cache.block_size, dtype),
                 )
             )
         self._load = [0] * num_instances  # tokens of KV its unfinished requests may need
         self._arrivals = 0
         self._victims: list[Request] = []  # newer requests to preempt for stuck older ones
         self._stuck = False  # an older request could not grow this step
-
-    @property
-    def kv_caches(self) -> dict[int, KVCache]:
-        return {inst.instance_id: inst.kv_cache for inst in self.instances}
 
     @property
     def blocks_per_instance(self) -> int:

@@ -12,12 +12,11 @@ import torch
 from infinite_llm.config import CacheConfig, ModelConfig, PoolingConfig, SchedulerConfig
 from infinite_llm.engine.cluster import Cluster
 from infinite_llm.engine.detokenizer import Detokenizer
-from infinite_llm.engine.model_runner import ModelRunner
+from infinite_llm.engine.model_runner import Runner
 from infinite_llm.engine.outputs import CompletionOutput, RequestOutput
 from infinite_llm.engine.request import Request
-from infinite_llm.engine.sampler import SampledToken, Sampler
+from infinite_llm.engine.sampler import SampledToken
 from infinite_llm.engine.sampling_params import SamplingParams
-from infinite_llm.model.llama import LlamaForCausalLM
 
 if TYPE_CHECKING:
     from infinite_llm.model.tokenizer import Tokenizer
@@ -26,25 +25,26 @@ logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
+    """The driver of a cluster: requests and their bookkeeping live here; ``runner``
+    computes the step plans (in this process, or on one Ray actor per instance)."""
+
     def __init__(
         self,
-        model: LlamaForCausalLM,
+        model_config: ModelConfig,
         tokenizer: Tokenizer | None,
         cache: CacheConfig,
         scheduler: SchedulerConfig,
-        seed: int | None = 0,
+        runner: Runner,
+        num_blocks: int,
         instances: int = 1,
         pooling: PoolingConfig | None = None,
     ) -> None:
-        self.model_config: ModelConfig = model.config
+        self.model_config = model_config
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler
-        dtype = next(model.parameters()).dtype
         self.block_size = cache.block_size
-        self.cluster = Cluster(
-            model.config, cache, scheduler, pooling or PoolingConfig(), instances, dtype
-        )
-        self.runner = ModelRunner(model, self.cluster.kv_caches, Sampler(seed))
+        self.cluster = Cluster(num_blocks, cache, scheduler, pooling or PoolingConfig(), instances)
+        self.runner = runner
         self.requests: dict[str, Request] = {}
         self._detokenizers: dict[str, Detokenizer] = {}
         self._logprobs: dict[str, list[dict[int, float]]] = {}

@@ -13,9 +13,10 @@ from infinite_llm.config import CacheConfig, PoolingConfig, SchedulerConfig, par
 from infinite_llm.engine.engine import LLMEngine, torch_dtype
 from infinite_llm.engine.outputs import RequestOutput
 from infinite_llm.engine.sampling_params import SamplingParams
-from infinite_llm.model.cpu_linear import use_cpu_linears
+from infinite_llm.engine.model_runner import ModelRunner, Runner, build_model
+from infinite_llm.engine.sampler import Sampler
+from infinite_llm.memory.kv_cache import KVCache, num_blocks_for
 from infinite_llm.model.checkpoint import load_checkpoint
-from infinite_llm.model.llama import LlamaForCausalLM
 from infinite_llm.model.tokenizer import Tokenizer
 
 Prompt = str | list[int]
@@ -30,7 +31,9 @@ class LLM:
     KV pool of ``kv_cache_memory`` (bytes or "256MiB"). With ``kv_pooling`` (the default)
     the pools form one: an instance short of blocks borrows from the others, each lending
     at most ``max_lend_fraction`` of its pool, so one request can hold far more KV than one
-    instance has. ``kv_pooling=False`` gives isolated replicas.
+    instance has. ``kv_pooling=False`` gives isolated replicas. ``backend="ray"`` runs
+    each instance as a Ray actor (joining ``ray_address``, or a local Ray started here);
+    the default ``"local"`` runs them all in this process.
     ``max_model_len`` defaults to the model's trained context; a larger value is
     refused unless ``allow_long_context=True``, which only warns.
     ``max_num_batched_tokens`` defaults to 8192 as in vLLM's offline ``LLM``: large
@@ -53,12 +56,16 @@ class LLM:
         instances: int = 1,
         kv_pooling: bool = True,
         max_lend_fraction: float = PoolingConfig.max_lend_fraction,
+        backend: str = "local",
+        ray_address: str | None = None,
     ) -> None:
         # Cheap checks first, so a typo fails before seconds of loading.
         cache = CacheConfig(parse_memory_size(kv_cache_memory), block_size)
         pooling = PoolingConfig(enabled=kv_pooling, max_lend_fraction=max_lend_fraction)
         if not isinstance(instances, int) or instances < 1:
             raise ValueError(f"instances must be a positive int, got {instances!r}")
+        if backend not in ("local", "ray"):
+            raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
         weight_dtype = torch_dtype(dtype)
         checkpoint = load_checkpoint(model)
         trained = checkpoint.config.max_position_embeddings
@@ -74,17 +81,34 @@ class LLM:
                 "outputs past it may degrade",
                 stacklevel=2,
             )
-        module = LlamaForCausalLM(checkpoint.config)
-        module.load_weights(checkpoint.weights())
-        module = module.to(weight_dtype).eval().requires_grad_(False)
-        use_cpu_linears(module)
+        num_blocks = num_blocks_for(checkpoint.config, cache, weight_dtype)
+        if num_blocks < 1:
+            raise ValueError(
+                f"kv_cache_memory={cache.kv_cache_memory} bytes holds no block of "
+                f"{cache.block_size} tokens for this model"
+            )
+        if backend == "local":
+            module = build_model(checkpoint, weight_dtype)
+            kv_caches = {
+                i: KVCache(checkpoint.config, num_blocks, cache.block_size, weight_dtype)
+                for i in range(instances)
+            }
+            runner: Runner = ModelRunner(module, kv_caches, Sampler(seed))
+        else:
+            from infinite_llm.transport.ray import RayRunner
+
+            runner = RayRunner(
+                model, dtype, checkpoint.config, instances, num_blocks, cache.block_size,
+                Sampler(seed), ray_address,
+            )
         self.tokenizer: Tokenizer | None = checkpoint.tokenizer
         self.engine = LLMEngine(
-            module,
+            checkpoint.config,
             checkpoint.tokenizer,
             cache,
             SchedulerConfig(max_num_batched_tokens, max_num_seqs, max_model_len),
-            seed=seed,
+            runner,
+            num_blocks,
             instances=instances,
             pooling=pooling,
         )

@@ -1,16 +1,39 @@
-"""Runs a step plan through the model on one instance: inputs, attention, logits, samples."""
+"""Runs a step plan through the model in this process: inputs, attention, logits, samples."""
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 
 from infinite_llm.attention.dist import DistAttention, KVLayout, KVWrites, SeqSpan, build_batches
 from infinite_llm.engine.sampler import SampledToken, Sampler, SampleRequest
 from infinite_llm.engine.sampling_params import SamplingParams
-from infinite_llm.engine.scheduler import SchedulerOutput
+from infinite_llm.engine.scheduler import ScheduledChunk, SchedulerOutput
 from infinite_llm.kernels.cpu import paged_decode_supported
 from infinite_llm.memory.kv_cache import KVCache
+from infinite_llm.model.checkpoint import Checkpoint
+from infinite_llm.model.cpu_linear import use_cpu_linears
 from infinite_llm.model.llama import LlamaForCausalLM
+
+
+class Runner(Protocol):
+    """What the engine needs of whoever computes its step plans."""
+
+    sampler: Sampler
+
+    def execute(
+        self, plan: SchedulerOutput, params: dict[str, SamplingParams]
+    ) -> dict[str, SampledToken]: ...
+
+
+def build_model(checkpoint: Checkpoint, dtype: torch.dtype) -> LlamaForCausalLM:
+    """Load weights into a Llama-family model of ``dtype`` on CPU, with the fast linears."""
+    module = LlamaForCausalLM(checkpoint.config)
+    module.load_weights(checkpoint.weights())
+    module = module.to(dtype).eval().requires_grad_(False)
+    use_cpu_linears(module)
+    return module
 
 
 class ModelRunner:
@@ -50,16 +73,14 @@ class ModelRunner:
         sampled = [c for c in plan.chunks if c.sample]
         if not sampled:
             return {}
-        ends = torch.tensor([len(c.token_ids) for c in plan.chunks]).cumsum(0) - 1
-        last = ends[torch.tensor([c.sample for c in plan.chunks])]
-        logits = self.model.compute_logits(hidden.index_select(0, last))
+        logits = self.model.compute_logits(hidden.index_select(0, sample_rows(hidden, plan.chunks)))
         rows = [SampleRequest(c.request_id, params[c.request_id]) for c in sampled]
         return {row.request_id: token for row, token in zip(rows, self.sampler(logits, rows))}
 
     @torch.inference_mode()
     def forward(self, plan: SchedulerOutput) -> torch.Tensor:
         """Final hidden states (N, hidden) of the plan's tokens, chunk after chunk."""
-        input_ids, positions, spans = self._prepare(plan)
+        input_ids, positions, spans = prepare(plan.chunks)
         attend = DistAttention(
             self.kv_caches,
             KVWrites.build(spans, positions, self.block_size),
@@ -68,13 +89,21 @@ class ModelRunner:
         )
         return self.model(input_ids, positions, attend)
 
-    def _prepare(self, plan: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, list[SeqSpan]]:
-        token_ids: list[int] = []
-        positions: list[int] = []
-        spans = []
-        for chunk in plan.chunks:
-            n = len(chunk.token_ids)
-            spans.append(SeqSpan(len(token_ids), n, chunk.first_pos, chunk.rblocks))
-            token_ids.extend(chunk.token_ids)
-            positions.extend(range(chunk.first_pos, chunk.first_pos + n))
-        return torch.tensor(token_ids), torch.tensor(positions), spans
+
+def prepare(chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, list[SeqSpan]]:
+    """The chunks' tokens flattened in order: token ids, positions and one span each."""
+    token_ids: list[int] = []
+    positions: list[int] = []
+    spans = []
+    for chunk in chunks:
+        n = len(chunk.token_ids)
+        spans.append(SeqSpan(len(token_ids), n, chunk.first_pos, chunk.rblocks))
+        token_ids.extend(chunk.token_ids)
+        positions.extend(range(chunk.first_pos, chunk.first_pos + n))
+    return torch.tensor(token_ids), torch.tensor(positions), spans
+
+
+def sample_rows(hidden: torch.Tensor, chunks: list[ScheduledChunk]) -> torch.Tensor:
+    """Indices into ``hidden`` of the last token of each chunk that samples."""
+    ends = torch.tensor([len(c.token_ids) for c in chunks]).cumsum(0) - 1
+    return ends[torch.tensor([c.sample for c in chunks])]

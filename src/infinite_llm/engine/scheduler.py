@@ -43,6 +43,7 @@ class ScheduledChunk:
     first_pos: int
     rblocks: tuple[RBlock, ...]  # where its KV lives, the new tokens' blocks included
     sample: bool  # the chunk reaches the request's last token: sample the next one
+    home: int = 0  # the instance that computes its non-attention layers
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,7 @@ class Scheduler:
         start = request.num_computed_tokens
         return ScheduledChunk(
             request_id=request.request_id,
+            home=request.home,
             token_ids=request.token_ids(start, start + n),
             first_pos=start,
             rblocks=request.block_table.rblocks,

@@ -1,0 +1,165 @@
+"""The Ray backend: one actor per instance, the driver keeps the bookkeeping.
+
+Each ``InstanceActor`` holds a model replica and its instance's KV tensors, and joins a
+torch.distributed (gloo) group with the other actors. A step is SPMD: the driver hands
+every actor the same step plan in one actor call each; each actor runs the layers of
+the chunks whose home it is, and at every layer all actors trade queries, new k/v and
+partials in all-to-alls (``attention/exchange.py``). The actors return the logits of the
+chunks that sample; the driver samples.
+
+Memory bookkeeping (schedulers, rManagers, gManager) is pure Python over integer ids and
+stays in the driver: borrowing is then a local call and cannot deadlock between actors,
+and a dead actor's blocks are known without asking it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import ray
+import torch
+import torch.distributed as dist
+
+from infinite_llm.attention.dist import DistAttention, KVLayout, KVWrites, build_batches
+from infinite_llm.attention.exchange import ExchangeAttention, InstanceStep, Shapes
+from infinite_llm.config import ModelConfig
+from infinite_llm.engine.engine import torch_dtype
+from infinite_llm.engine.model_runner import build_model, prepare, sample_rows
+from infinite_llm.engine.sampler import SampledToken, Sampler, SampleRequest
+from infinite_llm.engine.sampling_params import SamplingParams
+from infinite_llm.engine.scheduler import SchedulerOutput
+from infinite_llm.kernels.cpu import paged_decode_supported
+from infinite_llm.memory.kv_cache import KVCache
+from infinite_llm.model.checkpoint import load_checkpoint
+from infinite_llm.transport.collective import Exchange
+
+
+class InstanceActor:
+    """One instance: its model replica, its KV tensors, its rank in the tensor group."""
+
+    def __init__(
+        self, rank: int, world: int, address: str, model: str, dtype: str, num_blocks: int,
+        block_size: int, threads: int,
+    ) -> None:
+        torch.set_num_threads(threads)
+        self.rank, self.world = rank, world
+        weight_dtype = torch_dtype(dtype)
+        self.model = build_model(load_checkpoint(model), weight_dtype)
+        config = self.model.config
+        self.kv_cache = KVCache(config, num_blocks, block_size, weight_dtype)
+        self.block_size = block_size
+        self.scale = config.head_dim**-0.5
+        self.shapes = Shapes(config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        self.layout = KVLayout(
+            block_size, weight_dtype,
+            decode_kernel=paged_decode_supported(
+                "cpu", weight_dtype, config.num_attention_heads, config.head_dim, block_size
+            ),
+        )
+        dist.init_process_group("gloo", init_method=f"tcp://{address}", rank=rank, world_size=world)
+        self.exchange = Exchange(rank, world)
+
+    def ready(self) -> int:
+        return self.rank
+
+    @torch.inference_mode()
+    def execute(self, plan: SchedulerOutput) -> torch.Tensor | None:
+        """Run my chunks of the plan; the logits of those that sample (in plan order)."""
+        mine = [c for c in plan.chunks if c.home == self.rank]
+        crosses = any(rb.owner != c.home for c in plan.chunks for rb in c.rblocks)
+        if not crosses:
+            if not mine:
+                return None
+            input_ids, positions, spans = prepare(mine)
+            attend = DistAttention(
+                {self.rank: self.kv_cache},
+                KVWrites.build(spans, positions, self.block_size),
+                build_batches(spans, self.layout),
+                self.scale,
+            )
+            return self._logits(self.model(input_ids, positions, attend), mine)
+        steps = {}
+        for home in range(self.world):
+            chunks = [c for c in plan.chunks if c.home == home]
+            if chunks:
+                _, positions, spans = prepare(chunks)
+                steps[home] = InstanceStep(
+                    build_batches(spans, self.layout), KVWrites.build(spans, positions, self.block_size)
+                )
+            else:
+                steps[home] = InstanceStep([], KVWrites(()))
+        attend = ExchangeAttention(
+            self.rank, self.kv_cache, steps, self.exchange, self.shapes, self.scale
+        )
+        if not mine:
+            for layer in range(self.model.config.num_hidden_layers):
+                attend.serve(layer)
+            return None
+        input_ids, positions, _ = prepare(mine)
+        return self._logits(self.model(input_ids, positions, attend), mine)
+
+    def _logits(self, hidden: torch.Tensor, chunks) -> torch.Tensor | None:
+        if not any(c.sample for c in chunks):
+            return None
+        return self.model.compute_logits(hidden.index_select(0, sample_rows(hidden, chunks)))
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RayRunner:
+    """The engine's runner on Ray: step plans out, logits back, sampling here."""
+
+    def __init__(
+        self, model: str, dtype: str, config: ModelConfig, instances: int, num_blocks: int,
+        block_size: int, sampler: Sampler, ray_address: str | None = None,
+    ) -> None:
+        if not ray.is_initialized():
+            if ray_address:
+                ray.init(address=ray_address)
+            else:
+                # A private local Ray on loopback only.
+                ray.init(
+                    include_dashboard=False, num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1"
+                )
+        self.sampler = sampler
+        address = f"127.0.0.1:{_free_port()}"
+        threads = max(1, (os.cpu_count() or 1) // instances)
+        actor = ray.remote(num_cpus=0)(InstanceActor)
+        self.actors = [
+            actor.remote(i, instances, address, model, dtype, num_blocks, block_size, threads)
+            for i in range(instances)
+        ]
+        ray.get([a.ready.remote() for a in self.actors])
+
+    def execute(
+        self, plan: SchedulerOutput, params: dict[str, SamplingParams]
+    ) -> dict[str, SampledToken]:
+        if not plan.chunks:
+            return {}
+        results = ray.get([a.execute.remote(plan) for a in self.actors])
+        logits_of: dict[str, torch.Tensor] = {}
+        for home, logits in enumerate(results):
+            sampling = [c for c in plan.chunks if c.home == home and c.sample]
+            for chunk, row in zip(sampling, logits if logits is not None else []):
+                logits_of[chunk.request_id] = row
+        sampled = [c for c in plan.chunks if c.sample]
+        if not sampled:
+            return {}
+        rows = [SampleRequest(c.request_id, params[c.request_id]) for c in sampled]
+        logits = torch.stack([logits_of[c.request_id] for c in sampled])
+        return {row.request_id: token for row, token in zip(rows, self.sampler(logits, rows))}
+
+    def shutdown(self) -> None:
+        ray.get([a.shutdown.remote() for a in self.actors])
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
