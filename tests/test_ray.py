@@ -55,3 +55,47 @@ def test_ray_actors_give_the_in_process_outputs(tiny_llama_dir, local_ray, insta
             assert inst.rmanager.num_free == inst.rmanager.capacity
     finally:
         remote.engine.runner.shutdown()
+
+
+def test_a_dead_actor_mid_decode_loses_no_request(tiny_llama_dir, local_ray):
+    """Kill instance 1 between decode steps: requests with KV or home there start over on
+    the survivors (greedy tokens as undisturbed) or, too large for them, end with an
+    error; nothing is lost, survivors' pools are full, the ledger forgets instance 1."""
+    prompts = random_prompts(4, 5, 25, 320, seed=7)
+    prompts.append(random_prompts(1, 90, 91, 320, seed=8)[0])  # needs all 3 instances
+    params = SamplingParams(max_tokens=10, **GREEDY)
+    local = cluster(tiny_llama_dir, 3, "local")
+    want, _ = run_watching_owners(local.engine, prompts, params)
+
+    remote = cluster(tiny_llama_dir, 3, "ray")
+    engine = remote.engine
+    try:
+        ids = [engine.add_request(p, params).request_id for p in prompts]
+        outputs = {}
+        for step in range(400):
+            if not engine.has_unfinished_requests():
+                break
+            if step == 6:
+                assert any(1 in r.block_table.owners() for r in engine.requests.values())
+                engine.runner.kill(1)
+            for out in engine.step():
+                if out.finished:
+                    outputs[out.request_id] = out
+            engine.check_integrity()
+        assert not engine.has_unfinished_requests()
+        assert sorted(outputs) == sorted(ids)  # every request ended, none silently lost
+        errors = 0
+        for rid, expected in zip(ids, want):
+            out = outputs[rid]
+            if out.outputs[0].finish_reason == "error":
+                errors += 1
+                assert "instance 1 died" in out.error and "surviving instances" in out.error
+            else:
+                assert out.outputs[0].token_ids == expected
+        assert errors == 1  # only the request that needed all three instances
+        ledger = engine.cluster.ledger()
+        assert 1 not in ledger.instances and ledger.total_debt == 0
+        for inst in engine.cluster.alive_instances:
+            assert inst.rmanager.num_free == inst.rmanager.capacity
+    finally:
+        engine.runner.shutdown()

@@ -63,6 +63,7 @@ class Cluster:
                 )
             )
         self._load = [0] * num_instances  # tokens of KV its unfinished requests may need
+        self.dead: set[int] = set()
         self._arrivals = 0
         self._victims: list[Request] = []  # newer requests to preempt for stuck older ones
         self._stuck = False  # an older request could not grow this step
@@ -78,7 +79,8 @@ class Cluster:
 
     def add(self, request: Request) -> None:
         """Give the request a home, the least loaded instance, and queue it there."""
-        request.home = min(range(len(self.instances)), key=lambda i: (self._load[i], i))
+        alive = [i.instance_id for i in self.alive_instances]
+        request.home = min(alive, key=lambda i: (self._load[i], i))
         request.arrival = self._arrivals
         self._arrivals += 1
         self._load[request.home] += request.max_total_tokens
@@ -96,7 +98,7 @@ class Cluster:
                 self.instances[victim.home].scheduler.preempt(victim)
                 preempted.append(victim.request_id)
         self._victims = []
-        for inst in sorted(self.instances, key=self._oldest):
+        for inst in sorted(self.alive_instances, key=self._oldest):
             plan = inst.scheduler.schedule()
             chunks += plan.chunks
             preempted += plan.preempted
@@ -116,7 +118,7 @@ class Cluster:
         self._stuck = True
         newer = [
             r
-            for inst in self.instances
+            for inst in self.alive_instances
             for r in inst.scheduler.running
             if r.arrival > request.arrival and r.block_table.num_blocks and r not in self._victims
         ]
@@ -133,8 +135,30 @@ class Cluster:
             inst.scheduler.update(plan)
         self.heartbeat()
 
+    @property
+    def alive_instances(self) -> list[Instance]:
+        return [inst for inst in self.instances if inst.instance_id not in self.dead]
+
+    def remove_instance(self, dead: int) -> list[Request]:
+        """An instance died with its KV: every request whose home or any rBlock was there
+        gives all its blocks back and loses its progress; they are returned (unqueued) for
+        the engine to re-add or fail. The dead instance leaves the ledger."""
+        affected = []
+        for inst in self.alive_instances:
+            for request in [*inst.scheduler.running, *inst.scheduler.waiting]:
+                if request.home == dead or dead in request.block_table.owners():
+                    affected.append(request)
+        for request in affected:
+            scheduler = self.instances[request.home].scheduler
+            scheduler.unqueue(request)
+            self._load[request.home] -= request.max_total_tokens
+        self.dead.add(dead)
+        self.heartbeat()
+        self.gmanager.remove(dead)
+        return affected
+
     def heartbeat(self) -> None:
-        for inst in self.instances:
+        for inst in self.alive_instances:
             beat = inst.rmanager.heartbeat()
             if not beat.is_empty:
                 self.gmanager.apply(beat)
@@ -146,7 +170,7 @@ class Cluster:
         self.instances[request.home].scheduler.finish(request, reason, stop_reason)
 
     def has_work(self) -> bool:
-        return any(inst.scheduler.has_work() for inst in self.instances)
+        return any(inst.scheduler.has_work() for inst in self.alive_instances)
 
     @property
     def num_preemptions(self) -> int:
@@ -161,12 +185,12 @@ class Cluster:
         each instance's used + lent equals what the requests' tables place on it; the
         ledger balances."""
         held: dict[int, list[int]] = {inst.instance_id: [] for inst in self.instances}
-        for inst in self.instances:
+        for inst in self.alive_instances:
             inst.rmanager.check_integrity()
             for request in [*inst.scheduler.running, *inst.scheduler.waiting]:
                 for rb in request.block_table.rblocks:
                     held[rb.owner].extend(rb.block_ids)
-        for inst in self.instances:
+        for inst in self.alive_instances:
             ids = held[inst.instance_id]
             assert len(ids) == len(set(ids)), f"instance {inst.instance_id}: a block has two holders"
             rm = inst.rmanager

@@ -12,9 +12,9 @@ import torch
 from infinite_llm.config import CacheConfig, ModelConfig, PoolingConfig, SchedulerConfig
 from infinite_llm.engine.cluster import Cluster
 from infinite_llm.engine.detokenizer import Detokenizer
-from infinite_llm.engine.model_runner import Runner
+from infinite_llm.engine.model_runner import InstanceFailure, Runner
 from infinite_llm.engine.outputs import CompletionOutput, RequestOutput
-from infinite_llm.engine.request import Request
+from infinite_llm.engine.request import Request, RequestStatus
 from infinite_llm.engine.sampler import SampledToken
 from infinite_llm.engine.sampling_params import SamplingParams
 
@@ -117,7 +117,7 @@ class LLMEngine:
                 f"{max_tokens} to generate)"
             )
         if num_prompt + max_tokens > self.capacity_tokens:
-            instances = len(self.cluster.instances)
+            instances = len(self.cluster.alive_instances)
             where = (
                 f"the whole KV cache holds ({self.capacity_tokens} tokens)" if instances == 1
                 else f"one request can hold in this cluster of {instances} instances "
@@ -147,7 +147,10 @@ class LLMEngine:
         """One iteration: schedule, execute, update. Returns outputs of requests that advanced."""
         plan = self.cluster.schedule()
         params = {c.request_id: self.requests[c.request_id].params for c in plan.chunks}
-        sampled = self.runner.execute(plan, params)
+        try:
+            sampled = self.runner.execute(plan, params)
+        except InstanceFailure as failure:
+            return self._recover(failure.dead)
         self.cluster.update(plan)
         outputs = []
         for request_id, token in sampled.items():
@@ -155,6 +158,31 @@ class LLMEngine:
             self._append(request, token)
             outputs.append(self._output(request))
             if request.finished:
+                self._forget(request)
+        return outputs
+
+    def _recover(self, dead: list[int]) -> list[RequestOutput]:
+        """Instances died: every request that had its home or any rBlock there starts over
+        from its tokens on the survivors, or ends with an error when they cannot hold it."""
+        outputs = []
+        for instance in dead:
+            affected = self.cluster.remove_instance(instance)
+            logger.warning(
+                "instance %d died; %d request(s) had KV or their home there", instance, len(affected)
+            )
+            for request in affected:
+                if self.cluster.alive_instances and request.max_total_tokens <= self.capacity_tokens:
+                    self.cluster.add(request)  # recomputed from its tokens on a survivor
+                    continue
+                request.status = RequestStatus.FINISHED
+                request.finish_reason = "error"
+                request.error = (
+                    f"instance {instance} died holding this request's KV, and the surviving "
+                    f"instances can hold at most {self.capacity_tokens} tokens for one request "
+                    f"(it needs {request.max_total_tokens})"
+                )
+                self.runner.sampler.release(request.request_id)
+                outputs.append(self._output(request))
                 self._forget(request)
         return outputs
 
@@ -197,7 +225,8 @@ class LLMEngine:
             logprobs=None if logprobs is None else list(logprobs),
         )
         return RequestOutput(
-            request.request_id, request.prompt, request.prompt_token_ids, [completion], request.finished
+            request.request_id, request.prompt, request.prompt_token_ids, [completion],
+            request.finished, request.error,
         )
 
     def _forget(self, request: Request) -> None:

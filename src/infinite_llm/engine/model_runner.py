@@ -17,6 +17,14 @@ from infinite_llm.model.cpu_linear import use_cpu_linears
 from infinite_llm.model.llama import LlamaForCausalLM
 
 
+class InstanceFailure(RuntimeError):
+    """Instances died during a step (their KV is gone); the step changed nothing else."""
+
+    def __init__(self, dead: list[int]) -> None:
+        super().__init__(f"instance(s) {dead} died")
+        self.dead = dead
+
+
 class Runner(Protocol):
     """What the engine needs of whoever computes its step plans."""
 

@@ -161,6 +161,17 @@ class Scheduler:
                 return False
         return True
 
+    def unqueue(self, request: Request) -> None:
+        """Take a request out (running or waiting), all its blocks freed and its progress
+        reset, without finishing it: the cluster re-queues it elsewhere or fails it."""
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self.memory.release(request.request_id, request.block_table)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+
     def preempt(self, request: Request) -> None:
         """Preempt a running request on the cluster's behalf (it waits to be recomputed)."""
         self.running.remove(request)

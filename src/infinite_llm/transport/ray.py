@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 
 import ray
 import torch
@@ -25,7 +26,7 @@ from infinite_llm.attention.dist import DistAttention, KVLayout, KVWrites, build
 from infinite_llm.attention.exchange import ExchangeAttention, InstanceStep, Shapes
 from infinite_llm.config import ModelConfig
 from infinite_llm.engine.engine import torch_dtype
-from infinite_llm.engine.model_runner import build_model, prepare, sample_rows
+from infinite_llm.engine.model_runner import InstanceFailure, build_model, prepare, sample_rows
 from infinite_llm.engine.sampler import SampledToken, Sampler, SampleRequest
 from infinite_llm.engine.sampling_params import SamplingParams
 from infinite_llm.engine.scheduler import SchedulerOutput
@@ -35,15 +36,20 @@ from infinite_llm.model.checkpoint import load_checkpoint
 from infinite_llm.transport.collective import Exchange
 
 
+# Survivors blocked on a dead peer give up after this long (gloo's default is 30 min).
+COLLECTIVE_TIMEOUT_S = 20
+
+
 class InstanceActor:
-    """One instance: its model replica, its KV tensors, its rank in the tensor group."""
+    """One instance: its model replica, its KV tensors, its rank in the tensor group
+    (instances alive, in id order: rank = position of its id)."""
 
     def __init__(
-        self, rank: int, world: int, address: str, model: str, dtype: str, num_blocks: int,
-        block_size: int, threads: int,
+        self, instance_id: int, model: str, dtype: str, num_blocks: int, block_size: int,
+        threads: int,
     ) -> None:
         torch.set_num_threads(threads)
-        self.rank, self.world = rank, world
+        self.rank = instance_id
         weight_dtype = torch_dtype(dtype)
         self.model = build_model(load_checkpoint(model), weight_dtype)
         config = self.model.config
@@ -57,8 +63,27 @@ class InstanceActor:
                 "cpu", weight_dtype, config.num_attention_heads, config.head_dim, block_size
             ),
         )
-        dist.init_process_group("gloo", init_method=f"tcp://{address}", rank=rank, world_size=world)
-        self.exchange = Exchange(rank, world)
+        self.alive: list[int] = []
+
+    def endpoint(self) -> str:
+        """host:port where a new tensor group can meet (asked of the lowest alive instance)."""
+        host = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind((host, 0))
+            return f"{host}:{s.getsockname()[1]}"
+
+    def join(self, address: str, alive: list[int]) -> int:
+        """(Re)form the tensor group of the ``alive`` instances."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self.alive = sorted(alive)
+        rank = self.alive.index(self.rank)
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://{address}", rank=rank, world_size=len(self.alive),
+            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+        )
+        self.exchange = Exchange(rank, len(self.alive))
+        return self.rank
 
     def ready(self) -> int:
         return self.rank
@@ -80,7 +105,7 @@ class InstanceActor:
             )
             return self._logits(self.model(input_ids, positions, attend), mine)
         steps = {}
-        for home in range(self.world):
+        for home in self.alive:
             chunks = [c for c in plan.chunks if c.home == home]
             if chunks:
                 _, positions, spans = prepare(chunks)
@@ -109,12 +134,6 @@ class InstanceActor:
             dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class RayRunner:
     """The engine's runner on Ray: step plans out, logits back, sampling here."""
 
@@ -131,23 +150,44 @@ class RayRunner:
                     include_dashboard=False, num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1"
                 )
         self.sampler = sampler
-        address = f"127.0.0.1:{_free_port()}"
         threads = max(1, (os.cpu_count() or 1) // instances)
-        actor = ray.remote(num_cpus=0)(InstanceActor)
-        self.actors = [
-            actor.remote(i, instances, address, model, dtype, num_blocks, block_size, threads)
+        actor = ray.remote(num_cpus=0, max_restarts=0)(InstanceActor)
+        self.actors = {
+            i: actor.remote(i, model, dtype, num_blocks, block_size, threads)
             for i in range(instances)
-        ]
-        ray.get([a.ready.remote() for a in self.actors])
+        }
+        self._join()
+
+    def _join(self) -> None:
+        """Form the tensor group of the actors alive, meeting at the lowest one's node."""
+        alive = sorted(self.actors)
+        address = ray.get(self.actors[alive[0]].endpoint.remote())
+        ray.get([a.join.remote(address, alive) for a in self.actors.values()])
 
     def execute(
         self, plan: SchedulerOutput, params: dict[str, SamplingParams]
     ) -> dict[str, SampledToken]:
         if not plan.chunks:
             return {}
-        results = ray.get([a.execute.remote(plan) for a in self.actors])
+        refs = {i: a.execute.remote(plan) for i, a in self.actors.items()}
+        results, dead, errors = {}, [], []
+        for i, ref in refs.items():
+            try:
+                results[i] = ray.get(ref)
+            except ray.exceptions.RayActorError:
+                dead.append(i)
+            except ray.exceptions.RayTaskError as error:
+                errors.append(error)  # a survivor's exchange broke with the dead peer, or a bug
+        if dead:
+            for i in dead:
+                del self.actors[i]
+            if self.actors:
+                self._join()
+            raise InstanceFailure(dead)
+        if errors:
+            raise errors[0]
         logits_of: dict[str, torch.Tensor] = {}
-        for home, logits in enumerate(results):
+        for home, logits in results.items():
             sampling = [c for c in plan.chunks if c.home == home and c.sample]
             for chunk, row in zip(sampling, logits if logits is not None else []):
                 logits_of[chunk.request_id] = row
@@ -158,8 +198,11 @@ class RayRunner:
         logits = torch.stack([logits_of[c.request_id] for c in sampled])
         return {row.request_id: token for row, token in zip(rows, self.sampler(logits, rows))}
 
+    def kill(self, instance_id: int) -> None:
+        """Kill one instance's actor (fault tests, or an operator taking it down)."""
+        ray.kill(self.actors[instance_id], no_restart=True)
+
     def shutdown(self) -> None:
-        ray.get([a.shutdown.remote() for a in self.actors])
-        for a in self.actors:
-            ray.kill(a)
-        self.actors = []
+        for a in self.actors.values():
+            ray.kill(a, no_restart=True)
+        self.actors = {}
