@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from datetime import timedelta
 
 import ray
@@ -88,6 +89,17 @@ class InstanceActor:
     def ready(self) -> int:
         return self.rank
 
+    def exchange_latency(self, floats_per_peer: int, repeats: int) -> float:
+        """Seconds per all-to-all of ``floats_per_peer`` to every peer (every instance must
+        call this at once): the per-layer cost of one DistAttention exchange."""
+        send = [torch.zeros(0 if j == self.rank else floats_per_peer) for j in self.alive]
+        sizes = [0 if j == self.rank else floats_per_peer for j in self.alive]
+        self.exchange(send, sizes)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            self.exchange(send, sizes)
+        return (time.perf_counter() - start) / repeats
+
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> torch.Tensor | None:
         """Run my chunks of the plan; the logits of those that sample (in plan order)."""
@@ -151,7 +163,8 @@ class RayRunner:
                 )
         self.sampler = sampler
         threads = max(1, (os.cpu_count() or 1) // instances)
-        actor = ray.remote(num_cpus=0, max_restarts=0)(InstanceActor)
+        # Spread over the nodes of a multi-node cluster; one node takes them all otherwise.
+        actor = ray.remote(num_cpus=0, max_restarts=0, scheduling_strategy="SPREAD")(InstanceActor)
         self.actors = {
             i: actor.remote(i, model, dtype, num_blocks, block_size, threads)
             for i in range(instances)
@@ -197,6 +210,13 @@ class RayRunner:
         rows = [SampleRequest(c.request_id, params[c.request_id]) for c in sampled]
         logits = torch.stack([logits_of[c.request_id] for c in sampled])
         return {row.request_id: token for row, token in zip(rows, self.sampler(logits, rows))}
+
+    def exchange_latency(self, floats_per_peer: int, repeats: int = 200) -> float:
+        """Mean seconds of one all-to-all among the actors (see InstanceActor)."""
+        times = ray.get(
+            [a.exchange_latency.remote(floats_per_peer, repeats) for a in self.actors.values()]
+        )
+        return max(times)
 
     def kill(self, instance_id: int) -> None:
         """Kill one instance's actor (fault tests, or an operator taking it down)."""
