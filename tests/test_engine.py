@@ -137,6 +137,7 @@ def test_n_samples_per_prompt(llm):
     (dict(top_p=0.0), "top_p"),
     (dict(top_k=-3), "top_k"),
     (dict(n=0), "n must"),
+    (dict(seed=2**64), "seed"),
 ])
 def test_bad_sampling_params_raise(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -158,6 +159,10 @@ def test_bad_requests_raise_and_leave_nothing_behind(tiny_llama_dir):
         llm.generate([[]], GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match="no tokenizer"):
         llm.generate(["text prompt"], GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match=r"top_k must be at most the vocabulary size \(320\)"):
+        llm.generate([good], SamplingParams(top_k=2**40), use_tqdm=False)
+    with pytest.raises(ValueError, match="logprobs must be at most"):
+        llm.generate([good], SamplingParams(logprobs=321), use_tqdm=False)
     assert_pool_full(llm)
     # The engine still serves after the refusals.
     assert len(llm.generate([good], GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 16

@@ -99,3 +99,44 @@ def test_a_dead_actor_mid_decode_loses_no_request(tiny_llama_dir, local_ray):
             assert inst.rmanager.num_free == inst.rmanager.capacity
     finally:
         engine.runner.shutdown()
+
+
+def ray_processes() -> set[int]:
+    import subprocess
+
+    found = subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True)
+    return {int(pid) for pid in found.stdout.split()}
+
+
+def test_serve_on_ray_answers_and_leaves_no_process(tiny_llama_dir):
+    """`infinite-llm serve --backend ray` (its own private Ray on 127.0.0.1) serves the
+    same tokens as in process; after SIGTERM neither it nor any Ray process remains."""
+    import signal
+
+    from test_server_cli import ServerProcess
+
+    before = ray_processes()
+    prompt = random_prompts(1, 60, 61, 320, seed=3)[0]  # spans both instances
+    local = cluster(tiny_llama_dir, 2, "local")
+    want = local.generate([prompt], SamplingParams(max_tokens=8, **GREEDY), use_tqdm=False)
+    server = ServerProcess(
+        str(tiny_llama_dir), "--backend", "ray", "--instances", "2", "--block-size", str(BLOCK),
+        "--kv-cache-memory", str(10 * TINY_BLOCK_BYTES), "--max-lend-fraction", "1.0",
+        "--max-num-batched-tokens", "32", start_timeout=240,
+    )
+    try:
+        body = {"model": str(tiny_llama_dir), "prompt": prompt, "max_tokens": 8,
+                "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+        reply = server.post("/v1/completions", json=body)
+        assert reply.status_code == 200, reply.text
+        assert server.get("/v1/models").status_code == 200
+    finally:
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(timeout=60)
+    import time
+
+    deadline = time.monotonic() + 20
+    while ray_processes() - before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not ray_processes() - before, "Ray processes outlived the server"
+    assert reply.json()["choices"][0]["token_ids"] == want[0].outputs[0].token_ids

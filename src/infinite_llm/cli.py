@@ -1,4 +1,4 @@
-"""Command line: ``infinite-llm generate``."""
+"""Command line: ``infinite-llm generate`` and ``infinite-llm serve``."""
 
 from __future__ import annotations
 
@@ -7,13 +7,11 @@ import logging
 import sys
 
 
+_MODEL_HELP = "built-in name (smollm2), a .gguf file or a Hugging Face model directory"
+
+
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
-    group.add_argument(
-        "--model", default="smollm2",
-        help="built-in name (smollm2), a .gguf file or a Hugging Face model directory "
-        "(default: %(default)s)",
-    )
     group.add_argument(
         "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
         help="weights and KV cache dtype; auto is float32 on CPU (default: %(default)s)",
@@ -38,6 +36,56 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
         help="requests running at once (default: %(default)s)",
     )
     group.add_argument("--seed", type=int, default=0, help="engine seed (default: %(default)s)")
+    group.add_argument(
+        "--instances", type=int, default=1,
+        help="model replicas in this process, each with its own KV pool (default: %(default)s)",
+    )
+    group.add_argument(
+        "--no-kv-pooling", action="store_true",
+        help="isolated instances: none lends KV blocks to another",
+    )
+    group.add_argument(
+        "--max-lend-fraction", type=float, default=0.5,
+        help="share of its pool an instance may lend (default: %(default)s)",
+    )
+    group.add_argument(
+        "--backend", choices=["local", "ray"], default="local",
+        help="local: all instances in this process; ray: one Ray actor per instance "
+        "(pip install infinite-llm[ray]; see docs/MULTINODE.md) (default: %(default)s)",
+    )
+    group.add_argument(
+        "--ray-address", default=None,
+        help="Ray cluster to join with --backend ray, e.g. auto (default: start a private "
+        "local Ray on 127.0.0.1)",
+    )
+
+
+def _add_server_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    group.add_argument("--port", type=int, default=8000, help="port to bind (default: %(default)s)")
+    group.add_argument(
+        "--served-model-name", nargs="+", default=None,
+        help="model name(s) clients ask for; the first is reported (default: MODEL)",
+    )
+    group.add_argument(
+        "--api-key", default=None,
+        help="require 'Authorization: Bearer KEY' on /v1, /tokenize and /detokenize",
+    )
+    group.add_argument(
+        "--max-body-size", default="16MiB",
+        help="larger request bodies get 413, bytes or e.g. 1MiB (default: %(default)s)",
+    )
+    group.add_argument(
+        "--drain-timeout", type=float, default=30.0,
+        help="seconds SIGTERM waits for in-flight requests before aborting them "
+        "(default: %(default)s)",
+    )
+    group.add_argument(
+        "--uvicorn-log-level", default="info",
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+        help="uvicorn's log level (default: %(default)s)",
+    )
 
 
 def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -74,19 +122,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("prompt", help="the prompt text")
     generate.add_argument(
+        "--model", default="smollm2", help=f"{_MODEL_HELP} (default: %(default)s)"
+    )
+    generate.add_argument(
         "--chat", action="store_true",
         help="treat the prompt as a user message and apply the model's chat template",
     )
     generate.add_argument("--system", default=None, help="system message for --chat")
     _add_engine_flags(generate)
     _add_sampling_flags(generate)
+
+    serve = commands.add_parser(
+        "serve", help="serve the OpenAI-compatible HTTP API",
+        description="Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, "
+        "/v1/chat/completions, /v1/models, /health, /metrics, /v1/cluster, /tokenize, "
+        "/detokenize). SIGTERM drains in-flight requests before exiting.",
+    )
+    serve.add_argument("model", help=_MODEL_HELP)
+    _add_engine_flags(serve)
+    _add_server_flags(serve)
     return parser
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from infinite_llm import LLM, SamplingParams
+def _build_llm(args: argparse.Namespace):
+    from infinite_llm import LLM
 
-    llm = LLM(
+    return LLM(
         model=args.model,
         dtype=args.dtype,
         kv_cache_memory=args.kv_cache_memory,
@@ -95,7 +156,41 @@ def _generate(args: argparse.Namespace) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs,
         seed=args.seed,
+        instances=args.instances,
+        kv_pooling=not args.no_kv_pooling,
+        max_lend_fraction=args.max_lend_fraction,
+        backend=args.backend,
+        ray_address=args.ray_address,
     )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from infinite_llm.server import ServerConfig, run_server
+    except ImportError as error:
+        raise SystemExit(
+            "infinite-llm serve needs the server extra: "
+            f"pip install 'infinite-llm[server]' ({error})"
+        ) from error
+    from infinite_llm.config import parse_memory_size
+
+    # Cheap checks first, so a typo fails before the model loads.
+    config = ServerConfig(
+        served_model_names=tuple(args.served_model_name or [args.model]),
+        model_path=args.model,
+        api_key=args.api_key,
+        max_body_bytes=parse_memory_size(args.max_body_size),
+        drain_timeout=args.drain_timeout,
+    )
+    return run_server(
+        _build_llm(args), config, host=args.host, port=args.port, log_level=args.uvicorn_log_level
+    )
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from infinite_llm import SamplingParams
+
+    llm = _build_llm(args)
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -134,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "serve":
+            return _serve(args)
     except ValueError as error:
         parser.exit(2, f"infinite-llm: error: {error}\n")
     return 1

@@ -75,6 +75,13 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, token_ids = self._tokenize(prompt)
         max_tokens = self._check_lengths(len(token_ids), params)
+        vocab = self.model_config.vocab_size
+        if params.top_k > vocab:
+            raise ValueError(f"top_k must be at most the vocabulary size ({vocab}), got {params.top_k}")
+        if params.logprobs is not None and params.logprobs > vocab:
+            raise ValueError(
+                f"logprobs must be at most the vocabulary size ({vocab}), got {params.logprobs}"
+            )
         if params.stop_strings and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this model has none")
         request = Request(request_id, token_ids, params, max_tokens, prompt=text)

@@ -41,6 +41,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be -1 (disabled) or positive, got {self.top_k}")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError(f"logprobs must be non-negative, got {self.logprobs}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
         if self.top_k == 0:
             self.top_k = -1
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

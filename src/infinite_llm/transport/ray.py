@@ -153,7 +153,8 @@ class RayRunner:
         self, model: str, dtype: str, config: ModelConfig, instances: int, num_blocks: int,
         block_size: int, sampler: Sampler, ray_address: str | None = None,
     ) -> None:
-        if not ray.is_initialized():
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
             if ray_address:
                 ray.init(address=ray_address)
             else:
@@ -223,6 +224,9 @@ class RayRunner:
         ray.kill(self.actors[instance_id], no_restart=True)
 
     def shutdown(self) -> None:
+        """Kill the actors, and the Ray this runner started, if it did."""
         for a in self.actors.values():
             ray.kill(a, no_restart=True)
         self.actors = {}
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()

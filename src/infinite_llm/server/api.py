@@ -1,0 +1,160 @@
+"""The OpenAI-compatible HTTP API over one engine: the routes and ``build_app``.
+
+``build_app(llm, config)`` returns a FastAPI app whose lifespan starts and stops the
+engine thread, so it runs under uvicorn (``infinite-llm serve``) or in-process alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from infinite_llm.server import protocol as p
+from infinite_llm.server.config import ServerConfig
+from infinite_llm.server.engine_loop import EngineLoop
+from infinite_llm.server.errors import ApiError, error_body, install_error_handlers
+from infinite_llm.server.generation import Generation, Limits
+from infinite_llm.server.metrics import ServerMetrics
+from infinite_llm.server.middleware import ApiKey, BodyLimit, Draining
+from infinite_llm.server.prompts import completion_prompts, detokenize, encode, render_chat
+
+if TYPE_CHECKING:
+    from infinite_llm.engine.engine import LLMEngine
+    from infinite_llm.engine.llm import LLM
+
+_ERRORS = {status: {"model": p.ErrorResponse} for status in (400, 401, 404, 413, 503)}
+
+
+class ServerState:
+    """The engine thread, the metrics and the shutdown flag of one server."""
+
+    def __init__(self, engine: LLMEngine, config: ServerConfig) -> None:
+        self.engine = engine
+        self.config = config
+        self.metrics = ServerMetrics(config.model_name, lambda: self.loop.view)
+        self.loop = EngineLoop(engine, self.metrics)
+        self.limits = Limits(engine.scheduler_config.max_model_len, engine.capacity_tokens)
+        self.draining = False
+        self.started = int(time.time())
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name not in self.config.served_model_names:
+            raise ApiError(
+                404, f"the model {name!r} does not exist; this server serves "
+                f"{', '.join(self.config.served_model_names)}", "model", "model_not_found",
+            )
+
+    async def drain(self) -> None:
+        """Refuse new requests; wait up to the drain timeout for the open ones, then
+        abort what is left and wait (briefly) for those responses to go out."""
+        self.draining = True
+        deadline = time.monotonic() + self.config.drain_timeout
+        while self.loop.groups and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.loop.groups:
+            self.loop.abort(None)
+            deadline = time.monotonic() + 5.0
+            while self.loop.groups and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+
+
+def build_app(llm_or_engine: LLM | LLMEngine, config: ServerConfig) -> FastAPI:
+    engine = getattr(llm_or_engine, "engine", llm_or_engine)
+    state = ServerState(engine, config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.loop.start()
+        yield
+        state.draining = True
+        await asyncio.to_thread(state.loop.stop)
+
+    app = FastAPI(title="infinite-llm", version="0.1.0", lifespan=lifespan)
+    app.state.server = state
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    if config.api_key is not None:
+        app.add_middleware(ApiKey, key=config.api_key)
+    app.add_middleware(Draining, is_draining=lambda: state.draining)  # outermost
+
+    async def generate(body, prompts: list[list[int]], request: Request) -> Response:
+        generation = Generation(body, prompts, config.model_name, state.tokenizer, state.limits)
+        await generation.submit(state.loop)
+        if body.stream:
+            return generation.stream()
+        result = await generation.response(request)
+        if result is None:  # the client left; nobody reads this
+            return Response(status_code=499)
+        return JSONResponse(result)
+
+    @app.post("/v1/completions", responses=_ERRORS)
+    async def completions(body: p.CompletionRequest, request: Request) -> Response:
+        state.check_model(body.model)
+        return await generate(body, completion_prompts(body.prompt, state.tokenizer), request)
+
+    @app.post("/v1/chat/completions", responses=_ERRORS)
+    async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Response:
+        state.check_model(body.model)
+        return await generate(body, [render_chat(body.messages, state.tokenizer)], request)
+
+    @app.get("/v1/models", response_model=p.ModelList, responses=_ERRORS)
+    async def models() -> p.ModelList:
+        return p.ModelList(data=[
+            p.ModelCard(id=name, created=state.started, root=config.model_path or name,
+                        max_model_len=state.limits.max_model_len)
+            for name in config.served_model_names
+        ])
+
+    @app.get("/health", responses={503: {"model": p.ErrorResponse}})
+    async def health() -> Response:
+        """200 while the engine and every instance live; 503 otherwise, or when draining."""
+        if state.draining:
+            return JSONResponse(error_body(503, "the server is shutting down"), status_code=503)
+        if not state.loop.alive:
+            why = f": {state.loop.error}" if state.loop.error else ""
+            return JSONResponse(error_body(503, f"the engine is not running{why}"), status_code=503)
+        if state.loop.view.dead:
+            message = f"instance(s) {state.loop.view.dead} died; the others still serve"
+            return JSONResponse(error_body(503, message), status_code=503)
+        return Response(status_code=200)
+
+    @app.post("/tokenize", response_model=p.TokenizeResponse, responses=_ERRORS)
+    async def tokenize(body: p.TokenizeRequest) -> p.TokenizeResponse:
+        state.check_model(body.model)
+        if body.messages is not None:
+            tokens = render_chat(body.messages, state.tokenizer)
+        elif body.prompt is not None:
+            tokens = encode(body.prompt, state.tokenizer, body.add_special_tokens)
+        else:
+            raise ApiError(400, "give a prompt or messages", "prompt")
+        return p.TokenizeResponse(count=len(tokens), max_model_len=state.limits.max_model_len,
+                                  tokens=tokens)
+
+    @app.post("/detokenize", response_model=p.DetokenizeResponse, responses=_ERRORS)
+    async def detokenize_(body: p.DetokenizeRequest) -> p.DetokenizeResponse:
+        state.check_model(body.model)
+        vocab = engine.model_config.vocab_size
+        if state.tokenizer is not None:
+            vocab = min(vocab, state.tokenizer.vocab_size)
+        return p.DetokenizeResponse(prompt=detokenize(body.tokens, state.tokenizer, vocab))
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/cluster")
+    async def cluster() -> dict:
+        """The instances' blocks and the gManager's debt ledger, as of the last step."""
+        return {"model": config.model_name, **state.loop.view.to_json()}
+
+    return app
