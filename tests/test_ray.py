@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from infinite_llm import LLM, SamplingParams
+from infinite_llm.config import RayConfig
 
 from test_cluster import BLOCK, GREEDY, TINY_BLOCK_BYTES, run_watching_owners
 from test_hf_equivalence import random_prompts
@@ -24,7 +25,7 @@ def local_ray():
     ray.shutdown()
 
 
-def cluster(path, instances, backend):
+def cluster(path, instances, backend, **kwargs):
     return LLM(
         str(path),
         kv_cache_memory=10 * TINY_BLOCK_BYTES,
@@ -33,6 +34,7 @@ def cluster(path, instances, backend):
         backend=backend,
         max_lend_fraction=1.0,
         max_num_batched_tokens=32,
+        **kwargs,
     )
 
 
@@ -57,17 +59,23 @@ def test_ray_actors_give_the_in_process_outputs(tiny_llama_dir, local_ray, insta
         remote.engine.runner.shutdown()
 
 
-def test_a_dead_actor_mid_decode_loses_no_request(tiny_llama_dir, local_ray):
-    """Kill instance 1 between decode steps: requests with KV or home there start over on
-    the survivors (greedy tokens as undisturbed) or, too large for them, end with an
-    error; nothing is lost, survivors' pools are full, the ledger forgets instance 1."""
+@pytest.mark.parametrize("fault", ["killed", "unresponsive"])
+def test_a_dead_actor_mid_decode_loses_no_request(tiny_llama_dir, local_ray, fault):
+    """Instance 1 dies between decode steps (killed, so Ray reports it; or alive but deaf
+    to heartbeats, so the driver declares it dead after 2 missed ones): requests with KV
+    or home there start over on the survivors (greedy tokens as undisturbed) or, too
+    large for them, end with an error; nothing is lost, survivors' pools are full, the
+    ledger forgets instance 1."""
     prompts = random_prompts(4, 5, 25, 320, seed=7)
     prompts.append(random_prompts(1, 90, 91, 320, seed=8)[0])  # needs all 3 instances
     params = SamplingParams(max_tokens=10, **GREEDY)
     local = cluster(tiny_llama_dir, 3, "local")
     want, _ = run_watching_owners(local.engine, prompts, params)
 
-    remote = cluster(tiny_llama_dir, 3, "ray")
+    remote = cluster(
+        tiny_llama_dir, 3, "ray",
+        ray_config=RayConfig(heartbeat_timeout_s=0.5, max_missed_heartbeats=2),
+    )
     engine = remote.engine
     try:
         ids = [engine.add_request(p, params).request_id for p in prompts]
@@ -77,7 +85,10 @@ def test_a_dead_actor_mid_decode_loses_no_request(tiny_llama_dir, local_ray):
                 break
             if step == 6:
                 assert any(1 in r.block_table.owners() for r in engine.requests.values())
-                engine.runner.kill(1)
+                if fault == "killed":
+                    engine.runner.kill(1)
+                else:
+                    ray.get(engine.runner.actors[1].mute_heartbeats.remote(120))
             for out in engine.step():
                 if out.finished:
                     outputs[out.request_id] = out

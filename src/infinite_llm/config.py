@@ -138,3 +138,26 @@ class PoolingConfig:
             raise ValueError(f"reserve_blocks must be an int, got {self.reserve_blocks!r}")
         if self.reserve_blocks < 0:
             raise ValueError(f"reserve_blocks must be >= 0, got {self.reserve_blocks}")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """The Ray backend: which cluster to join and when an instance counts as dead.
+
+    Before each step the driver pings every actor; one that does not answer within
+    ``heartbeat_timeout_s`` misses a heartbeat, and after ``max_missed_heartbeats`` in a
+    row it is declared dead (killed, and its requests recovered), as when Ray itself
+    reports the actor died.
+    """
+
+    address: str | None = None  # None: a private local Ray on 127.0.0.1
+    heartbeat_timeout_s: float = 5.0
+    max_missed_heartbeats: int = 3
+
+    def __post_init__(self) -> None:
+        if not self.heartbeat_timeout_s > 0:
+            raise ValueError(f"heartbeat_timeout_s must be positive, got {self.heartbeat_timeout_s}")
+        if self.max_missed_heartbeats < 1:
+            raise ValueError(
+                f"max_missed_heartbeats must be at least 1, got {self.max_missed_heartbeats}"
+            )

@@ -9,7 +9,13 @@ from dataclasses import replace
 import torch
 from tqdm.auto import tqdm
 
-from infinite_llm.config import CacheConfig, PoolingConfig, SchedulerConfig, parse_memory_size
+from infinite_llm.config import (
+    CacheConfig,
+    PoolingConfig,
+    RayConfig,
+    SchedulerConfig,
+    parse_memory_size,
+)
 from infinite_llm.engine.engine import LLMEngine, torch_dtype
 from infinite_llm.engine.outputs import RequestOutput
 from infinite_llm.engine.sampling_params import SamplingParams
@@ -58,6 +64,7 @@ class LLM:
         max_lend_fraction: float = PoolingConfig.max_lend_fraction,
         backend: str = "local",
         ray_address: str | None = None,
+        ray_config: RayConfig | None = None,
     ) -> None:
         # Cheap checks first, so a typo fails before seconds of loading.
         cache = CacheConfig(parse_memory_size(kv_cache_memory), block_size)
@@ -99,7 +106,7 @@ class LLM:
 
             runner = RayRunner(
                 model, dtype, checkpoint.config, instances, num_blocks, cache.block_size,
-                Sampler(seed), ray_address,
+                Sampler(seed), ray_config or RayConfig(address=ray_address),
             )
         self.tokenizer: Tokenizer | None = checkpoint.tokenizer
         self.engine = LLMEngine(

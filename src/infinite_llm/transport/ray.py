@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from infinite_llm.attention.dist import DistAttention, KVLayout, KVWrites, build_batches
 from infinite_llm.attention.exchange import ExchangeAttention, InstanceStep, Shapes
-from infinite_llm.config import ModelConfig
+from infinite_llm.config import ModelConfig, RayConfig
 from infinite_llm.engine.engine import torch_dtype
 from infinite_llm.engine.model_runner import InstanceFailure, build_model, prepare, sample_rows
 from infinite_llm.engine.sampler import SampledToken, Sampler, SampleRequest
@@ -65,6 +65,7 @@ class InstanceActor:
             ),
         )
         self.alive: list[int] = []
+        self._mute_until = 0.0
 
     def endpoint(self) -> str:
         """host:port where a new tensor group can meet (asked of the lowest alive instance)."""
@@ -88,6 +89,15 @@ class InstanceActor:
 
     def ready(self) -> int:
         return self.rank
+
+    def heartbeat(self) -> int:
+        if time.monotonic() < self._mute_until:  # a stuck instance, for fault tests
+            time.sleep(self._mute_until - time.monotonic())
+        return self.rank
+
+    def mute_heartbeats(self, seconds: float) -> None:
+        """Stop answering heartbeats (and everything queued behind them) for a while."""
+        self._mute_until = time.monotonic() + seconds
 
     def exchange_latency(self, floats_per_peer: int, repeats: int) -> float:
         """Seconds per all-to-all of ``floats_per_peer`` to every peer (every instance must
@@ -151,8 +161,10 @@ class RayRunner:
 
     def __init__(
         self, model: str, dtype: str, config: ModelConfig, instances: int, num_blocks: int,
-        block_size: int, sampler: Sampler, ray_address: str | None = None,
+        block_size: int, sampler: Sampler, ray_config: RayConfig | None = None,
     ) -> None:
+        self.config = ray_config or RayConfig()
+        ray_address = self.config.address
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             if ray_address:
@@ -178,11 +190,42 @@ class RayRunner:
         address = ray.get(self.actors[alive[0]].endpoint.remote())
         ray.get([a.join.remote(address, alive) for a in self.actors.values()])
 
+    def _unresponsive(self) -> list[int]:
+        """Actors that missed ``max_missed_heartbeats`` heartbeats in a row."""
+        missed = {i: 0 for i in self.actors}
+        pending = dict(self.actors)
+        while pending:
+            pings = {a.heartbeat.remote(): i for i, a in pending.items()}
+            ready, _ = ray.wait(list(pings), num_returns=len(pings),
+                                timeout=self.config.heartbeat_timeout_s)
+            answered = {pings[r] for r in ready}
+            for i in list(pending):
+                if i in answered:
+                    del pending[i]
+                else:
+                    missed[i] += 1
+            if any(missed[i] >= self.config.max_missed_heartbeats for i in pending):
+                break
+        return [i for i in pending if missed[i] >= self.config.max_missed_heartbeats]
+
+    def _fail(self, dead: list[int]) -> InstanceFailure:
+        for i in dead:
+            ray.kill(self.actors.pop(i), no_restart=True)
+        if self.actors:
+            self._join()
+        return InstanceFailure(dead)
+
     def execute(
         self, plan: SchedulerOutput, params: dict[str, SamplingParams]
     ) -> dict[str, SampledToken]:
         if not plan.chunks:
             return {}
+        try:
+            stuck = self._unresponsive()
+        except ray.exceptions.RayActorError:
+            stuck = []  # a dead actor: the step below finds out which
+        if stuck:
+            raise self._fail(stuck)
         refs = {i: a.execute.remote(plan) for i, a in self.actors.items()}
         results, dead, errors = {}, [], []
         for i, ref in refs.items():
@@ -193,11 +236,7 @@ class RayRunner:
             except ray.exceptions.RayTaskError as error:
                 errors.append(error)  # a survivor's exchange broke with the dead peer, or a bug
         if dead:
-            for i in dead:
-                del self.actors[i]
-            if self.actors:
-                self._join()
-            raise InstanceFailure(dead)
+            raise self._fail(dead)
         if errors:
             raise errors[0]
         logits_of: dict[str, torch.Tensor] = {}
