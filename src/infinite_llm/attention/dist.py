@@ -189,6 +189,34 @@ class KVWrites:
         return KVWrites(tuple(per_owner))
 
 
+def batch_queries(batch: AttentionBatch, q: torch.Tensor) -> torch.Tensor:
+    """The batch's queries (B, Q, H, D) gathered from the flat ones (N, H, D)."""
+    return q[batch.token_index.view(-1)].view(*batch.token_index.shape, *q.shape[1:])
+
+
+def finish_batch(
+    batch: AttentionBatch,
+    partials: list[tuple[torch.Tensor, torch.Tensor]],
+    qb: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """Merge a batch's history partials with its own chunk's causal attention and write
+    the real queries' rows into the flat ``out`` (N, H, D)."""
+    index = batch.token_index.view(-1)
+    if batch.own_chunk:
+        kb = k[index].view(*batch.token_index.shape, *k.shape[1:])
+        vb = v[index].view(*batch.token_index.shape, *v.shape[1:])
+        partials = [*partials, causal_attention(qb, kb, vb, scale)]
+    ob = partials[0][0] if len(partials) == 1 else merge(partials)[0]
+    ob = ob.to(out.dtype).reshape(-1, *out.shape[1:])
+    if batch.keep is not None:
+        ob, index = ob.index_select(0, batch.keep), index.index_select(0, batch.keep)
+    out.index_copy_(0, index, ob)
+
+
 class DistAttention:
     """The ``attend`` of one step: writes each layer's new k, v to their owners, then
     merges every owner's MicroAttention (and the chunk's own causal attention)."""
@@ -220,18 +248,8 @@ class DistAttention:
             return out.reshape(q.shape)
         out = torch.empty_like(q)
         for b in self.batches:
-            index = b.token_index.view(-1)
-            qb = q[index].view(*b.token_index.shape, *q.shape[1:])
-            partials = self._history(layer, qb, b.parts)
-            if b.own_chunk:
-                kb = k[index].view(*b.token_index.shape, *k.shape[1:])
-                vb = v[index].view(*b.token_index.shape, *v.shape[1:])
-                partials.append(causal_attention(qb, kb, vb, self.scale))
-            ob = partials[0][0] if len(partials) == 1 else merge(partials)[0]
-            ob = ob.reshape(-1, *q.shape[1:])
-            if b.keep is not None:
-                ob, index = ob.index_select(0, b.keep), index.index_select(0, b.keep)
-            out.index_copy_(0, index, ob)
+            qb = batch_queries(b, q)
+            finish_batch(b, self._history(layer, qb, b.parts), qb, k, v, self.scale, out)
         return out
 
     def _history(

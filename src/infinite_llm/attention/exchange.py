@@ -21,9 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from infinite_llm.attention.dist import AttentionBatch, KVWrites
-from infinite_llm.attention.merge import merge
-from infinite_llm.attention.micro import causal_attention, micro_attention
+from infinite_llm.attention.dist import AttentionBatch, KVWrites, batch_queries, finish_batch
+from infinite_llm.attention.micro import micro_attention
 from infinite_llm.memory.kv_cache import KVCache
 
 Exchange = Callable[[list[torch.Tensor], list[int]], list[torch.Tensor]]
@@ -103,7 +102,7 @@ class ExchangeAttention:
                 send[owner] += [kk, vv]
         queries = []
         for b in mine.batches:
-            qb = q[b.token_index.view(-1)].view(*b.token_index.shape, *q.shape[1:])
+            qb = batch_queries(b, q)
             queries.append(qb)
             for part in b.parts:
                 if part.owner != self.rank:
@@ -120,17 +119,7 @@ class ExchangeAttention:
                 else:
                     o, lse = received[(part.owner, i)]
                     partials.append((o.to(q.dtype), lse))
-            if b.own_chunk:
-                index = b.token_index.view(-1)
-                kb = k[index].view(*b.token_index.shape, *k.shape[1:])
-                vb = v[index].view(*b.token_index.shape, *v.shape[1:])
-                partials.append(causal_attention(qb, kb, vb, self.scale))
-            ob = partials[0][0] if len(partials) == 1 else merge(partials)[0]
-            ob = ob.to(q.dtype).reshape(-1, *q.shape[1:])
-            index = b.token_index.view(-1)
-            if b.keep is not None:
-                ob, index = ob.index_select(0, b.keep), index.index_select(0, b.keep)
-            out.index_copy_(0, index, ob)
+            finish_batch(b, partials, qb, k, v, self.scale, out)
         return out
 
     def serve(self, layer: int) -> None:
