@@ -14,7 +14,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from infinite_llm.config import RopeScaling
-from infinite_llm.model.checkpoint import BUILTIN_MODELS, load_checkpoint
+from infinite_llm.model.checkpoint import load_checkpoint
 from infinite_llm.model.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")

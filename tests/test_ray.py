@@ -151,3 +151,20 @@ def test_serve_on_ray_answers_and_leaves_no_process(tiny_llama_dir):
         time.sleep(0.5)
     assert not ray_processes() - before, "Ray processes outlived the server"
     assert reply.json()["choices"][0]["token_ids"] == want[0].outputs[0].token_ids
+
+
+def test_survivors_with_a_gap_in_their_ids_still_exchange(tiny_llama_dir, local_ray):
+    """After instance 1 of 0, 1, 2 dies, ranks no longer equal instance ids: a request
+    whose KV spans instances 0 and 2 must still get the in-process tokens."""
+    prompt = random_prompts(1, 60, 61, 320, seed=11)[0]  # 17 blocks: more than one instance
+    params = SamplingParams(max_tokens=8, **GREEDY)
+    want = cluster(tiny_llama_dir, 2, "local").generate([prompt], params, use_tqdm=False)
+    remote = cluster(tiny_llama_dir, 3, "ray")
+    engine = remote.engine
+    try:
+        engine.runner.kill(1)
+        got, most = run_watching_owners(engine, [prompt], params)
+        assert most == 2 and got == [want[0].outputs[0].token_ids]
+        assert 1 not in engine.cluster.ledger().instances
+    finally:
+        engine.runner.shutdown()

@@ -61,7 +61,17 @@ class ExchangeAttention:
         self.exchange = exchange
         self.shapes = shapes
         self.scale = scale
+        # Buffers are exchanged in rank order: the live instances' ids, sorted.
         self.peers = sorted(steps)
+        self.position = {peer: i for i, peer in enumerate(self.peers)}
+        # What each exchange carries is the same for every layer of the step: size it once.
+        self.inbound_sizes = [self._inbound(d) for d in self.peers]
+        mine = steps[rank]
+        self.back_sizes = [
+            0 if j == rank else
+            sum(self._partial_size(b) for b in mine.batches for p in b.parts if p.owner == j)
+            for j in self.peers
+        ]
 
     # -- sizes, known on both sides -------------------------------------------------
 
@@ -99,14 +109,14 @@ class ExchangeAttention:
             if owner == self.rank:
                 self.kv_cache.write(layer, slots, kk, vv)
             else:
-                send[owner] += [kk, vv]
+                send[self.position[owner]] += [kk, vv]
         queries = []
         for b in mine.batches:
             qb = batch_queries(b, q)
             queries.append(qb)
             for part in b.parts:
                 if part.owner != self.rank:
-                    send[part.owner].append(qb)
+                    send[self.position[part.owner]].append(qb)
         received = self._trade(layer, send, mine)
         # 3. merge per batch, then scatter back to the flat tokens
         out = torch.empty_like(q)
@@ -134,7 +144,7 @@ class ExchangeAttention:
         inbound = self.exchange(
             [torch.cat([t.reshape(-1).float() for t in parts]) if parts else torch.empty(0)
              for parts in send],
-            [self._inbound(d) for d in self.peers],
+            self.inbound_sizes,
         )
         # 2. serve each debtor: its k, v into my pool, its queries over my blocks
         replies: list[torch.Tensor] = []
@@ -143,7 +153,7 @@ class ExchangeAttention:
             if d == self.rank:
                 replies.append(torch.empty(0))
                 continue
-            step, buf, offset, outs = self.steps[d], inbound[d], 0, []
+            step, buf, offset, outs = self.steps[d], inbound[self.position[d]], 0, []
             n = self._write_tokens(step, self.rank)
             if n:
                 width = n * s.num_kv_heads * s.head_dim
@@ -162,12 +172,7 @@ class ExchangeAttention:
                     o, lse = micro_attention(qb.to(k_cache.dtype), k_cache, v_cache, part.run, self.scale)
                     outs += [o.float().reshape(-1), lse.reshape(-1)]
             replies.append(torch.cat(outs) if outs else torch.empty(0))
-        back_sizes = [
-            sum(self._partial_size(b) for b in mine.batches for p in b.parts if p.owner == j)
-            if j != self.rank else 0
-            for j in self.peers
-        ]
-        back = self.exchange(replies, back_sizes)
+        back = self.exchange(replies, self.back_sizes)
         partials: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         offsets = {j: 0 for j in self.peers}
         for i, b in enumerate(mine.batches):
@@ -177,8 +182,9 @@ class ExchangeAttention:
                     continue
                 shape = (*b.token_index.shape, s.num_heads)
                 count = b.token_index.numel() * s.num_heads
-                o = back[j][offsets[j] : offsets[j] + count * s.head_dim].view(*shape, s.head_dim)
-                lse = back[j][offsets[j] + count * s.head_dim : offsets[j] + count * (s.head_dim + 1)]
+                buf = back[self.position[j]]
+                o = buf[offsets[j] : offsets[j] + count * s.head_dim].view(*shape, s.head_dim)
+                lse = buf[offsets[j] + count * s.head_dim : offsets[j] + count * (s.head_dim + 1)]
                 offsets[j] += count * (s.head_dim + 1)
                 partials[(j, i)] = (o, lse.view(shape))
         return partials

@@ -6,7 +6,6 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
-import torch
 from tqdm.auto import tqdm
 
 from infinite_llm.config import (
