@@ -13,7 +13,8 @@ from infinite_llm.attention.merge import merge
 from infinite_llm.kernels.cpu import (
     _has_avx2_fma,
     cpu_kernels,
-    linear_small,
+    linear_packed,
+    pack_weight,
     paged_decode_attention,
     paged_decode_attention_owners,
 )
@@ -105,21 +106,31 @@ def test_partials_over_split_blocks_merge_to_the_whole():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("rows", [1, 3, 8, 13, 100])
 @pytest.mark.parametrize("in_features", [96, 100, 576])
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_small_equals_float64(dtype, rows, in_features, bias):
+def test_linear_packed_equals_float64(dtype, rows, in_features, bias):
     g = torch.Generator().manual_seed(rows * in_features)
     x = torch.randn(rows, in_features, generator=g).to(dtype)
     weight = (torch.randn(200, in_features, generator=g) * 0.1).to(dtype)
     b = torch.randn(200, generator=g).to(dtype) if bias else None
     exact = x.double() @ weight.double().T + (0 if b is None else b.double())
-    y = linear_small(x, weight, b)
+    packed = pack_weight(weight)
+    assert packed.shape == (13, in_features, 16) and packed.dtype == dtype  # 200 -> 13 panels
+    y = linear_packed(x, packed, b, 200)
     assert y.dtype == dtype and y.shape == (rows, 200)
     if dtype == torch.float32:
         torch.testing.assert_close(y.double(), exact, rtol=1e-5, atol=1e-5)
     else:  # one rounding to bfloat16 of a float32 sum
         torch.testing.assert_close(y.double(), exact.to(dtype).double(), rtol=8e-3, atol=1e-2)
+
+
+def test_linear_packed_refuses_a_weight_of_another_shape():
+    packed = pack_weight(torch.randn(32, 64))
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        linear_packed(torch.randn(2, 48), packed, None, 32)
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        linear_packed(torch.randn(2, 64), packed, None, 64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

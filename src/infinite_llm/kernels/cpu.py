@@ -1,8 +1,10 @@
 """The CPU kernels of ``csrc/cpu_kernels.cpp``, compiled on first use, with their contracts.
 
-Two hot spots of CPU decoding have no good PyTorch form: attention over paged blocks
-(PyTorch needs them gathered into a padded copy first) and matrix-vector products
-(PyTorch's reach about 11-13 GB/s here of the ~27 GB/s the memory gives). The kernels
+Two hot spots of CPU serving have no good PyTorch form: attention over paged blocks
+(PyTorch needs them gathered into a padded copy first) and linear layers at the row
+counts of decoding (PyTorch's matrix-vector products read weights at ~11-13 GB/s of the
+~27 GB/s the memory gives, and MKL repacks the weight on every call, ~70 GFLOP/s at 64
+rows where a pre-packed weight gives ~130). The kernels
 need x86 AVX2 + FMA and a C++ compiler; they are built once per machine by
 ``torch.utils.cpp_extension`` (cached under ``~/.cache/torch_extensions``). Where either
 is missing every caller keeps its PyTorch path, which computes the same thing.
@@ -51,7 +53,7 @@ def cpu_kernels() -> ModuleType | None:
             extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
         )
-    except Exception as error:  # no compiler, no ninja, a build error: keep PyTorch's path
+    except Exception as error:  # noqa: BLE001 - no compiler, no ninja, a build error: keep PyTorch's path
         logger.warning("CPU kernels unavailable, using PyTorch ops instead: %s", error)
         return None
 
@@ -98,16 +100,23 @@ def paged_decode_attention_owners(
     return out, lse
 
 
-def linear_small_supported(dtype: torch.dtype) -> bool:
-    """Whether ``linear_small`` takes CPU tensors of this dtype."""
+def linear_packed_supported(dtype: torch.dtype) -> bool:
+    """Whether ``pack_weight`` / ``linear_packed`` take CPU weights of this dtype."""
     return dtype in _DTYPES and cpu_kernels() is not None
 
 
-def linear_small(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A linear layer's weight (N, K), laid out once for ``linear_packed``:
+    (ceil(N / 16), K, 16) in its own dtype, zero past N."""
+    return cpu_kernels().pack_weight(weight)
+
+
+def linear_packed(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
 ) -> torch.Tensor:
-    """x (M, K) @ weight (N, K)^T + bias for small M, float32 accumulation."""
-    return cpu_kernels().linear_small(x, weight, bias)
+    """x (M, K) @ weight (N, K)^T + bias from the packed weight, for any M: float32
+    arithmetic, the result in x's dtype."""
+    return cpu_kernels().linear_packed(x, packed, bias, out_features)
 
 
 def elementwise_supported(x: torch.Tensor) -> bool:

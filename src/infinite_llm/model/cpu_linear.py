@@ -1,13 +1,15 @@
-"""Linear layers on CPU: each product on the fastest path for its shape.
+"""Linear layers on CPU through the packed-weight GEMM kernel.
 
-Two PyTorch paths are slow here. Matrix-vector products (decode of a few sequences)
-are bandwidth-bound and PyTorch reads weights at ~11-13 GB/s of the ~27 GB/s the memory
-gives; the GEMV kernel (``kernels/cpu.py``) streams each weight row once for all rows.
-And on CPUs without bfloat16 arithmetic (AVX2, no AVX512-BF16/AMX) PyTorch's bfloat16
-GEMM falls back to ~18 GFLOP/s against ~140 for float32; a bfloat16 GEMM is float32
-arithmetic on bfloat16 inputs rounded once at the end, so upcasting, multiplying in
-float32 and rounding keeps the numerics and restores the speed. Weights stay in their
-dtype in memory.
+PyTorch's CPU linear is slow at the shapes serving makes. Decoding a few sequences is a
+matrix-vector product, bandwidth-bound, and PyTorch reads weights at ~11-13 GB/s of the
+~27 GB/s the memory gives; decoding a batch is a GEMM of 16-128 rows, where MKL repacks
+the whole weight on every call and reaches ~70 GFLOP/s here against ~130 for a weight
+packed once at load (``kernels/cpu.py``); and on CPUs without bfloat16 arithmetic
+(AVX2, no AVX512-BF16/AMX) PyTorch's bfloat16 GEMM runs at ~18 GFLOP/s. The kernel reads
+float32 or bfloat16 weights and computes in float32, rounding once, as a bfloat16 GEMM
+does. Only the packed copy is kept; a weight tied to the embedding stays there too.
+On CPUs with bfloat16 matrix units, PyTorch's own bfloat16 GEMM wins from
+``NATIVE_BF16_MIN_ROWS`` rows on, and those layers keep their weight for it.
 """
 
 from __future__ import annotations
@@ -18,12 +20,11 @@ import platform
 import torch
 from torch import nn
 
-from infinite_llm.kernels.cpu import linear_small, linear_small_supported
+from infinite_llm.kernels.cpu import linear_packed, linear_packed_supported, pack_weight
 
-# Up to this many rows the GEMV kernel beats a GEMM (measured on the AVX2 host).
-KERNEL_MAX_ROWS = 8
-# From this many rows upcasting bfloat16 beats the native bfloat16 GEMM.
-UPCAST_MIN_ROWS = 12
+# With native bfloat16 arithmetic (AMX), PyTorch's bf16 GEMM beats float32 arithmetic from
+# about this many rows on.
+NATIVE_BF16_MIN_ROWS = 64
 
 
 @functools.cache
@@ -40,37 +41,45 @@ def has_native_bf16() -> bool:
 
 
 class CpuLinear(nn.Module):
-    """An ``nn.Linear`` (same weight and bias tensors) that picks its path per call."""
+    """An ``nn.Linear`` whose weight is packed once for the GEMM kernel (same bias tensor).
 
-    def __init__(self, linear: nn.Linear, use_kernel: bool, upcast: bool) -> None:
+    ``native_min_rows``: from this many rows on, use PyTorch's GEMM on the kept weight
+    (bfloat16 on CPUs with bfloat16 matrix units); None packs and drops the weight.
+    """
+
+    def __init__(self, linear: nn.Linear, native_min_rows: int | None = None) -> None:
         super().__init__()
-        self.weight = linear.weight
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.register_buffer("packed", pack_weight(linear.weight.detach()), persistent=False)
         self.bias = linear.bias
-        self.use_kernel = use_kernel
-        self.upcast = upcast
+        self.native_min_rows = native_min_rows
+        self.weight = linear.weight if native_min_rows is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[0]
-        if self.use_kernel and x.dim() == 2 and rows <= KERNEL_MAX_ROWS:
-            return linear_small(x, self.weight, self.bias)
-        if self.upcast and rows >= UPCAST_MIN_ROWS:
-            bias = None if self.bias is None else self.bias.float()
-            return nn.functional.linear(x.float(), self.weight.float(), bias).to(x.dtype)
-        return nn.functional.linear(x, self.weight, self.bias)
+        rows = x.numel() // self.in_features
+        if self.native_min_rows is not None and rows >= self.native_min_rows:
+            return nn.functional.linear(x, self.weight, self.bias)
+        y = linear_packed(x.reshape(rows, self.in_features), self.packed, self.bias, self.out_features)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed"
 
 
 def use_cpu_linears(model: nn.Module) -> int:
-    """Swap every CPU ``nn.Linear`` of ``model`` that a faster path serves for a
-    ``CpuLinear``; returns how many. Tied weights stay tied (the tensors are shared)."""
+    """Swap every CPU ``nn.Linear`` of ``model`` that the kernel takes for a ``CpuLinear``;
+    returns how many. Each packs its own copy, so a weight tied to another module (the
+    LM head to the embedding) stays where it is and the copy serves the product."""
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear) or child.weight.device.type != "cpu":
                 continue
             dtype = child.weight.dtype
-            use_kernel = linear_small_supported(dtype)
-            upcast = dtype == torch.bfloat16 and not has_native_bf16()
-            if use_kernel or upcast:
-                setattr(parent, name, CpuLinear(child, use_kernel, upcast))
-                swapped += 1
+            if not linear_packed_supported(dtype):
+                continue
+            native = dtype == torch.bfloat16 and has_native_bf16()
+            setattr(parent, name, CpuLinear(child, NATIVE_BF16_MIN_ROWS if native else None))
+            swapped += 1
     return swapped

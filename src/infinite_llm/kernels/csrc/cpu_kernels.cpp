@@ -5,15 +5,21 @@
 //   like MicroAttention. Online softmax, one (sequence, KV head) pair per task, the
 //   query heads sharing that KV head processed together so each K and V row is loaded
 //   once.
-// linear_small: y = x W^T + b for a few rows of x: a bandwidth-bound GEMV that streams
-//   each weight row once for all rows of x, in float32 or bfloat16 (accumulating in
-//   float32 and rounding once, as a bfloat16 GEMM does).
+// pack_weight, linear_packed: y = x W^T + b for any number of rows, W packed once at load
+//   time into panels of 16 output features (K x 16, contiguous) so that a register tile
+//   of 6 rows x 16 features runs the whole K loop in registers with no per-call packing
+//   (MKL repacks the weight on every call, which dominates at decode's 16-128 rows).
+//   Weights stay float32 or bfloat16 (read as such: at one row this is a GEMV that streams
+//   the weights once at memory speed); arithmetic is float32, rounded once, as a bfloat16
+//   GEMM does. Every row's sum runs over k in the same order whatever the batch, so a
+//   row's result does not depend on the rows beside it.
 // rms_norm, silu_and_mul, rotary_: one pass each where PyTorch makes several (and in bfloat16
 //   several upcast copies): milliseconds per decode step at batch 1.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -184,32 +190,82 @@ void paged_decode_attention_impl(
   });
 }
 
-template <typename T>
-void linear_small_impl(const T* x_in, const T* w, const T* bias, T* y, int64_t rows,
-                       int64_t n_out, int64_t k_in) {
-  std::vector<float> x(rows * k_in);
-  for (int64_t i = 0; i < rows * k_in; ++i) x[i] = to_float(x_in[i]);
-  // Grain of 64 output features: ~74 KB of bfloat16 weights per task at k_in = 576.
-  at::parallel_for(0, n_out, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const T* wr = w + n * k_in;
-      const float b = bias ? to_float(bias[n]) : 0.0f;
-      for (int64_t m = 0; m < rows; ++m) {
-        const float* xr = x.data() + m * k_in;
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-        __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-        int64_t k = 0;
-        for (; k + 32 <= k_in; k += 32) {
-          a0 = _mm256_fmadd_ps(load8(wr + k), _mm256_loadu_ps(xr + k), a0);
-          a1 = _mm256_fmadd_ps(load8(wr + k + 8), _mm256_loadu_ps(xr + k + 8), a1);
-          a2 = _mm256_fmadd_ps(load8(wr + k + 16), _mm256_loadu_ps(xr + k + 16), a2);
-          a3 = _mm256_fmadd_ps(load8(wr + k + 24), _mm256_loadu_ps(xr + k + 24), a3);
+// ---- packed-weight GEMM -------------------------------------------------------------
+
+constexpr int kPanel = 16;   // output features per packed panel (two AVX2 registers)
+constexpr int kTileRows = 6;  // rows per register tile: 12 accumulators + 2 weights + 1 row
+constexpr int64_t kRowBlockBytes = 192 * 1024;  // rows of x kept in L2 while panels stream
+
+// R rows of x (float32, row stride ldx) times one panel (K x 16) -> R x ncols of y.
+template <int R, typename W>
+inline void gemm_tile(const float* x, int64_t ldx, const W* panel, int64_t k_in, const float* bias,
+                      float* y, int64_t ldy, int64_t ncols) {
+  __m256 acc0[R], acc1[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    acc0[r] = _mm256_setzero_ps();
+    acc1[r] = _mm256_setzero_ps();
+  }
+  for (int64_t k = 0; k < k_in; ++k) {
+    const __m256 w0 = load8(panel + k * kPanel);
+    const __m256 w1 = load8(panel + k * kPanel + 8);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m256 a = _mm256_broadcast_ss(x + r * ldx + k);
+      acc0[r] = _mm256_fmadd_ps(a, w0, acc0[r]);
+      acc1[r] = _mm256_fmadd_ps(a, w1, acc1[r]);
+    }
+  }
+  const __m256 b0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
+  const __m256 b1 = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    float* yr = y + r * ldy;
+    if (ncols == kPanel) {
+      _mm256_storeu_ps(yr, _mm256_add_ps(acc0[r], b0));
+      _mm256_storeu_ps(yr + 8, _mm256_add_ps(acc1[r], b1));
+    } else {  // the last panel of an N that is not a multiple of 16
+      alignas(32) float v[kPanel];
+      _mm256_store_ps(v, _mm256_add_ps(acc0[r], b0));
+      _mm256_store_ps(v + 8, _mm256_add_ps(acc1[r], b1));
+      for (int64_t j = 0; j < ncols; ++j) yr[j] = v[j];
+    }
+  }
+}
+
+template <typename W>
+void gemm_tile_rows(int rows, const float* x, int64_t ldx, const W* panel, int64_t k_in,
+                    const float* bias, float* y, int64_t ldy, int64_t ncols) {
+  switch (rows) {
+    case 6: gemm_tile<6>(x, ldx, panel, k_in, bias, y, ldy, ncols); break;
+    case 5: gemm_tile<5>(x, ldx, panel, k_in, bias, y, ldy, ncols); break;
+    case 4: gemm_tile<4>(x, ldx, panel, k_in, bias, y, ldy, ncols); break;
+    case 3: gemm_tile<3>(x, ldx, panel, k_in, bias, y, ldy, ncols); break;
+    case 2: gemm_tile<2>(x, ldx, panel, k_in, bias, y, ldy, ncols); break;
+    default: gemm_tile<1>(x, ldx, panel, k_in, bias, y, ldy, ncols); break;
+  }
+}
+
+// x (M, K) float32, packed (panels, K, 16), bias (N,) float32 or null -> y (M, N) float32.
+// Threads split the panels; each walks a block of rows that stays in L2 across its panels.
+template <typename W>
+void linear_packed_impl(const float* x, const W* packed, const float* bias, float* y,
+                        int64_t rows, int64_t n_out, int64_t k_in) {
+  const int64_t panels = (n_out + kPanel - 1) / kPanel;
+  int64_t block_rows = kRowBlockBytes / (k_in * static_cast<int64_t>(sizeof(float)));
+  block_rows = std::max<int64_t>(kTileRows, block_rows / kTileRows * kTileRows);
+  at::parallel_for(0, panels, 1, [&](int64_t first, int64_t last) {
+    for (int64_t m0 = 0; m0 < rows; m0 += block_rows) {
+      const int64_t m1 = std::min(rows, m0 + block_rows);
+      for (int64_t p = first; p < last; ++p) {
+        const W* panel = packed + p * k_in * kPanel;
+        const int64_t n = p * kPanel;
+        const int64_t ncols = std::min<int64_t>(kPanel, n_out - n);
+        for (int64_t m = m0; m < m1; m += kTileRows) {
+          gemm_tile_rows(static_cast<int>(std::min<int64_t>(kTileRows, m1 - m)), x + m * k_in,
+                         k_in, panel, k_in, bias ? bias + n : nullptr, y + m * n_out + n,
+                         n_out, ncols);
         }
-        for (; k + 8 <= k_in; k += 8)
-          a0 = _mm256_fmadd_ps(load8(wr + k), _mm256_loadu_ps(xr + k), a0);
-        float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-        for (; k < k_in; ++k) s += to_float(wr[k]) * xr[k];
-        y[m * n_out + n] = T(s + b);
       }
     }
   });
@@ -395,33 +451,49 @@ std::vector<torch::Tensor> paged_decode_attention(
   return {out, lse};
 }
 
-torch::Tensor linear_small(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
-  // x (M, K), weight (N, K), bias (N,) -> (M, N), all of one dtype.
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
-              "linear_small: shapes do not match");
-  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "linear_small: dtypes differ");
-  auto xc = x.contiguous();
-  auto wc = weight.contiguous();
-  auto y = torch::empty({x.size(0), weight.size(0)}, x.options());
-  torch::Tensor bc;
-  if (bias.has_value()) bc = bias->to(x.scalar_type()).contiguous();
-  if (x.scalar_type() == torch::kFloat32) {
-    linear_small_impl<float>(xc.data_ptr<float>(), wc.data_ptr<float>(),
-                             bias.has_value() ? bc.data_ptr<float>() : nullptr,
-                             y.data_ptr<float>(), x.size(0), weight.size(0), x.size(1));
-  } else if (x.scalar_type() == torch::kBFloat16) {
-    linear_small_impl<bf16>(xc.data_ptr<bf16>(), wc.data_ptr<bf16>(),
-                            bias.has_value() ? bc.data_ptr<bf16>() : nullptr,
-                            y.data_ptr<bf16>(), x.size(0), weight.size(0), x.size(1));
+torch::Tensor pack_weight(torch::Tensor weight) {
+  // weight (N, K) -> (ceil(N / 16), K, 16) in its dtype, rows past N zero.
+  TORCH_CHECK(weight.dim() == 2, "pack_weight: a 2-D weight");
+  TORCH_CHECK(weight.scalar_type() == torch::kFloat32 || weight.scalar_type() == torch::kBFloat16,
+              "pack_weight: float32 or bfloat16 only");
+  const int64_t n_out = weight.size(0), k_in = weight.size(1);
+  const int64_t panels = (n_out + kPanel - 1) / kPanel;
+  auto padded = torch::zeros({panels * kPanel, k_in}, weight.options());
+  padded.narrow(0, 0, n_out).copy_(weight);
+  return padded.view({panels, kPanel, k_in}).transpose(1, 2).contiguous();
+}
+
+torch::Tensor linear_packed(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias,
+                            int64_t n_out) {
+  // x (M, K) float32 or bfloat16, packed from pack_weight of an (n_out, K) weight -> (M, n_out)
+  // in x's dtype; float32 arithmetic, rounded once.
+  TORCH_CHECK(x.dim() == 2 && packed.dim() == 3 && packed.size(2) == kPanel &&
+                  packed.size(1) == x.size(1) && packed.size(0) * kPanel >= n_out &&
+                  packed.size(0) * kPanel < n_out + kPanel,
+              "linear_packed: shapes do not match");
+  TORCH_CHECK(packed.is_contiguous(), "linear_packed: packed weight must be contiguous");
+  TORCH_CHECK(!bias.has_value() || bias->numel() == n_out, "linear_packed: bias size");
+  auto xf = x.to(torch::kFloat32).contiguous();
+  auto y = torch::empty({x.size(0), n_out}, xf.options());
+  torch::Tensor bf;
+  if (bias.has_value()) bf = bias->to(torch::kFloat32).contiguous();
+  const float* b = bias.has_value() ? bf.data_ptr<float>() : nullptr;
+  if (packed.scalar_type() == torch::kFloat32) {
+    linear_packed_impl<float>(xf.data_ptr<float>(), packed.data_ptr<float>(), b,
+                              y.data_ptr<float>(), x.size(0), n_out, x.size(1));
+  } else if (packed.scalar_type() == torch::kBFloat16) {
+    linear_packed_impl<bf16>(xf.data_ptr<float>(), packed.data_ptr<bf16>(), b,
+                             y.data_ptr<float>(), x.size(0), n_out, x.size(1));
   } else {
-    TORCH_CHECK(false, "linear_small: float32 or bfloat16 only");
+    TORCH_CHECK(false, "linear_packed: float32 or bfloat16 weights only");
   }
-  return y;
+  return x.scalar_type() == torch::kFloat32 ? y : y.to(x.scalar_type());
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention);
-  m.def("linear_small", &linear_small);
+  m.def("pack_weight", &pack_weight);
+  m.def("linear_packed", &linear_packed);
   m.def("rms_norm", &rms_norm);
   m.def("silu_and_mul", &silu_and_mul);
   m.def("rotary_", &rotary_);
