@@ -5,6 +5,8 @@ The test starts a private local Ray on 127.0.0.1 and stops it at the end.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from infinite_llm import LLM, SamplingParams
@@ -112,6 +114,70 @@ def test_a_dead_actor_mid_decode_loses_no_request(tiny_llama_dir, local_ray, fau
         engine.runner.shutdown()
 
 
+def test_the_gmanager_is_a_named_actor_for_the_life_of_the_llm(tiny_llama_dir, local_ray):
+    """The ledger lives in the named gManager actor: found by name while the LLM runs, it
+    holds what the driver reads and what the rManagers' counts say, balanced while a
+    request's KV spans both instances and empty of debt after it; gone after shutdown."""
+    from infinite_llm.transport.ray_gmanager import NAMESPACE
+
+    prompt = random_prompts(1, 60, 61, 320, seed=3)[0]  # 17 blocks: more than one instance
+    engine = cluster(tiny_llama_dir, 2, "ray").engine
+    name = engine.runner.gmanager.name
+    try:
+        actor = ray.get_actor(name, namespace=NAMESPACE)
+        request = engine.add_request(prompt, SamplingParams(max_tokens=8, **GREEDY))
+        most_debt = 0
+        while engine.has_unfinished_requests():
+            engine.step()
+            driver = engine.cluster.ledger()
+            ledger = ray.get(actor.ledger.remote())
+            assert ledger == driver
+            ledger.check_balanced()
+            for inst in engine.cluster.instances:
+                entry, rm = ledger.instances[inst.instance_id], inst.rmanager
+                assert (entry.free, entry.lent_to, entry.borrowed_from) == (
+                    rm.num_free, rm.lent_to, rm.borrowed_from
+                )
+            if len(request.block_table.owners()) == 2:
+                most_debt = max(most_debt, ledger.total_debt)
+        assert most_debt > 0
+        assert ray.get(actor.ledger.remote()).total_debt == 0
+    finally:
+        engine.runner.shutdown()
+    deadline = time.monotonic() + 10
+    while _named(name) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _named(name), "the gManager actor outlived the shutdown"
+
+
+def _named(name: str) -> bool:
+    from infinite_llm.transport.ray_gmanager import NAMESPACE
+
+    try:
+        ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        return False
+    return True
+
+
+def test_a_dead_gmanager_actor_ends_the_engine_with_a_clear_error(tiny_llama_dir, local_ray):
+    """Without the gManager the ledger is gone: the next step that needs it raises
+    GManagerLost (naming the actor) instead of hanging."""
+    from infinite_llm.transport.ray_gmanager import NAMESPACE, GManagerLost
+
+    engine = cluster(tiny_llama_dir, 2, "ray").engine
+    name = engine.runner.gmanager.name
+    try:
+        engine.add_request(random_prompts(1, 20, 21, 320, seed=5)[0], SamplingParams(max_tokens=4))
+        engine.step()
+        ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+        with pytest.raises(GManagerLost, match=name):
+            for _ in range(20):  # the request's blocks go back within these: a heartbeat
+                engine.step()
+    finally:
+        engine.runner.shutdown()
+
+
 def ray_processes() -> set[int]:
     import subprocess
 
@@ -144,8 +210,6 @@ def test_serve_on_ray_answers_and_leaves_no_process(tiny_llama_dir):
     finally:
         server.proc.send_signal(signal.SIGTERM)
         server.proc.wait(timeout=60)
-    import time
-
     deadline = time.monotonic() + 20
     while ray_processes() - before and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -5,6 +5,8 @@ debt ledger from their heartbeats. A cluster step is every instance scheduling i
 requests; a runner then computes the chunks (in this process, or on one Ray actor per
 instance), with DistAttention reaching each rBlock on its owner. No tensors here: the
 runner owns each instance's KV tensors.
+The gManager is a plain ``GManager`` in this process unless one is given: the Ray
+backend gives a proxy to its gManager actor, with the same methods.
 With ``PoolingConfig(enabled=False)`` the instances never lend: N isolated replicas.
 """
 
@@ -38,6 +40,7 @@ class Cluster:
         scheduler: SchedulerConfig,
         pooling: PoolingConfig,
         num_instances: int,
+        gmanager: GManager | None = None,
     ) -> None:
         if num_instances < 1:
             raise ValueError(f"instances must be at least 1, got {num_instances}")
@@ -48,7 +51,7 @@ class Cluster:
             )
         self.block_size = cache.block_size
         self.pooling = pooling
-        self.gmanager = GManager(config=pooling)
+        self.gmanager = gmanager if gmanager is not None else GManager(config=pooling)
         self.transport = LocalTransport()
         self.instances: list[Instance] = []
         for i in range(num_instances):
@@ -62,6 +65,8 @@ class Cluster:
                     Scheduler(scheduler, rmanager, cache.block_size, arbiter=self),
                 )
             )
+        # Depends only on which instances are registered: asked again when one leaves.
+        self._max_request_blocks = self.gmanager.max_request_blocks()
         self._load = [0] * num_instances  # tokens of KV its unfinished requests may need
         self.dead: set[int] = set()
         self._arrivals = 0
@@ -75,7 +80,7 @@ class Cluster:
     @property
     def max_request_tokens(self) -> int:
         """The most KV one request can ever hold: its home's pool plus all it may borrow."""
-        return self.gmanager.max_request_blocks() * self.block_size
+        return self._max_request_blocks * self.block_size
 
     def add(self, request: Request) -> None:
         """Give the request a home, the least loaded instance, and queue it there."""
@@ -155,13 +160,16 @@ class Cluster:
         self.dead.add(dead)
         self.heartbeat()
         self.gmanager.remove(dead)
+        self._max_request_blocks = self.gmanager.max_request_blocks()
         return affected
 
     def heartbeat(self) -> None:
-        for inst in self.alive_instances:
-            beat = inst.rmanager.heartbeat()
-            if not beat.is_empty:
-                self.gmanager.apply(beat)
+        """Tell the gManager what changed on every live instance: one message for all of
+        them (an actor call on Ray), none when nothing did."""
+        beats = [inst.rmanager.heartbeat() for inst in self.alive_instances]
+        changed = [beat for beat in beats if not beat.is_empty]
+        if changed:
+            self.gmanager.apply_all(changed)
 
     def finish(self, request: Request, reason: str, stop_reason: str | int | None = None) -> None:
         """End a request on its home: every block, local and lent, goes back."""

@@ -19,6 +19,7 @@ from infinite_llm.engine.sampler import SampledToken
 from infinite_llm.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from infinite_llm.memory.gmanager import GManager
     from infinite_llm.model.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,9 @@ logger = logging.getLogger(__name__)
 
 class LLMEngine:
     """The driver of a cluster: requests and their bookkeeping live here; ``runner``
-    computes the step plans (in this process, or on one Ray actor per instance)."""
+    computes the step plans (in this process, or on one Ray actor per instance).
+    ``gmanager``: the cluster's gManager when it lives elsewhere (the Ray backend's
+    actor proxy); by default a plain one in this process."""
 
     def __init__(
         self,
@@ -38,12 +41,15 @@ class LLMEngine:
         num_blocks: int,
         instances: int = 1,
         pooling: PoolingConfig | None = None,
+        gmanager: GManager | None = None,
     ) -> None:
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler
         self.block_size = cache.block_size
-        self.cluster = Cluster(num_blocks, cache, scheduler, pooling or PoolingConfig(), instances)
+        self.cluster = Cluster(
+            num_blocks, cache, scheduler, pooling or PoolingConfig(), instances, gmanager
+        )
         self.runner = runner
         self.requests: dict[str, Request] = {}
         self._detokenizers: dict[str, Detokenizer] = {}

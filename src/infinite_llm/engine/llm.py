@@ -16,10 +16,10 @@ from infinite_llm.config import (
     parse_memory_size,
 )
 from infinite_llm.engine.engine import LLMEngine, torch_dtype
-from infinite_llm.engine.outputs import RequestOutput
-from infinite_llm.engine.sampling_params import SamplingParams
 from infinite_llm.engine.model_runner import ModelRunner, Runner, build_model
+from infinite_llm.engine.outputs import RequestOutput
 from infinite_llm.engine.sampler import Sampler
+from infinite_llm.engine.sampling_params import SamplingParams
 from infinite_llm.memory.kv_cache import KVCache, num_blocks_for
 from infinite_llm.model.checkpoint import load_checkpoint
 from infinite_llm.model.tokenizer import Tokenizer
@@ -37,8 +37,9 @@ class LLM:
     the pools form one: an instance short of blocks borrows from the others, each lending
     at most ``max_lend_fraction`` of its pool, so one request can hold far more KV than one
     instance has. ``kv_pooling=False`` gives isolated replicas. ``backend="ray"`` runs
-    each instance as a Ray actor (joining ``ray_address``, or a local Ray started here);
-    the default ``"local"`` runs them all in this process.
+    each instance as a Ray actor and the gManager as a named one (joining
+    ``ray_address``, or a local Ray started here); the default ``"local"`` runs them all
+    in this process.
     ``max_model_len`` defaults to the model's trained context; a larger value is
     refused unless ``allow_long_context=True``, which only warns.
     ``max_num_batched_tokens`` defaults to 8192 as in vLLM's offline ``LLM``: large
@@ -100,13 +101,15 @@ class LLM:
                 for i in range(instances)
             }
             runner: Runner = ModelRunner(module, kv_caches, Sampler(seed))
+            gmanager = None  # the cluster makes a plain GManager
         else:
             from infinite_llm.transport.ray import RayRunner
 
             runner = RayRunner(
                 model, dtype, checkpoint.config, instances, num_blocks, cache.block_size,
-                Sampler(seed), ray_config or RayConfig(address=ray_address),
+                Sampler(seed), pooling, ray_config or RayConfig(address=ray_address),
             )
+            gmanager = runner.gmanager  # a proxy to the gManager actor
         self.tokenizer: Tokenizer | None = checkpoint.tokenizer
         self.engine = LLMEngine(
             checkpoint.config,
@@ -117,6 +120,7 @@ class LLM:
             num_blocks,
             instances=instances,
             pooling=pooling,
+            gmanager=gmanager,
         )
 
     def get_tokenizer(self) -> Tokenizer | None:

@@ -107,7 +107,10 @@ class Scheduler:
             request = self.waiting[0]
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             need = self._blocks_needed(request, n)
-            if need + len(self.running) > self.memory.num_free + self.memory.borrowable():
+            # What the others could lend is asked only when the own pool falls short: on
+            # Ray it is a call to the gManager actor.
+            short = need + len(self.running) - self.memory.num_free
+            if short > 0 and short > self.memory.borrowable():
                 break
             if not self._grow(request, n):  # the gManager's view was stale: wait
                 break

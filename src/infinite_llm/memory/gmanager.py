@@ -116,6 +116,12 @@ class GManager:
         if self._since_sort >= self.resort_interval:
             self.resort()
 
+    def apply_all(self, heartbeats: list[Heartbeat]) -> None:
+        """Fold a batch of heartbeats, in order: one message for every instance's beat of a
+        step, where the gManager is a Ray actor."""
+        for heartbeat in heartbeats:
+            self.apply(heartbeat)
+
     def resort(self) -> None:
         """Recompute the candidate order from the free counts heard so far."""
         self._order = sorted(self._capacity, key=lambda i: (-self._free[i], i))

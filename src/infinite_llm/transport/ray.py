@@ -1,15 +1,25 @@
-"""The Ray backend: one actor per instance, the driver keeps the bookkeeping.
+"""The Ray backend: one actor per instance, one named actor for the gManager.
 
-Each ``InstanceActor`` holds a model replica and its instance's KV tensors, and joins a
-torch.distributed (gloo) group with the other actors. A step is SPMD: the driver hands
-every actor the same step plan in one actor call each; each actor runs the layers of
-the chunks whose home it is, and at every layer all actors trade queries, new k/v and
-partials in all-to-alls (``attention/exchange.py``). The actors return the logits of the
-chunks that sample; the driver samples.
+What runs where:
 
-Memory bookkeeping (schedulers, rManagers, gManager) is pure Python over integer ids and
-stays in the driver: borrowing is then a local call and cannot deadlock between actors,
-and a dead actor's blocks are known without asking it.
+- each ``InstanceActor`` holds a model replica and its instance's KV tensors, and joins a
+  torch.distributed (gloo) group with the other instance actors;
+- the gManager (debt ledger, creditor directory) is a named actor,
+  ``gmanager-<uuid hex>`` in the Ray namespace ``infinite_llm`` (``ray_gmanager.py``);
+- the driver keeps the requests, the schedulers and the rManagers, and samples.
+
+A step is SPMD: the driver hands every instance actor the same step plan in one actor
+call each; each runs the layers of the chunks whose home it is, and at every layer all
+of them trade queries, new k/v and partials in all-to-alls (``attention/exchange.py``).
+They return the logits of the chunks that sample; the driver samples.
+
+Control messages are actor calls, and a step makes few: a heartbeat ping and an
+``execute`` per instance actor, then one ``apply_all`` to the gManager carrying every
+instance's heartbeat (none when no count moved). Only a step that must borrow adds
+gManager calls: ``candidates`` per allocation that borrows, ``lendable_elsewhere`` per
+admission the home's own free blocks cannot cover. The rManagers stay in the driver,
+where a borrow (``lend``, ``reclaim``) is a local call that cannot deadlock between
+actors, and a dead actor's blocks are known without asking it.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ import torch.distributed as dist
 
 from infinite_llm.attention.dist import DistAttention, KVLayout, KVWrites, build_batches
 from infinite_llm.attention.exchange import ExchangeAttention, InstanceStep, Shapes
-from infinite_llm.config import ModelConfig, RayConfig
+from infinite_llm.config import ModelConfig, PoolingConfig, RayConfig
 from infinite_llm.engine.engine import torch_dtype
 from infinite_llm.engine.model_runner import InstanceFailure, build_model, prepare, sample_rows
 from infinite_llm.engine.sampler import SampledToken, Sampler, SampleRequest
@@ -35,7 +45,7 @@ from infinite_llm.kernels.cpu import paged_decode_supported
 from infinite_llm.memory.kv_cache import KVCache
 from infinite_llm.model.checkpoint import load_checkpoint
 from infinite_llm.transport.collective import Exchange
-
+from infinite_llm.transport.ray_gmanager import RemoteGManager
 
 # Survivors blocked on a dead peer give up after this long (gloo's default is 30 min).
 COLLECTIVE_TIMEOUT_S = 20
@@ -157,11 +167,13 @@ class InstanceActor:
 
 
 class RayRunner:
-    """The engine's runner on Ray: step plans out, logits back, sampling here."""
+    """The engine's runner on Ray: step plans out, logits back, sampling here. It starts
+    the instance actors and the gManager actor (``gmanager``, for the cluster to use)."""
 
     def __init__(
         self, model: str, dtype: str, config: ModelConfig, instances: int, num_blocks: int,
-        block_size: int, sampler: Sampler, ray_config: RayConfig | None = None,
+        block_size: int, sampler: Sampler, pooling: PoolingConfig,
+        ray_config: RayConfig | None = None,
     ) -> None:
         self.config = ray_config or RayConfig()
         ray_address = self.config.address
@@ -175,6 +187,7 @@ class RayRunner:
                     include_dashboard=False, num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1"
                 )
         self.sampler = sampler
+        self.gmanager = RemoteGManager.start(pooling)
         threads = max(1, (os.cpu_count() or 1) // instances)
         # Spread over the nodes of a multi-node cluster; one node takes them all otherwise.
         actor = ray.remote(num_cpus=0, max_restarts=0, scheduling_strategy="SPREAD")(InstanceActor)
@@ -263,9 +276,11 @@ class RayRunner:
         ray.kill(self.actors[instance_id], no_restart=True)
 
     def shutdown(self) -> None:
-        """Kill the actors, and the Ray this runner started, if it did."""
+        """Kill the actors (the gManager's too), and the Ray this runner started, if it did."""
         for a in self.actors.values():
             ray.kill(a, no_restart=True)
         self.actors = {}
+        if ray.is_initialized():
+            self.gmanager.kill()
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
