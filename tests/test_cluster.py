@@ -182,6 +182,37 @@ def test_abort_returns_borrowed_blocks_to_their_creditors(tiny_llama_dir):
     assert_all_pools_full(engine)
 
 
+def test_the_ledger_is_current_after_every_step_and_abort_and_reading_it_sends_nothing(
+    tiny_llama_dir,
+):
+    """The engine heartbeats at the end of each step (blocks a finishing request gave back
+    included) and of each abort; ``ledger()`` only reads."""
+    engine = tiny_cluster(tiny_llama_dir, 2, 8, max_lend_fraction=1.0).engine
+    sent = []
+    apply_all = engine.cluster.gmanager.apply_all
+    engine.cluster.gmanager.apply_all = lambda beats: (sent.append(beats), apply_all(beats))
+
+    def assert_current() -> None:
+        before = len(sent)
+        ledger = engine.cluster.ledger()
+        assert engine.cluster.ledger() == ledger and len(sent) == before
+        for inst in engine.cluster.instances:
+            entry, rm = ledger.instances[inst.instance_id], inst.rmanager
+            assert (entry.free, entry.lent_to, entry.borrowed_from) == (
+                rm.num_free, rm.lent_to, rm.borrowed_from
+            )
+
+    short = engine.add_request(list(range(1, 6)), SamplingParams(max_tokens=2, **GREEDY))
+    spanning = engine.add_request(list(range(1, 45)), SamplingParams(max_tokens=8, **GREEDY))
+    while not short.finished:
+        engine.step()
+        assert_current()
+    assert len(spanning.block_table.owners()) == 2 and engine.cluster.ledger().total_debt > 0
+    engine.abort_request(spanning.request_id)
+    assert_current()
+    assert engine.cluster.ledger().total_debt == 0
+
+
 def test_homes_are_the_least_loaded_instances(tiny_llama_dir):
     llm = tiny_cluster(tiny_llama_dir, 3, 16)
     engine = llm.engine

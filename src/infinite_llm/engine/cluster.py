@@ -136,9 +136,9 @@ class Cluster:
         return not self._stuck
 
     def update(self, plan: SchedulerOutput) -> None:
+        """Advance the progress counters once the step has run."""
         for inst in self.instances:
             inst.scheduler.update(plan)
-        self.heartbeat()
 
     @property
     def alive_instances(self) -> list[Instance]:
@@ -165,7 +165,8 @@ class Cluster:
 
     def heartbeat(self) -> None:
         """Tell the gManager what changed on every live instance: one message for all of
-        them (an actor call on Ray), none when nothing did."""
+        them (an actor call on Ray), none when nothing did. The engine sends one at the
+        end of every step and abort, so between its calls the ledger is current."""
         beats = [inst.rmanager.heartbeat() for inst in self.alive_instances]
         changed = [beat for beat in beats if not beat.is_empty]
         if changed:
@@ -185,7 +186,7 @@ class Cluster:
         return sum(inst.scheduler.num_preemptions for inst in self.instances)
 
     def ledger(self) -> Ledger:
-        self.heartbeat()
+        """The gManager's ledger as of the last heartbeat; reading it changes nothing."""
         return self.gmanager.ledger()
 
     def check_integrity(self) -> None:

@@ -149,6 +149,7 @@ class LLMEngine:
         if request is None:
             return None
         self._finish(request, "abort")
+        self.cluster.heartbeat()
         output = self._output(request)
         self._forget(request)
         return output
@@ -157,7 +158,9 @@ class LLMEngine:
         return self.cluster.has_work()
 
     def step(self) -> list[RequestOutput]:
-        """One iteration: schedule, execute, update. Returns outputs of requests that advanced."""
+        """One iteration: schedule, execute, update. Returns outputs of requests that advanced.
+        It ends with a heartbeat, so the gManager hears of every block this step moved,
+        those finished requests gave back included."""
         plan = self.cluster.schedule()
         params = {c.request_id: self.requests[c.request_id].params for c in plan.chunks}
         try:
@@ -172,6 +175,7 @@ class LLMEngine:
             outputs.append(self._output(request))
             if request.finished:
                 self._forget(request)
+        self.cluster.heartbeat()
         return outputs
 
     def _recover(self, dead: list[int]) -> list[RequestOutput]:
