@@ -15,6 +15,7 @@ from infinite_llm.config import (
     SchedulerConfig,
     parse_memory_size,
 )
+from infinite_llm.engine.chat import Message, chat_prompt
 from infinite_llm.engine.engine import LLMEngine, torch_dtype
 from infinite_llm.engine.model_runner import ModelRunner, Runner, build_model
 from infinite_llm.engine.outputs import RequestOutput
@@ -25,7 +26,6 @@ from infinite_llm.model.checkpoint import load_checkpoint
 from infinite_llm.model.tokenizer import Tokenizer
 
 Prompt = str | list[int]
-Message = dict[str, str]
 
 
 class LLM:
@@ -142,7 +142,7 @@ class LLM:
         added: list[list[str]] = []
         try:
             for prompt, p in zip(prompts, params):
-                added.append([self._add(prompt, child) for child in _children(p)])
+                added.append([self._add(prompt, child) for child in p.samples()])
         except ValueError:
             for ids in added:
                 for request_id in ids:
@@ -174,9 +174,7 @@ class LLM:
         """A conversation rendered with the model's chat template, as text and token ids."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer, so no chat template")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        # The template already writes any BOS token: encode without adding another.
-        return text, self.tokenizer.encode(text, add_special_tokens=False)
+        return chat_prompt(self.tokenizer, messages)
 
     def stream(self, prompt: Prompt, params: SamplingParams) -> Iterator[RequestOutput]:
         """Outputs of one request as it advances; aborts the request if the caller stops early."""
@@ -216,13 +214,3 @@ def _params_per_prompt(
     if len(params) != count:
         raise ValueError(f"got {len(params)} sampling params for {count} prompts")
     return params
-
-
-def _children(params: SamplingParams) -> list[SamplingParams]:
-    """n samples of one prompt run as n requests; seeded ones get seeds seed, seed+1, ..."""
-    if params.n == 1:
-        return [params]
-    return [
-        replace(params, n=1, seed=None if params.seed is None else params.seed + i)
-        for i in range(params.n)
-    ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass
@@ -50,6 +50,16 @@ class SamplingParams:
             raise ValueError("stop strings must be non-empty strings")
         self._stop = tuple(stop)
         self.stop_token_ids = list(self.stop_token_ids or [])
+
+    def samples(self) -> list[SamplingParams]:
+        """The n samples of one prompt, run as n requests of one sample each; seeded ones
+        get seeds seed, seed+1, ..., so they differ and each can be reproduced alone."""
+        if self.n == 1:
+            return [self]
+        return [
+            replace(self, n=1, seed=None if self.seed is None else self.seed + i)
+            for i in range(self.n)
+        ]
 
     @property
     def greedy(self) -> bool:

@@ -3,6 +3,7 @@ from their outputs to an OpenAI response or a stream of server-sent events.
 
 A body with P prompts and ``n`` samples becomes P x n engine requests, choice
 ``p * n + j`` being sample j of prompt p; seeded samples get seeds seed, seed+1, ...
+(``SamplingParams.samples``, as in the offline API).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fastapi import Request
@@ -56,7 +57,7 @@ def sampling_params(
         max_tokens = room if room > 0 else None
     try:
         return SamplingParams(
-            n=1,
+            n=body.n,
             max_tokens=max_tokens,
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
@@ -94,10 +95,8 @@ class Generation:
         self.requests = []
         for i, ids in enumerate(prompts):
             params = sampling_params(body, len(ids), limits)
-            for j in range(self.n):
-                seed = None if params.seed is None else params.seed + j
-                child = replace(params, seed=seed)
-                self.requests.append(EngineRequest(f"{self.id}-{i}-{j}", ids, child))
+            for j, sample in enumerate(params.samples()):
+                self.requests.append(EngineRequest(f"{self.id}-{i}-{j}", ids, sample))
         self.group: RequestGroup | None = None
 
     async def submit(self, loop: EngineLoop) -> None:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import jinja2
 
+from infinite_llm.engine.chat import chat_prompt
 from infinite_llm.server.errors import ApiError
 from infinite_llm.server.protocol import ChatMessage
 
@@ -46,16 +47,16 @@ def completion_prompts(
 def render_chat(
     messages: list[ChatMessage], tokenizer: Tokenizer | None, add_generation_prompt: bool = True
 ) -> list[int]:
-    """The conversation through the model's chat template, as token ids (the template
-    writes any BOS token itself, so encoding adds none)."""
+    """The conversation through the model's chat template, as token ids (as ``LLM.chat``
+    renders it)."""
     tokenizer = _need(tokenizer, "no chat template")
     conversation = [{"role": m.role, "content": _text(m)} for m in messages]
     try:
-        text = tokenizer.apply_chat_template(conversation, add_generation_prompt)
+        _, ids = chat_prompt(tokenizer, conversation, add_generation_prompt)
     except (jinja2.TemplateError, ValueError, TypeError) as error:
         message = f"the chat template refused the messages: {error}"
         raise ApiError(400, message, "messages") from error
-    return tokenizer.encode(text, add_special_tokens=False)
+    return ids
 
 
 def _text(message: ChatMessage) -> str:
