@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -196,75 +197,95 @@ constexpr int kPanel = 16;   // output features per packed panel (two AVX2 regis
 constexpr int kTileRows = 6;  // rows per register tile: 12 accumulators + 2 weights + 1 row
 constexpr int64_t kRowBlockBytes = 192 * 1024;  // rows of x kept in L2 while panels stream
 
-// R rows of x (float32, row stride ldx) times one panel (K x 16) -> R x ncols of y.
-template <int R, typename W>
+// R rows of x (float32, row stride ldx) times P adjacent panels (each K x 16) -> R x
+// ncols of y. With few rows P = 2 gives the FMA units independent chains to overlap; the
+// sum of every output still runs over k in order, so results do not depend on R or P.
+template <int R, int P, typename W, typename Y>
 inline void gemm_tile(const float* x, int64_t ldx, const W* panel, int64_t k_in, const float* bias,
-                      float* y, int64_t ldy, int64_t ncols) {
-  __m256 acc0[R], acc1[R];
+                      Y* y, int64_t ldy, int64_t ncols) {
+  constexpr int A = 2 * P;  // accumulators per row
+  __m256 acc[R][A];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
-    acc0[r] = _mm256_setzero_ps();
-    acc1[r] = _mm256_setzero_ps();
+#pragma GCC unroll 4
+    for (int j = 0; j < A; ++j) acc[r][j] = _mm256_setzero_ps();
   }
+  const int64_t panel_stride = k_in * kPanel;
   for (int64_t k = 0; k < k_in; ++k) {
-    const __m256 w0 = load8(panel + k * kPanel);
-    const __m256 w1 = load8(panel + k * kPanel + 8);
+    __m256 w[A];
+#pragma GCC unroll 4
+    for (int j = 0; j < A; ++j) w[j] = load8(panel + (j / 2) * panel_stride + k * kPanel + (j % 2) * 8);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const __m256 a = _mm256_broadcast_ss(x + r * ldx + k);
-      acc0[r] = _mm256_fmadd_ps(a, w0, acc0[r]);
-      acc1[r] = _mm256_fmadd_ps(a, w1, acc1[r]);
+#pragma GCC unroll 4
+      for (int j = 0; j < A; ++j) acc[r][j] = _mm256_fmadd_ps(a, w[j], acc[r][j]);
     }
   }
-  const __m256 b0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
-  const __m256 b1 = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
-    float* yr = y + r * ldy;
-    if (ncols == kPanel) {
-      _mm256_storeu_ps(yr, _mm256_add_ps(acc0[r], b0));
-      _mm256_storeu_ps(yr + 8, _mm256_add_ps(acc1[r], b1));
-    } else {  // the last panel of an N that is not a multiple of 16
-      alignas(32) float v[kPanel];
-      _mm256_store_ps(v, _mm256_add_ps(acc0[r], b0));
-      _mm256_store_ps(v + 8, _mm256_add_ps(acc1[r], b1));
-      for (int64_t j = 0; j < ncols; ++j) yr[j] = v[j];
+    alignas(32) float v[P * kPanel];
+#pragma GCC unroll 4
+    for (int j = 0; j < A; ++j) {
+      const __m256 b = bias && (j + 1) * 8 <= ncols ? _mm256_loadu_ps(bias + j * 8) : _mm256_setzero_ps();
+      _mm256_store_ps(v + j * 8, _mm256_add_ps(acc[r][j], b));
+    }
+    Y* yr = y + r * ldy;
+    if constexpr (std::is_same_v<Y, float>) {
+      if (ncols == P * kPanel) {
+#pragma GCC unroll 4
+        for (int j = 0; j < A; ++j) _mm256_storeu_ps(yr + j * 8, _mm256_load_ps(v + j * 8));
+        continue;
+      }
+    }
+    for (int64_t j = 0; j < ncols; ++j) {  // bfloat16 (rounded once), or a ragged last panel
+      const float b = bias && (j / 8 + 1) * 8 > ncols ? bias[j] : 0.0f;
+      yr[j] = Y(v[j] + b);
     }
   }
 }
 
-template <typename W>
+template <int P, typename W, typename Y>
 void gemm_tile_rows(int rows, const float* x, int64_t ldx, const W* panel, int64_t k_in,
-                    const float* bias, float* y, int64_t ldy, int64_t ncols) {
+                    const float* bias, Y* y, int64_t ldy, int64_t ncols) {
   switch (rows) {
-    case 6: gemm_tile<6>(x, ldx, panel, k_in, bias, y, ldy, ncols); break;
-    case 5: gemm_tile<5>(x, ldx, panel, k_in, bias, y, ldy, ncols); break;
-    case 4: gemm_tile<4>(x, ldx, panel, k_in, bias, y, ldy, ncols); break;
-    case 3: gemm_tile<3>(x, ldx, panel, k_in, bias, y, ldy, ncols); break;
-    case 2: gemm_tile<2>(x, ldx, panel, k_in, bias, y, ldy, ncols); break;
-    default: gemm_tile<1>(x, ldx, panel, k_in, bias, y, ldy, ncols); break;
+    case 6: gemm_tile<6, P>(x, ldx, panel, k_in, bias, y, ldy, ncols); break;
+    case 5: gemm_tile<5, P>(x, ldx, panel, k_in, bias, y, ldy, ncols); break;
+    case 4: gemm_tile<4, P>(x, ldx, panel, k_in, bias, y, ldy, ncols); break;
+    case 3: gemm_tile<3, P>(x, ldx, panel, k_in, bias, y, ldy, ncols); break;
+    case 2: gemm_tile<2, P>(x, ldx, panel, k_in, bias, y, ldy, ncols); break;
+    default: gemm_tile<1, P>(x, ldx, panel, k_in, bias, y, ldy, ncols); break;
   }
 }
 
-// x (M, K) float32, packed (panels, K, 16), bias (N,) float32 or null -> y (M, N) float32.
+// x (M, K) float32, packed (panels, K, 16), bias (N,) float32 or null -> y (M, N).
 // Threads split the panels; each walks a block of rows that stays in L2 across its panels.
-template <typename W>
-void linear_packed_impl(const float* x, const W* packed, const float* bias, float* y,
+// Up to 3 rows, panels go two at a time (a GEMV is then bound by memory, not FMA latency).
+template <typename W, typename Y>
+void linear_packed_impl(const float* x, const W* packed, const float* bias, Y* y,
                         int64_t rows, int64_t n_out, int64_t k_in) {
   const int64_t panels = (n_out + kPanel - 1) / kPanel;
   int64_t block_rows = kRowBlockBytes / (k_in * static_cast<int64_t>(sizeof(float)));
   block_rows = std::max<int64_t>(kTileRows, block_rows / kTileRows * kTileRows);
-  at::parallel_for(0, panels, 1, [&](int64_t first, int64_t last) {
+  const int64_t step = rows <= 3 ? 2 : 1;  // panels per tile
+  const int64_t tasks = (panels + step - 1) / step;
+  at::parallel_for(0, tasks, 1, [&](int64_t first, int64_t last) {
     for (int64_t m0 = 0; m0 < rows; m0 += block_rows) {
       const int64_t m1 = std::min(rows, m0 + block_rows);
-      for (int64_t p = first; p < last; ++p) {
+      for (int64_t t = first; t < last; ++t) {
+        const int64_t p = t * step;
         const W* panel = packed + p * k_in * kPanel;
         const int64_t n = p * kPanel;
-        const int64_t ncols = std::min<int64_t>(kPanel, n_out - n);
+        const bool pair = step == 2 && p + 1 < panels;
+        const int64_t ncols = std::min<int64_t>((pair ? 2 : 1) * kPanel, n_out - n);
         for (int64_t m = m0; m < m1; m += kTileRows) {
-          gemm_tile_rows(static_cast<int>(std::min<int64_t>(kTileRows, m1 - m)), x + m * k_in,
-                         k_in, panel, k_in, bias ? bias + n : nullptr, y + m * n_out + n,
-                         n_out, ncols);
+          const int r = static_cast<int>(std::min<int64_t>(kTileRows, m1 - m));
+          const float* b = bias ? bias + n : nullptr;
+          if (pair) {
+            gemm_tile_rows<2>(r, x + m * k_in, k_in, panel, k_in, b, y + m * n_out + n, n_out, ncols);
+          } else {
+            gemm_tile_rows<1>(r, x + m * k_in, k_in, panel, k_in, b, y + m * n_out + n, n_out, ncols);
+          }
         }
       }
     }
@@ -473,21 +494,38 @@ torch::Tensor linear_packed(torch::Tensor x, torch::Tensor packed, c10::optional
               "linear_packed: shapes do not match");
   TORCH_CHECK(packed.is_contiguous(), "linear_packed: packed weight must be contiguous");
   TORCH_CHECK(!bias.has_value() || bias->numel() == n_out, "linear_packed: bias size");
-  auto xf = x.to(torch::kFloat32).contiguous();
-  auto y = torch::empty({x.size(0), n_out}, xf.options());
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16,
+              "linear_packed: float32 or bfloat16 inputs only");
+  const int64_t rows = x.size(0), k_in = x.size(1);
+  auto y = torch::empty({rows, n_out}, x.options());
+  auto xc = x.contiguous();
+  std::vector<float> xf_storage;
+  const float* xf;
+  if (x.scalar_type() == torch::kFloat32) {
+    xf = xc.data_ptr<float>();
+  } else {
+    xf_storage.resize(rows * k_in);
+    const bf16* src = xc.data_ptr<bf16>();
+    for (int64_t i = 0; i < rows * k_in; ++i) xf_storage[i] = static_cast<float>(src[i]);
+    xf = xf_storage.data();
+  }
   torch::Tensor bf;
   if (bias.has_value()) bf = bias->to(torch::kFloat32).contiguous();
   const float* b = bias.has_value() ? bf.data_ptr<float>() : nullptr;
+  auto launch = [&](auto weight_tag, auto out_tag) {
+    using W = decltype(weight_tag);
+    using Y = decltype(out_tag);
+    linear_packed_impl<W, Y>(xf, packed.data_ptr<W>(), b, y.data_ptr<Y>(), rows, n_out, k_in);
+  };
+  const bool f32_out = x.scalar_type() == torch::kFloat32;
   if (packed.scalar_type() == torch::kFloat32) {
-    linear_packed_impl<float>(xf.data_ptr<float>(), packed.data_ptr<float>(), b,
-                              y.data_ptr<float>(), x.size(0), n_out, x.size(1));
+    f32_out ? launch(float{}, float{}) : launch(float{}, bf16{});
   } else if (packed.scalar_type() == torch::kBFloat16) {
-    linear_packed_impl<bf16>(xf.data_ptr<float>(), packed.data_ptr<bf16>(), b,
-                             y.data_ptr<float>(), x.size(0), n_out, x.size(1));
+    f32_out ? launch(bf16{}, float{}) : launch(bf16{}, bf16{});
   } else {
     TORCH_CHECK(false, "linear_packed: float32 or bfloat16 weights only");
   }
-  return x.scalar_type() == torch::kFloat32 ? y : y.to(x.scalar_type());
+  return y;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
