@@ -180,3 +180,53 @@ def test_rotary_in_place_equals_apply_rotary_and_leaves_v_alone(dtype):
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(qkv[:, :8].double(), expected, rtol=tol, atol=tol)
     assert torch.equal(qkv[:, 8:], v_before)
+
+
+def reference_causal(q, k, v, scale):
+    """float64 causal attention of one sequence: q (L, H, D), k, v (L, KVH, D)."""
+    length, heads, _ = q.shape
+    group = heads // k.shape[1]
+    qq = q.double().transpose(0, 1)
+    kk = k.double().repeat_interleave(group, 1).transpose(0, 1)
+    vv = v.double().repeat_interleave(group, 1).transpose(0, 1)
+    scores = qq @ kk.transpose(-1, -2) * scale
+    scores = scores.masked_fill(torch.ones(length, length, dtype=torch.bool).triu(1), -math.inf)
+    out = torch.softmax(scores, -1) @ vv
+    return out.transpose(0, 1), torch.logsumexp(scores, -1).transpose(0, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 32), (6, 2, 16), (8, 1, 128), (2, 2, 48)])
+def test_prefill_attention_equals_float64(dtype, heads, kv_heads, head_dim):
+    from infinite_llm.kernels.cpu import prefill_attention
+
+    # Lengths around the 32-token task and 64-key block edges, in one call, from the
+    # strided views of a fused qkv as the model passes them.
+    lengths = [1, 5, 31, 32, 33, 64, 65, 130]
+    g = torch.Generator().manual_seed(heads * head_dim)
+    qkv = torch.randn(sum(lengths) + 3, heads + 2 * kv_heads, head_dim, generator=g).to(dtype)
+    q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)
+    starts = [3 + sum(lengths[:i]) for i in range(len(lengths))]  # rows 0-2 belong to no one
+    seqs = torch.tensor([[s, n] for s, n in zip(starts, lengths)])
+    out = torch.full((qkv.shape[0], heads, head_dim), 7.0, dtype=dtype)
+    lse = torch.full((qkv.shape[0], heads), 7.0)
+    scale = head_dim**-0.5
+    prefill_attention(q, k, v, seqs, scale, out, lse)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for s, n in zip(starts, lengths):
+        ref_out, ref_lse = reference_causal(q[s : s + n], k[s : s + n], v[s : s + n], scale)
+        torch.testing.assert_close(out[s : s + n].double(), ref_out, rtol=tol, atol=tol)
+        torch.testing.assert_close(lse[s : s + n].double(), ref_lse, rtol=1e-5, atol=1e-5)
+    assert (out[:3] == 7.0).all() and (lse[:3] == 7.0).all()  # rows of no sequence untouched
+
+
+def test_prefill_attention_refuses_bad_sequences():
+    from infinite_llm.kernels.cpu import prefill_attention
+
+    q = torch.randn(10, 4, 32)
+    out = torch.empty_like(q)
+    with pytest.raises(RuntimeError, match="runs past the rows"):
+        prefill_attention(q, q, q, torch.tensor([[4, 7]]), 0.1, out)
+    with pytest.raises(RuntimeError, match="head_dim"):
+        x = torch.randn(10, 4, 24)
+        prefill_attention(x, x, x, torch.tensor([[0, 10]]), 0.1, torch.empty_like(x))

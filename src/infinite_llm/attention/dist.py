@@ -30,7 +30,13 @@ import torch
 
 from infinite_llm.attention.merge import merge
 from infinite_llm.attention.micro import KVRun, causal_attention, micro_attention
-from infinite_llm.kernels.cpu import paged_decode_attention_owners
+from infinite_llm.config import ModelConfig
+from infinite_llm.kernels.cpu import (
+    paged_decode_attention_owners,
+    paged_decode_supported,
+    prefill_attention,
+    prefill_attention_supported,
+)
 from infinite_llm.memory.kv_cache import KVCache
 from infinite_llm.memory.rblock import RBlock
 
@@ -43,6 +49,21 @@ class KVLayout:
     dtype: torch.dtype
     # Decodes go to the paged CPU kernel (blocks read in place, no mask, no padding).
     decode_kernel: bool = False
+    # Prompts from token 0 go to the CPU prefill kernel (flat rows: no padding, no gather).
+    prefill_kernel: bool = False
+
+    @staticmethod
+    def for_model(
+        config: ModelConfig, block_size: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> KVLayout:
+        """The layout of this model's cache, with each kernel where it takes the shapes."""
+        heads, head_dim = config.num_attention_heads, config.head_dim
+        return KVLayout(
+            block_size,
+            dtype,
+            decode_kernel=paged_decode_supported(device, dtype, heads, head_dim, block_size),
+            prefill_kernel=prefill_attention_supported(device, dtype, head_dim),
+        )
 
 
 @dataclass(frozen=True)
@@ -84,6 +105,10 @@ class AttentionBatch:
     parts: tuple[Part, ...]  # the history, per owner
     in_order: bool  # the batch is every flat token, in order: no gather or scatter needed
     own_chunk: bool  # also attend causally to the chunk's own k, v, from this step
+    # Prompts from token 0, for the prefill kernel: (S, 2) first flat row and length of
+    # each. They have no history, and the kernel reads and writes the flat rows, so
+    # token_index is empty and nothing is padded.
+    fresh: torch.Tensor | None = None
 
 
 def _pad(rows: list[list[int]], fill: int = 0) -> torch.Tensor:
@@ -149,6 +174,13 @@ def build_batches(spans: list[SeqSpan], layout: KVLayout) -> list[AttentionBatch
     by_length: dict[int, list[SeqSpan]] = {}
     for span in fresh:
         by_length.setdefault(int(2 * math.log2(span.num_tokens)), []).append(span)
+    if layout.prefill_kernel and fresh:
+        rows = torch.tensor([[s.flat_start, s.num_tokens] for s in fresh], dtype=torch.int64)
+        empty = torch.zeros(0, 1, dtype=torch.int64)
+        batches = [AttentionBatch(empty, None, (), False, own_chunk=True, fresh=rows)]
+        by_length = {}
+    else:
+        batches = []
     groups = [*by_length.values(), later]
     if len(decodes) >= _BUCKET_MIN_DECODES and not layout.decode_kernel:
         buckets: dict[int, list[SeqSpan]] = {}
@@ -158,7 +190,7 @@ def build_batches(spans: list[SeqSpan], layout: KVLayout) -> list[AttentionBatch
         groups += buckets.values()
     else:
         groups.append(decodes)
-    return [build_batch(group, layout) for group in groups if group]
+    return batches + [build_batch(group, layout) for group in groups if group]
 
 
 @dataclass(frozen=True)
@@ -197,6 +229,7 @@ def batch_queries(batch: AttentionBatch, q: torch.Tensor) -> torch.Tensor:
 def finish_batch(
     batch: AttentionBatch,
     partials: list[tuple[torch.Tensor, torch.Tensor]],
+    q: torch.Tensor,
     qb: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -204,7 +237,11 @@ def finish_batch(
     out: torch.Tensor,
 ) -> None:
     """Merge a batch's history partials with its own chunk's causal attention and write
-    the real queries' rows into the flat ``out`` (N, H, D)."""
+    the real queries' rows into the flat ``out`` (N, H, D). Fresh prompts go from the
+    flat q, k, v straight to ``out`` through the prefill kernel."""
+    if batch.fresh is not None:
+        prefill_attention(q, k, v, batch.fresh, scale, out)
+        return
     index = batch.token_index.view(-1)
     if batch.own_chunk:
         kb = k[index].view(*batch.token_index.shape, *k.shape[1:])
@@ -249,7 +286,7 @@ class DistAttention:
         out = torch.empty_like(q)
         for b in self.batches:
             qb = batch_queries(b, q)
-            finish_batch(b, self._history(layer, qb, b.parts), qb, k, v, self.scale, out)
+            finish_batch(b, self._history(layer, qb, b.parts), q, qb, k, v, self.scale, out)
         return out
 
     def _history(

@@ -129,7 +129,7 @@ class ExchangeAttention:
                 else:
                     o, lse = received[(part.owner, i)]
                     partials.append((o.to(q.dtype), lse))
-            finish_batch(b, partials, qb, k, v, self.scale, out)
+            finish_batch(b, partials, q, qb, k, v, self.scale, out)
         return out
 
     def serve(self, layer: int) -> None:

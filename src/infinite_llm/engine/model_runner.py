@@ -10,7 +10,6 @@ from infinite_llm.attention.dist import DistAttention, KVLayout, KVWrites, SeqSp
 from infinite_llm.engine.sampler import SampledToken, Sampler, SampleRequest
 from infinite_llm.engine.sampling_params import SamplingParams
 from infinite_llm.engine.scheduler import ScheduledChunk, SchedulerOutput
-from infinite_llm.kernels.cpu import paged_decode_supported
 from infinite_llm.memory.kv_cache import KVCache
 from infinite_llm.model.checkpoint import Checkpoint
 from infinite_llm.model.cpu_linear import use_cpu_linears
@@ -58,17 +57,7 @@ class ModelRunner:
         weight = next(model.parameters())
         block_size = next(iter(kv_caches.values())).block_size
         self.block_size = block_size
-        self.layout = KVLayout(
-            block_size,
-            weight.dtype,
-            decode_kernel=paged_decode_supported(
-                weight.device,
-                weight.dtype,
-                config.num_attention_heads,
-                config.head_dim,
-                block_size,
-            ),
-        )
+        self.layout = KVLayout.for_model(config, block_size, weight.dtype, weight.device)
 
     @torch.inference_mode()
     def execute(

@@ -138,3 +138,32 @@ def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -
     """Rotate, in place, the first ``heads`` heads of x (N, all heads, D) by each token's
     cos, sin (N, 1, D), in the rotate-half layout."""
     cpu_kernels().rotary_(x, cos, sin, heads)
+
+
+def prefill_attention_supported(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether ``prefill_attention`` takes this model's q, k, v."""
+    return (
+        torch.device(device).type == "cpu"
+        and dtype in _DTYPES
+        and head_dim % 16 == 0
+        and head_dim <= 256
+        and cpu_kernels() is not None
+    )
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seqs: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    lse: torch.Tensor | None = None,
+) -> None:
+    """Causal attention of whole sequences over their own keys, from the flat rows.
+
+    q (N, H, D), k and v (N, KVH, D) may be strided views of a fused qkv; ``seqs`` (S, 2)
+    holds each sequence's first row and length; token t of a sequence sees its keys
+    0..t. Fills those rows of ``out`` (N, H, D, contiguous) and of ``lse`` (N, H) if given.
+    """
+    cpu_kernels().prefill_attention(q, k, v, seqs, scale, out, lse)

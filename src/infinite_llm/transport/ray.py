@@ -41,7 +41,6 @@ from infinite_llm.engine.model_runner import InstanceFailure, build_model, prepa
 from infinite_llm.engine.sampler import SampledToken, Sampler, SampleRequest
 from infinite_llm.engine.sampling_params import SamplingParams
 from infinite_llm.engine.scheduler import SchedulerOutput
-from infinite_llm.kernels.cpu import paged_decode_supported
 from infinite_llm.memory.kv_cache import KVCache
 from infinite_llm.model.checkpoint import load_checkpoint
 from infinite_llm.transport.collective import Exchange
@@ -68,12 +67,7 @@ class InstanceActor:
         self.block_size = block_size
         self.scale = config.head_dim**-0.5
         self.shapes = Shapes(config.num_attention_heads, config.num_key_value_heads, config.head_dim)
-        self.layout = KVLayout(
-            block_size, weight_dtype,
-            decode_kernel=paged_decode_supported(
-                "cpu", weight_dtype, config.num_attention_heads, config.head_dim, block_size
-            ),
-        )
+        self.layout = KVLayout.for_model(config, block_size, weight_dtype)
         self.alive: list[int] = []
         self._mute_until = 0.0
 

@@ -13,11 +13,16 @@
 //   the weights once at memory speed); arithmetic is float32, rounded once, as a bfloat16
 //   GEMM does. Every row's sum runs over k in the same order whatever the batch, so a
 //   row's result does not depend on the rows beside it.
+// prefill_attention: causal attention of prompts over their own keys, read from the flat
+//   (strided) q, k, v rows with no padding, gather or GQA copies; tasks of 16 tokens x one
+//   KV head's query heads, key blocks of 64 through register-tiled products and an
+//   online softmax.
 // rms_norm, silu_and_mul, rotary_: one pass each where PyTorch makes several (and in bfloat16
 //   several upcast copies): milliseconds per decode step at batch 1.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -292,6 +297,224 @@ void linear_packed_impl(const float* x, const W* packed, const float* bias, Y* y
   });
 }
 
+// ---- causal prefill attention over flat rows -----------------------------------------
+
+constexpr int kPrefillTokens = 32;  // query tokens per task (times the heads of a KV group)
+constexpr int kKeyBlock = 64;       // keys per step of the online softmax
+
+inline void store_row(float* dst, const float* src, int64_t n) { std::copy(src, src + n, dst); }
+inline void store_row(bf16* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16(src[i]);
+}
+
+// st (R keys x W query rows, row stride W) = keys (R x D, row stride ldk) . qt (D x W):
+// R <= 6 keys, 16 query rows per pass; W a multiple of 16.
+template <int R>
+inline void scores_tile(const float* keys, int64_t ldk, const float* qt, int64_t width,
+                        int64_t head_dim, float* st) {
+  for (int64_t c = 0; c < width; c += 16) {
+    __m256 acc0[R], acc1[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      acc0[r] = _mm256_setzero_ps();
+      acc1[r] = _mm256_setzero_ps();
+    }
+    for (int64_t d = 0; d < head_dim; ++d) {
+      const __m256 q0 = _mm256_loadu_ps(qt + d * width + c);
+      const __m256 q1 = _mm256_loadu_ps(qt + d * width + c + 8);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m256 a = _mm256_broadcast_ss(keys + r * ldk + d);
+        acc0[r] = _mm256_fmadd_ps(a, q0, acc0[r]);
+        acc1[r] = _mm256_fmadd_ps(a, q1, acc1[r]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      _mm256_storeu_ps(st + r * width + c, acc0[r]);
+      _mm256_storeu_ps(st + r * width + c + 8, acc1[r]);
+    }
+  }
+}
+
+// o (R x 8V dims) += p^T (R query rows of pt: keys x W) . values (keys x 8V dims, row
+// stride ldv): R <= 3 query rows.
+template <int R, int V>
+inline void values_pass(const float* pt, int64_t width, int64_t keys, const float* values,
+                        int64_t ldv, int64_t head_dim, float* o) {
+  __m256 acc[R][V];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int j = 0; j < V; ++j) acc[r][j] = _mm256_loadu_ps(o + r * head_dim + 8 * j);
+  }
+  for (int64_t t = 0; t < keys; ++t) {
+    __m256 w[V];
+#pragma GCC unroll 4
+    for (int j = 0; j < V; ++j) w[j] = _mm256_loadu_ps(values + t * ldv + 8 * j);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m256 a = _mm256_broadcast_ss(pt + t * width + r);
+#pragma GCC unroll 4
+      for (int j = 0; j < V; ++j) acc[r][j] = _mm256_fmadd_ps(a, w[j], acc[r][j]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int j = 0; j < V; ++j) _mm256_storeu_ps(o + r * head_dim + 8 * j, acc[r][j]);
+  }
+}
+
+// All D dims (a multiple of 16): passes of 32, then one of 16.
+template <int R>
+inline void values_tile(const float* pt, int64_t width, int64_t keys, const float* values,
+                        int64_t ldv, int64_t head_dim, float* o) {
+  int64_t c = 0;
+  for (; c + 32 <= head_dim; c += 32) values_pass<R, 4>(pt, width, keys, values + c, ldv, head_dim, o + c);
+  if (c < head_dim) values_pass<R, 2>(pt, width, keys, values + c, ldv, head_dim, o + c);
+}
+
+// Rows of one KV head's keys or values as float32: in place for float32, else converted.
+inline const float* head_rows(const float* src, int64_t ld, int64_t, int64_t, float*, int64_t* out_ld) {
+  *out_ld = ld;
+  return src;
+}
+inline const float* head_rows(const bf16* src, int64_t ld, int64_t n, int64_t head_dim, float* dst,
+                              int64_t* out_ld) {
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t d = 0; d < head_dim; d += 8) _mm256_storeu_ps(dst + j * head_dim + d, load8(src + j * ld + d));
+  }
+  *out_ld = head_dim;
+  return dst;
+}
+
+// One task: tokens [t0, t1) of a sequence, the `group` query heads of KV head `kvh`.
+// Query rows are (token, head) pairs: row r = token t0 + r / group, head kvh * group +
+// r % group, padded to a multiple of 16. Keys 0 .. t1 - 1 in blocks of 64 with an online
+// softmax; token t sees keys 0..t. Scores are kept keys x rows, so the softmax runs down
+// columns, 8 query rows per instruction.
+template <typename T>
+void prefill_task(const T* q, int64_t q_row, const T* k, int64_t k_row, const T* v, int64_t v_row,
+                  T* out, float* lse, int64_t heads, int64_t group, int64_t kvh, int64_t head_dim,
+                  int64_t t0, int64_t t1, float scale, std::vector<float>& buf) {
+  const int64_t rows = (t1 - t0) * group;
+  const int64_t width = (rows + 15) / 16 * 16;
+  buf.resize(head_dim * width + rows * head_dim + kKeyBlock * width + 2 * kKeyBlock * head_dim + 2 * width);
+  float* qt = buf.data();                // D x width, scaled queries transposed
+  float* o = qt + head_dim * width;      // rows x D, running sums
+  float* st = o + rows * head_dim;       // 64 keys x width: scores, then probabilities
+  float* kb = st + kKeyBlock * width;    // a key block as float32 (bfloat16 inputs)
+  float* vb = kb + kKeyBlock * head_dim; // a value block as float32 (bfloat16 inputs)
+  float* m = vb + kKeyBlock * head_dim;  // running max per row
+  float* l = m + width;                  // running sum per row
+  std::fill(qt, qt + head_dim * width, 0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* qr = q + (t0 + r / group) * q_row + (kvh * group + r % group) * head_dim;
+    for (int64_t d = 0; d < head_dim; ++d) qt[d * width + r] = to_float(qr[d]) * scale;
+  }
+  std::fill(o, o + rows * head_dim, 0.0f);
+  std::fill(m, m + width, -std::numeric_limits<float>::infinity());
+  std::fill(l, l + width, 0.0f);
+  const T* k_head = k + kvh * head_dim;
+  const T* v_head = v + kvh * head_dim;
+  for (int64_t j0 = 0; j0 < t1; j0 += kKeyBlock) {
+    const int64_t keys = std::min<int64_t>(kKeyBlock, t1 - j0);
+    int64_t ldk, ldv;
+    const float* kf = head_rows(k_head + j0 * k_row, k_row, keys, head_dim, kb, &ldk);
+    const float* vf = head_rows(v_head + j0 * v_row, v_row, keys, head_dim, vb, &ldv);
+    for (int64_t j = 0; j < keys; j += 6) {
+      switch (std::min<int64_t>(6, keys - j)) {
+        case 6: scores_tile<6>(kf + j * ldk, ldk, qt, width, head_dim, st + j * width); break;
+        case 5: scores_tile<5>(kf + j * ldk, ldk, qt, width, head_dim, st + j * width); break;
+        case 4: scores_tile<4>(kf + j * ldk, ldk, qt, width, head_dim, st + j * width); break;
+        case 3: scores_tile<3>(kf + j * ldk, ldk, qt, width, head_dim, st + j * width); break;
+        case 2: scores_tile<2>(kf + j * ldk, ldk, qt, width, head_dim, st + j * width); break;
+        default: scores_tile<1>(kf + j * ldk, ldk, qt, width, head_dim, st + j * width); break;
+      }
+    }
+    if (j0 + keys > t0) {  // the block reaches this task's own tokens: mask later keys
+      for (int64_t j = 0; j < keys; ++j) {
+        float* sj = st + j * width;
+        for (int64_t r = 0; r < rows; ++r) {
+          if (j0 + j > t0 + r / group) sj[r] = -std::numeric_limits<float>::infinity();
+        }
+      }
+    }
+    for (int64_t c = 0; c < width; c += 8) {  // online softmax down each column of 8 rows
+      __m256 mx = _mm256_loadu_ps(m + c);
+      for (int64_t j = 0; j < keys; ++j) mx = _mm256_max_ps(mx, _mm256_loadu_ps(st + j * width + c));
+      // exp(old max - new max): 0 on the first block (old max -inf); padding rows stay -inf
+      const __m256 old = _mm256_loadu_ps(m + c);
+      const __m256 finite = _mm256_cmp_ps(mx, _mm256_set1_ps(-std::numeric_limits<float>::infinity()), _CMP_NEQ_OQ);
+      const __m256 safe_max = _mm256_and_ps(mx, finite);
+      const __m256 rescale = _mm256_and_ps(exp8(_mm256_sub_ps(old, safe_max)), finite);
+      __m256 sum = _mm256_setzero_ps();
+      for (int64_t j = 0; j < keys; ++j) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(st + j * width + c), safe_max));
+        _mm256_storeu_ps(st + j * width + c, e);
+        sum = _mm256_add_ps(sum, e);
+      }
+      _mm256_storeu_ps(l + c, _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(l + c), rescale), sum));
+      _mm256_storeu_ps(m + c, mx);
+      alignas(32) float rs[8];
+      _mm256_store_ps(rs, rescale);
+      for (int64_t i = 0; i < 8 && c + i < rows; ++i) {
+        if (rs[i] != 1.0f) {
+          float* orow = o + (c + i) * head_dim;
+          for (int64_t d = 0; d < head_dim; ++d) orow[d] *= rs[i];
+        }
+      }
+    }
+    for (int64_t r = 0; r < rows; r += 3) {
+      switch (std::min<int64_t>(3, rows - r)) {
+        case 3: values_tile<3>(st + r, width, keys, vf, ldv, head_dim, o + r * head_dim); break;
+        case 2: values_tile<2>(st + r, width, keys, vf, ldv, head_dim, o + r * head_dim); break;
+        default: values_tile<1>(st + r, width, keys, vf, ldv, head_dim, o + r * head_dim); break;
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = t0 + r / group, h = kvh * group + r % group;
+    const float inv = 1.0f / l[r];
+    float* orow = o + r * head_dim;
+    for (int64_t d = 0; d < head_dim; ++d) orow[d] *= inv;
+    store_row(out + (t * heads + h) * head_dim, orow, head_dim);
+    if (lse) lse[t * heads + h] = m[r] + std::log(l[r]);
+  }
+}
+
+template <typename T>
+void prefill_attention_impl(const T* q, int64_t q_row, const T* k, int64_t k_row, const T* v,
+                            int64_t v_row, T* out, float* lse, const int64_t* seqs, int64_t num_seqs,
+                            int64_t heads, int64_t kv_heads, int64_t head_dim, float scale) {
+  // Tasks: (sequence, KV head, block of tokens), the longest (latest) blocks first.
+  struct Task { int64_t start, t0, t1, kvh; };
+  std::vector<Task> tasks;
+  for (int64_t i = 0; i < num_seqs; ++i) {
+    const int64_t start = seqs[2 * i], length = seqs[2 * i + 1];
+    for (int64_t t0 = 0; t0 < length; t0 += kPrefillTokens) {
+      for (int64_t h = 0; h < kv_heads; ++h)
+        tasks.push_back({start, t0, std::min<int64_t>(length, t0 + kPrefillTokens), h});
+    }
+  }
+  std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.t1 > b.t1; });
+  const int64_t group = heads / kv_heads;
+  const int64_t n = static_cast<int64_t>(tasks.size());
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    std::vector<float> buf;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < n; ++i) {
+      const Task& task = tasks[i];
+      const int64_t st = task.start;
+      prefill_task<T>(q + st * q_row, q_row, k + st * k_row, k_row, v + st * v_row, v_row,
+                      out + st * heads * head_dim, lse ? lse + st * heads : nullptr, heads,
+                      group, task.kvh, head_dim, task.t0, task.t1, scale, buf);
+    }
+  }
+}
+
 template <typename T>
 void rms_norm_impl(const T* x, const T* weight, T* out, int64_t rows, int64_t size, float eps) {
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
@@ -528,10 +751,54 @@ torch::Tensor linear_packed(torch::Tensor x, torch::Tensor packed, c10::optional
   return y;
 }
 
+void prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor seqs,
+                       double scale, torch::Tensor out, c10::optional<torch::Tensor> lse) {
+  // q (N, H, D), k and v (N, KVH, D): rows may be strided views (of a fused qkv), each
+  // head's D contiguous. seqs (S, 2): [first flat row, length] of each sequence, whose
+  // token t attends causally to its keys 0..t. Writes out (N, H, D) contiguous, in q's dtype,
+  // and lse (N, H) float32 if given, for those rows only.
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && k.sizes() == v.sizes() &&
+                  q.size(0) == k.size(0) && q.size(2) == k.size(2),
+              "prefill_attention: q (N, H, D), k and v (N, KVH, D)");
+  const int64_t heads = q.size(1), kv_heads = k.size(1), head_dim = q.size(2);
+  TORCH_CHECK(heads % kv_heads == 0, "prefill_attention: heads must be a multiple of KV heads");
+  TORCH_CHECK(head_dim % 16 == 0 && head_dim <= kMaxHeadDim, "prefill_attention: head_dim");
+  for (const auto& t : {q, k, v}) {
+    TORCH_CHECK(t.stride(2) == 1 && t.stride(1) == head_dim && t.scalar_type() == q.scalar_type(),
+                "prefill_attention: heads must be contiguous rows of one dtype");
+  }
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(),
+              "prefill_attention: out must be a contiguous (N, H, D) of q's dtype");
+  TORCH_CHECK(!lse.has_value() || (lse->is_contiguous() && lse->scalar_type() == torch::kFloat32 &&
+                                   lse->numel() == q.size(0) * heads),
+              "prefill_attention: lse must be a contiguous float32 (N, H)");
+  auto sq = seqs.to(torch::kInt64).contiguous();
+  TORCH_CHECK(sq.dim() == 2 && sq.size(1) == 2, "prefill_attention: seqs (S, 2)");
+  const int64_t* sp = sq.data_ptr<int64_t>();
+  for (int64_t i = 0; i < sq.size(0); ++i) {
+    TORCH_CHECK(sp[2 * i] >= 0 && sp[2 * i + 1] >= 0 && sp[2 * i] + sp[2 * i + 1] <= q.size(0),
+                "prefill_attention: a sequence runs past the rows");
+  }
+  float* lp = lse.has_value() ? lse->data_ptr<float>() : nullptr;
+  const float s = static_cast<float>(scale);
+  if (q.scalar_type() == torch::kFloat32) {
+    prefill_attention_impl<float>(q.data_ptr<float>(), q.stride(0), k.data_ptr<float>(), k.stride(0),
+                                  v.data_ptr<float>(), v.stride(0), out.data_ptr<float>(), lp, sp,
+                                  sq.size(0), heads, kv_heads, head_dim, s);
+  } else if (q.scalar_type() == torch::kBFloat16) {
+    prefill_attention_impl<bf16>(q.data_ptr<bf16>(), q.stride(0), k.data_ptr<bf16>(), k.stride(0),
+                                 v.data_ptr<bf16>(), v.stride(0), out.data_ptr<bf16>(), lp, sp,
+                                 sq.size(0), heads, kv_heads, head_dim, s);
+  } else {
+    TORCH_CHECK(false, "prefill_attention: float32 or bfloat16 only");
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention);
   m.def("pack_weight", &pack_weight);
   m.def("linear_packed", &linear_packed);
+  m.def("prefill_attention", &prefill_attention);
   m.def("rms_norm", &rms_norm);
   m.def("silu_and_mul", &silu_and_mul);
   m.def("rotary_", &rotary_);
