@@ -53,7 +53,7 @@ def reference_attention(q, k_cache, v_cache, table, kv_len, scale):
     num_q=st.integers(1, 2),
     kv_heads=st.integers(1, 3),
     group=st.sampled_from([1, 2, 3, 4]),
-    dim=st.sampled_from([8, 16, 64]),
+    dim=st.sampled_from([8, 16, 24, 40, 64]),
     block_size=st.sampled_from([1, 3, 16, 64]),
     max_len=st.integers(0, 90),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),

@@ -75,6 +75,56 @@ constexpr int kMaxRows = 32;   // query rows (queries x heads) one task holds
 constexpr int kMaxHeadDim = 256;
 constexpr int kMaxBlock = 64;  // tokens per block
 
+// acc (R rows x 8V floats, row stride lda) += p (R rows x ntok, row stride ldp) . values
+// (ntok x 8V, row stride ldv): the value rows are read once for all R rows.
+template <int R, int V, typename T>
+inline void values_block_rv(const float* p, int64_t ldp, int64_t ntok, const T* values,
+                            int64_t ldv, float* acc, int64_t lda) {
+  __m256 a[R][V];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int j = 0; j < V; ++j) a[r][j] = _mm256_load_ps(acc + r * lda + 8 * j);
+  }
+  for (int64_t t = 0; t < ntok; ++t) {
+    __m256 w[V];
+#pragma GCC unroll 4
+    for (int j = 0; j < V; ++j) w[j] = load8(values + t * ldv + 8 * j);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m256 b = _mm256_broadcast_ss(p + r * ldp + t);
+#pragma GCC unroll 4
+      for (int j = 0; j < V; ++j) a[r][j] = _mm256_fmadd_ps(b, w[j], a[r][j]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int j = 0; j < V; ++j) _mm256_store_ps(acc + r * lda + 8 * j, a[r][j]);
+  }
+}
+
+template <typename T, int R>
+inline void values_block_r(int nv, const float* p, int64_t ldp, int64_t ntok, const T* values,
+                           int64_t ldv, float* acc, int64_t lda) {
+  switch (nv) {
+    case 4: values_block_rv<R, 4>(p, ldp, ntok, values, ldv, acc, lda); break;
+    case 3: values_block_rv<R, 3>(p, ldp, ntok, values, ldv, acc, lda); break;
+    case 2: values_block_rv<R, 2>(p, ldp, ntok, values, ldv, acc, lda); break;
+    default: values_block_rv<R, 1>(p, ldp, ntok, values, ldv, acc, lda); break;
+  }
+}
+
+template <typename T>
+inline void values_block(int rows, int nv, const float* p, int64_t ldp, int64_t ntok,
+                         const T* values, int64_t ldv, float* acc, int64_t lda) {
+  switch (rows) {
+    case 3: values_block_r<T, 3>(nv, p, ldp, ntok, values, ldv, acc, lda); break;
+    case 2: values_block_r<T, 2>(nv, p, ldp, ntok, values, ldv, acc, lda); break;
+    default: values_block_r<T, 1>(nv, p, ldp, ntok, values, ldv, acc, lda); break;
+  }
+}
+
 // One task is a sequence and a range of its KV heads: with many sequences, all heads
 // (each block is then read front to back, which the prefetcher likes); with few, one
 // KV head per task so that both cores work.
@@ -167,16 +217,17 @@ void paged_decode_attention_impl(
                 _mm256_store_ps(acc[r] + 8 * v, _mm256_mul_ps(_mm256_load_ps(acc[r] + 8 * v), c));
             }
           }
-          for (int64_t t = 0; t < ntok; ++t) {
-            const T* vt = vb + t * token_stride;
-            for (int64_t r = 0; r < rows; ++r) {
-              const T* vr = vt + row_offset[r];
-              const __m256 p = _mm256_set1_ps(scores[r][t]);
-              for (int64_t v = 0; v < vecs; ++v) {
-                float* a = acc[r] + 8 * v;
-                _mm256_store_ps(a, _mm256_fmadd_ps(p, load8(vr + 8 * v), _mm256_load_ps(a)));
-              }
+          // Rows that share a KV head (up to 3) take each value row once, with their
+          // sums in registers across the block's tokens.
+          for (int64_t r = 0; r < rows;) {
+            int n = 1;
+            while (n < 3 && r + n < rows && row_offset[r + n] == row_offset[r]) ++n;
+            for (int64_t c = 0; c < head_dim; c += 32) {
+              const int nv = static_cast<int>(std::min<int64_t>(4, (head_dim - c) / 8));
+              values_block<T>(n, nv, &scores[r][0], kMaxBlock, ntok, vb + row_offset[r] + c,
+                              token_stride, &acc[r][c], kMaxHeadDim);
             }
+            r += n;
           }
         }
       }
