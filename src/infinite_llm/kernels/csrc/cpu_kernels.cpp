@@ -75,6 +75,54 @@ constexpr int kMaxRows = 32;   // query rows (queries x heads) one task holds
 constexpr int kMaxHeadDim = 256;
 constexpr int kMaxBlock = 64;  // tokens per block
 
+// Four 8-lane sums -> their four totals, in order.
+inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// scores[i][t] = q[i] . keys[t] for R query rows (row stride kMaxHeadDim, kMaxBlock for
+// scores) and ntok key rows (stride ldk) of 8 * vecs floats. Four keys at a time: 4R
+// accumulators, each key vector loaded once for the R rows, one reduction per 4 scores.
+template <int R, typename T>
+inline void scores_block(const float* q, const T* keys, int64_t ldk, int64_t ntok, int64_t vecs,
+                         float* scores) {
+  int64_t t = 0;
+  for (; t + 4 <= ntok; t += 4) {
+    __m256 acc[R][4];
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_ps();
+    }
+    const T* kt = keys + t * ldk;
+    for (int64_t v = 0; v < vecs; ++v) {
+      __m256 k[4];
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) k[j] = load8(kt + j * ldk + 8 * v);
+#pragma GCC unroll 4
+      for (int i = 0; i < R; ++i) {
+        const __m256 qv = _mm256_load_ps(q + i * kMaxHeadDim + 8 * v);
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_fmadd_ps(qv, k[j], acc[i][j]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i)
+      _mm_storeu_ps(scores + i * kMaxBlock + t, hsum4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]));
+  }
+  for (; t < ntok; ++t) {
+    const T* kr = keys + t * ldk;
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) {
+      __m256 a = _mm256_setzero_ps();
+      for (int64_t v = 0; v < vecs; ++v)
+        a = _mm256_fmadd_ps(_mm256_load_ps(q + i * kMaxHeadDim + 8 * v), load8(kr + 8 * v), a);
+      scores[i * kMaxBlock + t] = hsum(a);
+    }
+  }
+}
+
 // acc (R rows x 8V floats, row stride lda) += p (R rows x ntok, row stride ldp) . values
 // (ntok x 8V, row stride ldv): the value rows are read once for all R rows.
 template <int R, int V, typename T>
@@ -177,19 +225,17 @@ void paged_decode_attention_impl(
           const int64_t base = run.table[b * run.table_width + blk] * block_size * token_stride;
           const T* kb = run.k_cache + base;
           const T* vb = run.v_cache + base;
-          for (int64_t t = 0; t < ntok; ++t) {
-            const T* kt = kb + t * token_stride;
-            for (int64_t r = 0; r < rows; ++r) {
-              const T* kr = kt + row_offset[r];
-              __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-              int64_t v = 0;
-              for (; v + 1 < vecs; v += 2) {
-                s0 = _mm256_fmadd_ps(_mm256_load_ps(qf[r] + 8 * v), load8(kr + 8 * v), s0);
-                s1 = _mm256_fmadd_ps(_mm256_load_ps(qf[r] + 8 * v + 8), load8(kr + 8 * v + 8), s1);
-              }
-              if (v < vecs) s0 = _mm256_fmadd_ps(_mm256_load_ps(qf[r] + 8 * v), load8(kr + 8 * v), s0);
-              scores[r][t] = hsum(_mm256_add_ps(s0, s1));
+          // Rows that share a KV head (up to 3) score 4 keys at a time together.
+          for (int64_t r = 0; r < rows;) {
+            int n = 1;
+            while (n < 3 && r + n < rows && row_offset[r + n] == row_offset[r]) ++n;
+            const T* keys = kb + row_offset[r];
+            switch (n) {
+              case 3: scores_block<3>(&qf[r][0], keys, token_stride, ntok, vecs, &scores[r][0]); break;
+              case 2: scores_block<2>(&qf[r][0], keys, token_stride, ntok, vecs, &scores[r][0]); break;
+              default: scores_block<1>(&qf[r][0], keys, token_stride, ntok, vecs, &scores[r][0]); break;
             }
+            r += n;
           }
           for (int64_t r = 0; r < rows; ++r) {
             float block_max = scores[r][0];
