@@ -97,14 +97,15 @@ inline void scores_block(const float* q, const T* keys, int64_t ldk, int64_t nto
     }
     const T* kt = keys + t * ldk;
     for (int64_t v = 0; v < vecs; ++v) {
-      __m256 k[4];
+      // R query vectors + 4R sums + one key vector at a time: at most 16 registers.
+      __m256 qv[R];
 #pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) k[j] = load8(kt + j * ldk + 8 * v);
+      for (int i = 0; i < R; ++i) qv[i] = _mm256_load_ps(q + i * kMaxHeadDim + 8 * v);
 #pragma GCC unroll 4
-      for (int i = 0; i < R; ++i) {
-        const __m256 qv = _mm256_load_ps(q + i * kMaxHeadDim + 8 * v);
+      for (int j = 0; j < 4; ++j) {
+        const __m256 k = load8(kt + j * ldk + 8 * v);
 #pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_fmadd_ps(qv, k[j], acc[i][j]);
+        for (int i = 0; i < R; ++i) acc[i][j] = _mm256_fmadd_ps(qv[i], k, acc[i][j]);
       }
     }
 #pragma GCC unroll 4
@@ -135,14 +136,15 @@ inline void values_block_rv(const float* p, int64_t ldp, int64_t ntok, const T* 
     for (int j = 0; j < V; ++j) a[r][j] = _mm256_load_ps(acc + r * lda + 8 * j);
   }
   for (int64_t t = 0; t < ntok; ++t) {
-    __m256 w[V];
+    // R weights + R * V sums + one value vector at a time: at most 16 registers.
+    __m256 b[R];
 #pragma GCC unroll 4
-    for (int j = 0; j < V; ++j) w[j] = load8(values + t * ldv + 8 * j);
+    for (int r = 0; r < R; ++r) b[r] = _mm256_broadcast_ss(p + r * ldp + t);
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      const __m256 b = _mm256_broadcast_ss(p + r * ldp + t);
+    for (int j = 0; j < V; ++j) {
+      const __m256 w = load8(values + t * ldv + 8 * j);
 #pragma GCC unroll 4
-      for (int j = 0; j < V; ++j) a[r][j] = _mm256_fmadd_ps(b, w[j], a[r][j]);
+      for (int r = 0; r < R; ++r) a[r][j] = _mm256_fmadd_ps(b[r], w, a[r][j]);
     }
   }
 #pragma GCC unroll 4
@@ -220,31 +222,56 @@ void paged_decode_attention_impl(
       }
       for (const OwnerRun<T>& run : owners) {
         const int64_t length = run.kv_len[b];
-        for (int64_t blk = 0; blk * block_size < length; ++blk) {
-          const int64_t ntok = std::min(block_size, length - blk * block_size);
-          const int64_t base = run.table[b * run.table_width + blk] * block_size * token_stride;
-          const T* kb = run.k_cache + base;
-          const T* vb = run.v_cache + base;
-          // Rows that share a KV head (up to 3) score 4 keys at a time together.
-          for (int64_t r = 0; r < rows;) {
-            int n = 1;
-            while (n < 3 && r + n < rows && row_offset[r + n] == row_offset[r]) ++n;
-            const T* keys = kb + row_offset[r];
-            switch (n) {
-              case 3: scores_block<3>(&qf[r][0], keys, token_stride, ntok, vecs, &scores[r][0]); break;
-              case 2: scores_block<2>(&qf[r][0], keys, token_stride, ntok, vecs, &scores[r][0]); break;
-              default: scores_block<1>(&qf[r][0], keys, token_stride, ntok, vecs, &scores[r][0]); break;
+        // Blocks go kMaxBlock tokens at a time (several small blocks per softmax step).
+        const int64_t per_step = std::max<int64_t>(1, kMaxBlock / block_size);
+        const int64_t num_blocks = (length + block_size - 1) / block_size;
+        const int64_t* table = run.table + b * run.table_width;
+        const int64_t block_bytes = block_size * token_stride * static_cast<int64_t>(sizeof(T));
+        for (int64_t blk0 = 0; blk0 < num_blocks; blk0 += per_step) {
+          const int64_t blk1 = std::min(num_blocks, blk0 + per_step);
+          // Blocks lie anywhere in the pool: ask for the next step's while these are used.
+          for (int64_t nb = blk1; nb < std::min(num_blocks, blk1 + per_step); ++nb) {
+            const char* nk = reinterpret_cast<const char*>(run.k_cache + table[nb] * block_size * token_stride);
+            const char* nv = reinterpret_cast<const char*>(run.v_cache + table[nb] * block_size * token_stride);
+            for (int64_t off = 0; off < block_bytes; off += 64) {
+              _mm_prefetch(nk + off, _MM_HINT_T1);
+              _mm_prefetch(nv + off, _MM_HINT_T1);
             }
-            r += n;
+          }
+          // Scores of every block of the step, side by side; rows that share a KV head (up
+          // to 3) score 4 keys at a time together.
+          int64_t ntok = 0;
+          for (int64_t blk = blk0; blk < blk1; ++blk) {
+            const int64_t n_here = std::min(block_size, length - blk * block_size);
+            const T* kb = run.k_cache + table[blk] * block_size * token_stride;
+            for (int64_t r = 0; r < rows;) {
+              int n = 1;
+              while (n < 3 && r + n < rows && row_offset[r + n] == row_offset[r]) ++n;
+              const T* keys = kb + row_offset[r];
+              float* dst = &scores[r][ntok];
+              switch (n) {
+                case 3: scores_block<3>(&qf[r][0], keys, token_stride, n_here, vecs, dst); break;
+                case 2: scores_block<2>(&qf[r][0], keys, token_stride, n_here, vecs, dst); break;
+                default: scores_block<1>(&qf[r][0], keys, token_stride, n_here, vecs, dst); break;
+              }
+              r += n;
+            }
+            ntok += n_here;
           }
           for (int64_t r = 0; r < rows; ++r) {
-            float block_max = scores[r][0];
-            for (int64_t t = 1; t < ntok; ++t) block_max = std::max(block_max, scores[r][t]);
+            int64_t t = 0;
+            __m256 mx8 = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+            for (; t + 8 <= ntok; t += 8) mx8 = _mm256_max_ps(mx8, _mm256_loadu_ps(scores[r] + t));
+            alignas(32) float lanes[8];
+            _mm256_store_ps(lanes, mx8);
+            float block_max = lanes[0];
+            for (int i = 1; i < 8; ++i) block_max = std::max(block_max, lanes[i]);
+            for (; t < ntok; ++t) block_max = std::max(block_max, scores[r][t]);
             const float new_max = std::max(row_max[r], block_max);
             const float correction = std::exp(row_max[r] - new_max);  // 0 on the first block
             row_max[r] = new_max;
             const __m256 m = _mm256_set1_ps(new_max);
-            int64_t t = 0;
+            t = 0;
             __m256 sum8 = _mm256_setzero_ps();
             for (; t + 8 <= ntok; t += 8) {
               __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores[r] + t), m));
@@ -264,16 +291,22 @@ void paged_decode_attention_impl(
             }
           }
           // Rows that share a KV head (up to 3) take each value row once, with their
-          // sums in registers across the block's tokens.
-          for (int64_t r = 0; r < rows;) {
-            int n = 1;
-            while (n < 3 && r + n < rows && row_offset[r + n] == row_offset[r]) ++n;
-            for (int64_t c = 0; c < head_dim; c += 32) {
-              const int nv = static_cast<int>(std::min<int64_t>(4, (head_dim - c) / 8));
-              values_block<T>(n, nv, &scores[r][0], kMaxBlock, ntok, vb + row_offset[r] + c,
-                              token_stride, &acc[r][c], kMaxHeadDim);
+          // sums in registers across a block's tokens.
+          int64_t offset = 0;
+          for (int64_t blk = blk0; blk < blk1; ++blk) {
+            const int64_t n_here = std::min(block_size, length - blk * block_size);
+            const T* vb = run.v_cache + table[blk] * block_size * token_stride;
+            for (int64_t r = 0; r < rows;) {
+              int n = 1;
+              while (n < 3 && r + n < rows && row_offset[r + n] == row_offset[r]) ++n;
+              for (int64_t c = 0; c < head_dim; c += 32) {
+                const int nv = static_cast<int>(std::min<int64_t>(4, (head_dim - c) / 8));
+                values_block<T>(n, nv, &scores[r][offset], kMaxBlock, n_here,
+                                vb + row_offset[r] + c, token_stride, &acc[r][c], kMaxHeadDim);
+              }
+              r += n;
             }
-            r += n;
+            offset += n_here;
           }
         }
       }
