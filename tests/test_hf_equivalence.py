@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -106,6 +108,22 @@ def test_tiny_llama_logits_match_transformers_in_chunks(tiny):
         with torch.no_grad():
             ref = hf(torch.tensor([seq])).logits[0]
         assert relative_error(ours, ref) < 1e-4
+
+
+def test_prefill_kernel_and_padded_path_give_the_same_logits(tiny):
+    # Whole prompts (one chunk from token 0) of several lengths in one step: the prefill
+    # kernel reads them unpadded from the flat rows; the padded batches bucket them.
+    path, _ = tiny
+    llm = LLM(str(path), kv_cache_memory="4MiB", block_size=4)
+    runner = llm.engine.runner
+    if not runner.layout.prefill_kernel:
+        pytest.skip("the prefill kernel is not available here")
+    sequences = random_prompts(6, 2, 90, 320, seed=3)
+    with_kernel = paged_logits(llm, sequences, chunk=100)
+    runner.layout = dataclasses.replace(runner.layout, prefill_kernel=False)
+    padded = paged_logits(llm, sequences, chunk=100)
+    for a, b in zip(with_kernel, padded):
+        assert relative_error(a, b) < 1e-5
 
 
 @pytest.mark.parametrize("batch", [1, 16])

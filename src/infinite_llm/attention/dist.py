@@ -163,25 +163,26 @@ _BUCKET_MIN_DECODES = 16
 def build_batches(spans: list[SeqSpan], layout: KVLayout) -> list[AttentionBatch]:
     """Decodes apart from prompt chunks (padding a decode to a chunk's length would
     multiply its work), prompts that start at token 0 apart from later chunks (they have
-    no history to attend), and those by length. Without the paged decode kernel, many decodes are further
-    split by context length in powers of two, since attention over gathered blocks
-    costs what the padded contexts hold; the kernel reads only real tokens."""
+    no history to attend). With the prefill kernel, all such prompts are one unpadded
+    batch; without it, they go by length. Without the paged decode kernel, many decodes
+    are further split by context length in powers of two, since attention over gathered
+    blocks costs what the padded contexts hold; the kernel reads only real tokens."""
     decodes = [s for s in spans if s.num_tokens == 1]
     fresh = [s for s in spans if s.num_tokens > 1 and s.first_pos == 0]
     later = [s for s in spans if s.num_tokens > 1 and s.first_pos > 0]
-    # Causal attention costs (prompts x longest^2) in a padded batch: prompts of similar
-    # length go together (lengths within a factor sqrt(2)), so padding stays small.
-    by_length: dict[int, list[SeqSpan]] = {}
-    for span in fresh:
-        by_length.setdefault(int(2 * math.log2(span.num_tokens)), []).append(span)
-    if layout.prefill_kernel and fresh:
+    batches, groups = [], []
+    if fresh and layout.prefill_kernel:
         rows = torch.tensor([[s.flat_start, s.num_tokens] for s in fresh], dtype=torch.int64)
-        empty = torch.zeros(0, 1, dtype=torch.int64)
-        batches = [AttentionBatch(empty, None, (), False, own_chunk=True, fresh=rows)]
-        by_length = {}
+        no_index = torch.zeros(0, 1, dtype=torch.int64)
+        batches.append(AttentionBatch(no_index, None, (), False, own_chunk=True, fresh=rows))
     else:
-        batches = []
-    groups = [*by_length.values(), later]
+        # Causal attention costs (prompts x longest^2) in a padded batch: prompts of
+        # similar length go together (lengths within a factor sqrt(2)), so padding stays small.
+        by_length: dict[int, list[SeqSpan]] = {}
+        for span in fresh:
+            by_length.setdefault(int(2 * math.log2(span.num_tokens)), []).append(span)
+        groups += by_length.values()
+    groups.append(later)
     if len(decodes) >= _BUCKET_MIN_DECODES and not layout.decode_kernel:
         buckets: dict[int, list[SeqSpan]] = {}
         for span in decodes:
