@@ -124,22 +124,23 @@ inline void scores_block(const float* q, const T* keys, int64_t ldk, int64_t nto
   }
 }
 
-// acc (R rows x 8V floats, row stride lda) += p (R rows x ntok, row stride ldp) . values
-// (ntok x 8V, row stride ldv): the value rows are read once for all R rows.
+// acc (R rows x 8V floats, row stride lda) += p (R rows x ntok; element (r, t) at
+// p[r * p_row + t * p_tok]) . values (ntok x 8V, row stride ldv): the value rows are read
+// once for all R rows. Decode keeps p by rows, prefill by keys.
 template <int R, int V, typename T>
-inline void values_block_rv(const float* p, int64_t ldp, int64_t ntok, const T* values,
-                            int64_t ldv, float* acc, int64_t lda) {
+inline void values_block_rv(const float* p, int64_t p_row, int64_t p_tok, int64_t ntok,
+                            const T* values, int64_t ldv, float* acc, int64_t lda) {
   __m256 a[R][V];
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
-    for (int j = 0; j < V; ++j) a[r][j] = _mm256_load_ps(acc + r * lda + 8 * j);
+    for (int j = 0; j < V; ++j) a[r][j] = _mm256_loadu_ps(acc + r * lda + 8 * j);
   }
   for (int64_t t = 0; t < ntok; ++t) {
     // R weights + R * V sums + one value vector at a time: at most 16 registers.
     __m256 b[R];
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) b[r] = _mm256_broadcast_ss(p + r * ldp + t);
+    for (int r = 0; r < R; ++r) b[r] = _mm256_broadcast_ss(p + r * p_row + t * p_tok);
 #pragma GCC unroll 4
     for (int j = 0; j < V; ++j) {
       const __m256 w = load8(values + t * ldv + 8 * j);
@@ -150,29 +151,40 @@ inline void values_block_rv(const float* p, int64_t ldp, int64_t ntok, const T* 
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
-    for (int j = 0; j < V; ++j) _mm256_store_ps(acc + r * lda + 8 * j, a[r][j]);
+    for (int j = 0; j < V; ++j) _mm256_storeu_ps(acc + r * lda + 8 * j, a[r][j]);
   }
 }
 
 template <typename T, int R>
-inline void values_block_r(int nv, const float* p, int64_t ldp, int64_t ntok, const T* values,
-                           int64_t ldv, float* acc, int64_t lda) {
+inline void values_block_r(int nv, const float* p, int64_t p_row, int64_t p_tok, int64_t ntok,
+                           const T* values, int64_t ldv, float* acc, int64_t lda) {
   switch (nv) {
-    case 4: values_block_rv<R, 4>(p, ldp, ntok, values, ldv, acc, lda); break;
-    case 3: values_block_rv<R, 3>(p, ldp, ntok, values, ldv, acc, lda); break;
-    case 2: values_block_rv<R, 2>(p, ldp, ntok, values, ldv, acc, lda); break;
-    default: values_block_rv<R, 1>(p, ldp, ntok, values, ldv, acc, lda); break;
+    case 4: values_block_rv<R, 4>(p, p_row, p_tok, ntok, values, ldv, acc, lda); break;
+    case 3: values_block_rv<R, 3>(p, p_row, p_tok, ntok, values, ldv, acc, lda); break;
+    case 2: values_block_rv<R, 2>(p, p_row, p_tok, ntok, values, ldv, acc, lda); break;
+    default: values_block_rv<R, 1>(p, p_row, p_tok, ntok, values, ldv, acc, lda); break;
   }
 }
 
+// The same for rows <= 3 and all of a head's dims (a multiple of 8): passes of up to 32.
 template <typename T>
-inline void values_block(int rows, int nv, const float* p, int64_t ldp, int64_t ntok,
-                         const T* values, int64_t ldv, float* acc, int64_t lda) {
-  switch (rows) {
-    case 3: values_block_r<T, 3>(nv, p, ldp, ntok, values, ldv, acc, lda); break;
-    case 2: values_block_r<T, 2>(nv, p, ldp, ntok, values, ldv, acc, lda); break;
-    default: values_block_r<T, 1>(nv, p, ldp, ntok, values, ldv, acc, lda); break;
+inline void values_block(int rows, const float* p, int64_t p_row, int64_t p_tok, int64_t ntok,
+                         const T* values, int64_t ldv, float* acc, int64_t lda, int64_t head_dim) {
+  for (int64_t c = 0; c < head_dim; c += 32) {
+    const int nv = static_cast<int>(std::min<int64_t>(4, (head_dim - c) / 8));
+    switch (rows) {
+      case 3: values_block_r<T, 3>(nv, p, p_row, p_tok, ntok, values + c, ldv, acc + c, lda); break;
+      case 2: values_block_r<T, 2>(nv, p, p_row, p_tok, ntok, values + c, ldv, acc + c, lda); break;
+      default: values_block_r<T, 1>(nv, p, p_row, p_tok, ntok, values + c, ldv, acc + c, lda); break;
+    }
   }
+}
+
+// How many rows from r on (at most 3, the register tiles' height) read the same KV head.
+inline int rows_sharing_a_head(const int64_t* row_offset, int64_t r, int64_t rows) {
+  int n = 1;
+  while (n < 3 && r + n < rows && row_offset[r + n] == row_offset[r]) ++n;
+  return n;
 }
 
 // One task is a sequence and a range of its KV heads: with many sequences, all heads
@@ -245,8 +257,7 @@ void paged_decode_attention_impl(
             const int64_t n_here = std::min(block_size, length - blk * block_size);
             const T* kb = run.k_cache + table[blk] * block_size * token_stride;
             for (int64_t r = 0; r < rows;) {
-              int n = 1;
-              while (n < 3 && r + n < rows && row_offset[r + n] == row_offset[r]) ++n;
+              const int n = rows_sharing_a_head(row_offset, r, rows);
               const T* keys = kb + row_offset[r];
               float* dst = &scores[r][ntok];
               switch (n) {
@@ -297,13 +308,9 @@ void paged_decode_attention_impl(
             const int64_t n_here = std::min(block_size, length - blk * block_size);
             const T* vb = run.v_cache + table[blk] * block_size * token_stride;
             for (int64_t r = 0; r < rows;) {
-              int n = 1;
-              while (n < 3 && r + n < rows && row_offset[r + n] == row_offset[r]) ++n;
-              for (int64_t c = 0; c < head_dim; c += 32) {
-                const int nv = static_cast<int>(std::min<int64_t>(4, (head_dim - c) / 8));
-                values_block<T>(n, nv, &scores[r][offset], kMaxBlock, n_here,
-                                vb + row_offset[r] + c, token_stride, &acc[r][c], kMaxHeadDim);
-              }
+              const int n = rows_sharing_a_head(row_offset, r, rows);
+              values_block<T>(n, &scores[r][offset], kMaxBlock, 1, n_here, vb + row_offset[r],
+                              token_stride, &acc[r][0], kMaxHeadDim, head_dim);
               r += n;
             }
             offset += n_here;
@@ -467,44 +474,6 @@ inline void scores_tile(const float* keys, int64_t ldk, const float* qt, int64_t
   }
 }
 
-// o (R x 8V dims) += p^T (R query rows of pt: keys x W) . values (keys x 8V dims, row
-// stride ldv): R <= 3 query rows.
-template <int R, int V>
-inline void values_pass(const float* pt, int64_t width, int64_t keys, const float* values,
-                        int64_t ldv, int64_t head_dim, float* o) {
-  __m256 acc[R][V];
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-    for (int j = 0; j < V; ++j) acc[r][j] = _mm256_loadu_ps(o + r * head_dim + 8 * j);
-  }
-  for (int64_t t = 0; t < keys; ++t) {
-    __m256 w[V];
-#pragma GCC unroll 4
-    for (int j = 0; j < V; ++j) w[j] = _mm256_loadu_ps(values + t * ldv + 8 * j);
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      const __m256 a = _mm256_broadcast_ss(pt + t * width + r);
-#pragma GCC unroll 4
-      for (int j = 0; j < V; ++j) acc[r][j] = _mm256_fmadd_ps(a, w[j], acc[r][j]);
-    }
-  }
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-    for (int j = 0; j < V; ++j) _mm256_storeu_ps(o + r * head_dim + 8 * j, acc[r][j]);
-  }
-}
-
-// All D dims (a multiple of 16): passes of 32, then one of 16.
-template <int R>
-inline void values_tile(const float* pt, int64_t width, int64_t keys, const float* values,
-                        int64_t ldv, int64_t head_dim, float* o) {
-  int64_t c = 0;
-  for (; c + 32 <= head_dim; c += 32) values_pass<R, 4>(pt, width, keys, values + c, ldv, head_dim, o + c);
-  if (c < head_dim) values_pass<R, 2>(pt, width, keys, values + c, ldv, head_dim, o + c);
-}
-
 // Rows of one KV head's keys or values as float32: in place for float32, else converted.
 inline const float* head_rows(const float* src, int64_t ld, int64_t, int64_t, float*, int64_t* out_ld) {
   *out_ld = ld;
@@ -597,11 +566,8 @@ void prefill_task(const T* q, int64_t q_row, const T* k, int64_t k_row, const T*
       }
     }
     for (int64_t r = 0; r < rows; r += 3) {
-      switch (std::min<int64_t>(3, rows - r)) {
-        case 3: values_tile<3>(st + r, width, keys, vf, ldv, head_dim, o + r * head_dim); break;
-        case 2: values_tile<2>(st + r, width, keys, vf, ldv, head_dim, o + r * head_dim); break;
-        default: values_tile<1>(st + r, width, keys, vf, ldv, head_dim, o + r * head_dim); break;
-      }
+      const int n = static_cast<int>(std::min<int64_t>(3, rows - r));
+      values_block<float>(n, st + r, 1, width, keys, vf, ldv, o + r * head_dim, head_dim, head_dim);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
