@@ -13,10 +13,14 @@ from infinite_llm.engine.engine import LLMEngine
 KV_BYTES_PER_TOKEN = {"float32": 30 * 2 * 3 * 64 * 4, "bfloat16": 30 * 2 * 3 * 64 * 2}  # SmolLM2
 
 
-def smollm2(instances: int, tokens_each: int, pooling: bool, dtype: str = "float32", **kw) -> LLM:
-    """SmolLM2 on ``instances`` instances of ``tokens_each`` KV tokens each."""
+def smollm2(
+    instances: int, tokens_each: int, pooling: bool, dtype: str = "float32",
+    model: str = "smollm2", **kw,
+) -> LLM:
+    """SmolLM2 (or a model of its shape) on ``instances`` instances of ``tokens_each``
+    KV tokens each."""
     return LLM(
-        "smollm2",
+        model,
         dtype=dtype,
         instances=instances,
         kv_cache_memory=tokens_each * KV_BYTES_PER_TOKEN[dtype],

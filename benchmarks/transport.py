@@ -6,6 +6,10 @@ and partials. Reported: wall time, output tok/s, decode step time, and the laten
 one all-to-all between the actors (each step makes two per layer when KV spans them).
 
     . .venv/bin/activate && python benchmarks/transport.py
+    python benchmarks/transport.py --device cuda --model DIR   # on a GPU machine
+
+``--model`` takes any model of SmolLM2's shape (the KV sizes assume it), e.g. a random
+one saved with ``--save-random DIR`` where the GGUF cannot be installed.
 """
 
 from __future__ import annotations
@@ -46,7 +50,16 @@ def main() -> None:
     parser.add_argument("--short", type=int, default=8)
     parser.add_argument("--long-len", type=int, default=700)
     parser.add_argument("--output-tokens", type=int, default=32)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    parser.add_argument(
+        "--save-random", metavar="DIR",
+        help="first save a random Llama of SmolLM2's shape to DIR and benchmark it",
+    )
     args = parser.parse_args()
+    if args.save_random:
+        save_random_smollm2_shape(args.save_random)
+        args.model = args.save_random
 
     rng = np.random.default_rng(5)
     prompts = [random_prompt(rng, int(n)) for n in rng.integers(32, 129, size=args.short)]
@@ -55,7 +68,10 @@ def main() -> None:
     rows, tokens = [], {}
     try:
         for backend in ("local", "ray"):
-            llm = smollm2(2, args.tokens_each, True, max_lend_fraction=1.0, backend=backend)
+            llm = smollm2(
+                2, args.tokens_each, True, model=args.model, device=args.device,
+                max_lend_fraction=1.0, backend=backend,
+            )
             timed(llm.engine, prompts[:1], 2)  # warm-up
             seconds, outputs, steps = timed(llm.engine, prompts, args.output_tokens)
             decode = statistics.median(steps[-args.output_tokens // 2 :])  # decode-only tail
@@ -72,12 +88,26 @@ def main() -> None:
     finally:
         ray.shutdown()
     print()
-    print(f"SmolLM2-135M float32, 2 instances x {args.tokens_each} KV tokens, {args.short} "
+    name = "SmolLM2-135M" if args.model == "smollm2" else f"{args.model} (SmolLM2's shape)"
+    print(f"{name} float32 on {args.device}, 2 instances x {args.tokens_each} KV tokens, {args.short} "
           f"requests of 32-128 prompt tokens + 1 of {args.long_len} (its KV spans both), "
           f"{args.output_tokens} output tokens each")
     print_table(["backend", "seconds", "output tok/s", "decode step ms (median, tail)",
                  "all-to-all ms (one decode query)"], rows)
     print(f"identical outputs: {'yes' if tokens['local'] == tokens['ray'] else 'NO'}")
+
+
+def save_random_smollm2_shape(path: str) -> None:
+    """A random LlamaForCausalLM with SmolLM2-135M's configuration (no tokenizer)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+        rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=None,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
 
 
 if __name__ == "__main__":

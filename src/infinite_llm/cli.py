@@ -14,7 +14,14 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
     group.add_argument(
         "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-        help="weights and KV cache dtype; auto is float32 on CPU (default: %(default)s)",
+        help="weights and KV cache dtype; auto is float32 on CPU, bfloat16 on GPU "
+        "(default: %(default)s)",
+    )
+    group.add_argument(
+        "--device", default="auto",
+        help="auto (a GPU if there is one), cpu, cuda or cuda:N; with --backend ray, each "
+        "instance actor gets a GPU of its own when the Ray cluster has enough "
+        "(default: %(default)s)",
     )
     group.add_argument(
         "--kv-cache-memory", default="1GiB",
@@ -150,6 +157,7 @@ def _build_llm(args: argparse.Namespace):
     return LLM(
         model=args.model,
         dtype=args.dtype,
+        device=args.device,
         kv_cache_memory=args.kv_cache_memory,
         block_size=args.block_size,
         max_model_len=args.max_model_len,

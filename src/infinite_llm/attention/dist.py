@@ -24,7 +24,8 @@ No Python loop runs over sequences inside a layer.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass, replace
+from typing import TypeVar
 
 import torch
 
@@ -51,6 +52,9 @@ class KVLayout:
     decode_kernel: bool = False
     # Prompts from token 0 go to the CPU prefill kernel (flat rows: no padding, no gather).
     prefill_kernel: bool = False
+    # Where the caches and the step's tensors live; the step is described on the CPU and
+    # moved here once, before the first layer.
+    device: torch.device = torch.device("cpu")
 
     @staticmethod
     def for_model(
@@ -63,7 +67,26 @@ class KVLayout:
             dtype,
             decode_kernel=paged_decode_supported(device, dtype, heads, head_dim, block_size),
             prefill_kernel=prefill_attention_supported(device, dtype, head_dim),
+            device=torch.device(device),
         )
+
+
+T = TypeVar("T")
+
+
+def on_device(step: T, device: torch.device) -> T:
+    """A step description (dataclasses, tuples and lists of them) with its tensors on
+    ``device``: built on the CPU from Python lists, moved in one go per step."""
+    if device.type == "cpu":
+        return step
+    if isinstance(step, torch.Tensor):
+        return step.to(device, non_blocking=True)
+    if isinstance(step, (tuple, list)):
+        return type(step)(on_device(item, device) for item in step)
+    if is_dataclass(step) and not isinstance(step, type):
+        changed = {f.name: on_device(getattr(step, f.name), device) for f in fields(step)}
+        return replace(step, **changed)
+    return step
 
 
 @dataclass(frozen=True)
@@ -191,7 +214,8 @@ def build_batches(spans: list[SeqSpan], layout: KVLayout) -> list[AttentionBatch
         groups += buckets.values()
     else:
         groups.append(decodes)
-    return batches + [build_batch(group, layout) for group in groups if group]
+    batches += [build_batch(group, layout) for group in groups if group]
+    return on_device(batches, layout.device)
 
 
 @dataclass(frozen=True)
@@ -201,7 +225,15 @@ class KVWrites:
     per_owner: tuple[tuple[int, torch.Tensor | None, torch.Tensor], ...]  # (owner, index, slots)
 
     @staticmethod
-    def build(spans: list[SeqSpan], positions: torch.Tensor, block_size: int) -> KVWrites:
+    def build(
+        spans: list[SeqSpan], positions: torch.Tensor, block_size: int,
+        device: torch.device = torch.device("cpu"),
+    ) -> KVWrites:
+        """From the step's spans and CPU positions; the slots end up on ``device``."""
+        return on_device(KVWrites._build(spans, positions, block_size), device)
+
+    @staticmethod
+    def _build(spans: list[SeqSpan], positions: torch.Tensor, block_size: int) -> KVWrites:
         owners, blocks = [], []
         for span in spans:  # logical block -> (owner, physical id), once per sequence
             owners.append([rb.owner for rb in span.rblocks for _ in rb.block_ids])

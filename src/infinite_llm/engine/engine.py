@@ -7,8 +7,6 @@ import itertools
 import logging
 from typing import TYPE_CHECKING
 
-import torch
-
 from infinite_llm.config import CacheConfig, ModelConfig, PoolingConfig, SchedulerConfig
 from infinite_llm.engine.cluster import Cluster
 from infinite_llm.engine.detokenizer import Detokenizer
@@ -255,17 +253,3 @@ class LLMEngine:
         """Every block is free or held by exactly one live request; the ledger balances."""
         self.cluster.check_integrity()
 
-
-def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a user-facing name; 'auto' is float32 on CPU."""
-    dtypes = {
-        "auto": torch.float32,
-        "float32": torch.float32,
-        "float": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "float16": torch.float16,
-        "half": torch.float16,
-    }
-    if name not in dtypes:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(dtypes)}")
-    return dtypes[name]

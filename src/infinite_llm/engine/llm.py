@@ -16,7 +16,8 @@ from infinite_llm.config import (
     parse_memory_size,
 )
 from infinite_llm.engine.chat import Message, chat_prompt
-from infinite_llm.engine.engine import LLMEngine, torch_dtype
+from infinite_llm.engine.device import torch_device, torch_dtype
+from infinite_llm.engine.engine import LLMEngine
 from infinite_llm.engine.model_runner import ModelRunner, Runner, build_model
 from infinite_llm.engine.outputs import RequestOutput
 from infinite_llm.engine.sampler import Sampler
@@ -40,6 +41,10 @@ class LLM:
     each instance as a Ray actor and the gManager as a named one (joining
     ``ray_address``, or a local Ray started here); the default ``"local"`` runs them all
     in this process.
+    ``device`` is ``"auto"`` (a GPU when there is one, else the CPU), ``"cpu"``,
+    ``"cuda"`` or ``"cuda:N"``; with Ray, ``"auto"`` gives each instance actor a GPU of
+    its own when the Ray cluster has one per instance (a share of one otherwise) and the
+    CPU when it has none. ``dtype="auto"`` is float32 on CPU and bfloat16 on GPU.
     ``max_model_len`` defaults to the model's trained context; a larger value is
     refused unless ``allow_long_context=True``, which only warns.
     ``max_num_batched_tokens`` defaults to 8192 as in vLLM's offline ``LLM``: large
@@ -52,6 +57,7 @@ class LLM:
         model: str,
         *,
         dtype: str = "auto",
+        device: str = "auto",
         kv_cache_memory: int | str = "1GiB",
         block_size: int = 16,
         max_num_batched_tokens: int = 8192,
@@ -73,7 +79,9 @@ class LLM:
             raise ValueError(f"instances must be a positive int, got {instances!r}")
         if backend not in ("local", "ray"):
             raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
-        weight_dtype = torch_dtype(dtype)
+        torch_dtype(dtype)  # a bad name fails here, before loading
+        if backend == "local":
+            where = torch_device(device)
         checkpoint = load_checkpoint(model)
         trained = checkpoint.config.max_position_embeddings
         max_model_len = max_model_len or trained
@@ -88,28 +96,38 @@ class LLM:
                 "outputs past it may degrade",
                 stacklevel=2,
             )
+        if backend == "ray":
+            from infinite_llm.transport.ray import RayRunner
+
+            # Joins (or starts) Ray and sees what devices it offers; no actor yet.
+            ray_runner = RayRunner(ray_config or RayConfig(address=ray_address), device, instances)
+            where = ray_runner.device
+        weight_dtype = torch_dtype(dtype, where)
         num_blocks = num_blocks_for(checkpoint.config, cache, weight_dtype)
         if num_blocks < 1:
+            if backend == "ray":
+                ray_runner.shutdown()
             raise ValueError(
                 f"kv_cache_memory={cache.kv_cache_memory} bytes holds no block of "
                 f"{cache.block_size} tokens for this model"
             )
         if backend == "local":
-            module = build_model(checkpoint, weight_dtype)
+            module = build_model(checkpoint, weight_dtype, where)
             kv_caches = {
-                i: KVCache(checkpoint.config, num_blocks, cache.block_size, weight_dtype)
+                i: KVCache(checkpoint.config, num_blocks, cache.block_size, weight_dtype, where)
                 for i in range(instances)
             }
             runner: Runner = ModelRunner(module, kv_caches, Sampler(seed))
             gmanager = None  # the cluster makes a plain GManager
         else:
-            from infinite_llm.transport.ray import RayRunner
-
-            runner = RayRunner(
-                model, dtype, checkpoint.config, instances, num_blocks, cache.block_size,
-                Sampler(seed), pooling, ray_config or RayConfig(address=ray_address),
-            )
-            gmanager = runner.gmanager  # a proxy to the gManager actor
+            try:
+                ray_runner.start(
+                    model, weight_dtype, num_blocks, cache.block_size, Sampler(seed), pooling
+                )
+            except BaseException:
+                ray_runner.shutdown()
+                raise
+            runner, gmanager = ray_runner, ray_runner.gmanager  # a proxy to the gManager actor
         self.tokenizer: Tokenizer | None = checkpoint.tokenizer
         self.engine = LLMEngine(
             checkpoint.config,

@@ -34,11 +34,14 @@ class Runner(Protocol):
     ) -> dict[str, SampledToken]: ...
 
 
-def build_model(checkpoint: Checkpoint, dtype: torch.dtype) -> LlamaForCausalLM:
-    """Load weights into a Llama-family model of ``dtype`` on CPU, with the fast linears."""
+def build_model(
+    checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device = torch.device("cpu")
+) -> LlamaForCausalLM:
+    """Load weights into a Llama-family model of ``dtype`` on ``device`` (on CPU, with the
+    packed linears)."""
     module = LlamaForCausalLM(checkpoint.config)
     module.load_weights(checkpoint.weights())
-    module = module.to(dtype).eval().requires_grad_(False)
+    module = module.to(device=device, dtype=dtype).eval().requires_grad_(False)
     use_cpu_linears(module)
     return module
 
@@ -57,6 +60,7 @@ class ModelRunner:
         weight = next(model.parameters())
         block_size = next(iter(kv_caches.values())).block_size
         self.block_size = block_size
+        self.device = weight.device
         self.layout = KVLayout.for_model(config, block_size, weight.dtype, weight.device)
 
     @torch.inference_mode()
@@ -70,7 +74,8 @@ class ModelRunner:
         sampled = [c for c in plan.chunks if c.sample]
         if not sampled:
             return {}
-        logits = self.model.compute_logits(hidden.index_select(0, sample_rows(hidden, plan.chunks)))
+        last = sample_rows(plan.chunks).to(self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, last))
         rows = [SampleRequest(c.request_id, params[c.request_id]) for c in sampled]
         return {row.request_id: token for row, token in zip(rows, self.sampler(logits, rows))}
 
@@ -80,11 +85,11 @@ class ModelRunner:
         input_ids, positions, spans = prepare(plan.chunks)
         attend = DistAttention(
             self.kv_caches,
-            KVWrites.build(spans, positions, self.block_size),
+            KVWrites.build(spans, positions, self.block_size, self.device),
             build_batches(spans, self.layout),
             self.scale,
         )
-        return self.model(input_ids, positions, attend)
+        return self.model(input_ids.to(self.device), positions.to(self.device), attend)
 
 
 def prepare(chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, list[SeqSpan]]:
@@ -100,7 +105,7 @@ def prepare(chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, l
     return torch.tensor(token_ids), torch.tensor(positions), spans
 
 
-def sample_rows(hidden: torch.Tensor, chunks: list[ScheduledChunk]) -> torch.Tensor:
-    """Indices into ``hidden`` of the last token of each chunk that samples."""
+def sample_rows(chunks: list[ScheduledChunk]) -> torch.Tensor:
+    """Indices into the step's flat tokens of the last token of each chunk that samples."""
     ends = torch.tensor([len(c.token_ids) for c in chunks]).cumsum(0) - 1
     return ends[torch.tensor([c.sample for c in chunks])]

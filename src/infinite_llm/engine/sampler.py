@@ -41,16 +41,19 @@ class Sampler:
         self._request_generators.pop(request_id, None)
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRequest]) -> list[SampledToken]:
-        """logits: (B, V) float32, one row per entry of ``rows``."""
-        tokens = logits.argmax(dim=-1)
+        """logits: (B, V) float32 on any device, one row per entry of ``rows``. Greedy rows
+        take the argmax where the logits are; random draws and logprobs are computed on
+        the CPU (the generators live there), so seeded outputs do not depend on the device."""
+        tokens = logits.argmax(dim=-1).cpu()
         random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
+        want = [r.params.logprobs for r in rows]
+        if random_rows or any(k is not None for k in want):
+            logits = logits.cpu()
         if random_rows:
             index = torch.tensor(random_rows)
             chosen = self._sample_random(logits.index_select(0, index), [rows[i] for i in random_rows])
             tokens.index_copy_(0, index, chosen)
         token_list = tokens.tolist()
-
-        want = [r.params.logprobs for r in rows]
         if all(k is None for k in want):
             return [SampledToken(t) for t in token_list]
         return self._with_logprobs(logits, tokens, token_list, want)

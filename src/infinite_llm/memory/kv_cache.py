@@ -18,7 +18,12 @@ class KVCache:
     """K and V for every layer: (layers, num_blocks, block_size, kv_heads, head_dim) each."""
 
     def __init__(
-        self, model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype
+        self,
+        model: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
     ) -> None:
         shape = (
             model.num_hidden_layers,
@@ -28,8 +33,8 @@ class KVCache:
             model.head_dim,
         )
         self.block_size = block_size
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of one layer's K and V: (num_blocks, block_size, kv_heads, head_dim)."""

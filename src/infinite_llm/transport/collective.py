@@ -2,7 +2,9 @@
 
 Every instance sends each peer one flat float32 buffer (possibly empty) and receives one
 from each; the sizes are known on both sides from the step plan, so no size message is
-needed. gloo on CPU (NCCL would serve GPUs the same way).
+needed. NCCL moves GPU tensors directly when every instance has a GPU of its own; gloo
+moves CPU tensors, and GPU tensors staged through the CPU when instances share a GPU
+(one NCCL group cannot hold two ranks on one device).
 """
 
 from __future__ import annotations
@@ -11,15 +13,28 @@ import torch
 import torch.distributed as dist
 
 
+def backend_for(device: torch.device, own_gpu: bool) -> str:
+    """The process-group backend for instances on ``device``."""
+    return "nccl" if device.type == "cuda" and own_gpu else "gloo"
+
+
 class Exchange:
-    def __init__(self, rank: int, world_size: int) -> None:
+    def __init__(
+        self, rank: int, world_size: int, device: torch.device = torch.device("cpu"),
+        backend: str = "gloo",
+    ) -> None:
         self.rank = rank
         self.world_size = world_size
+        self.device = device
+        # Where the buffers must be for the backend to move them.
+        self.wire = device if backend == "nccl" else torch.device("cpu")
 
     def __call__(self, send: list[torch.Tensor], recv_sizes: list[int]) -> list[torch.Tensor]:
-        """send[j]: the flat buffer for peer j; returns the buffer received from each peer."""
+        """send[j]: the flat buffer for peer j (on ``device``); returns the buffer received
+        from each peer, on ``device``."""
         send_sizes = [t.numel() for t in send]
-        flat = torch.cat([t.reshape(-1).float() for t in send]) if sum(send_sizes) else torch.empty(0)
-        recv = torch.empty(sum(recv_sizes))
-        dist.all_to_all_single(recv, flat, recv_sizes, send_sizes)
-        return list(recv.split(recv_sizes))
+        parts = [t.reshape(-1).float() for t in send if t.numel()]
+        flat = torch.cat(parts) if parts else torch.empty(0, device=self.device)
+        recv = torch.empty(sum(recv_sizes), device=self.wire)
+        dist.all_to_all_single(recv, flat.to(self.wire), recv_sizes, send_sizes)
+        return list(recv.to(self.device).split(recv_sizes))

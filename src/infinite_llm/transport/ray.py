@@ -2,8 +2,11 @@
 
 What runs where:
 
-- each ``InstanceActor`` holds a model replica and its instance's KV tensors, and joins a
-  torch.distributed (gloo) group with the other instance actors;
+- each ``InstanceActor`` holds a model replica and its instance's KV tensors, on a GPU of
+  its own when the Ray cluster has one per instance (a share of one when it has fewer,
+  the CPU when it has none), and joins a torch.distributed group with the other
+  instance actors: NCCL when each has a GPU of its own, gloo otherwise (GPU tensors
+  staged through the CPU, since two ranks of one NCCL group cannot share a GPU);
 - the gManager (debt ledger, creditor directory) is a named actor,
   ``gmanager-<uuid hex>`` in the Ray namespace ``infinite_llm`` (``ray_gmanager.py``);
 - the driver keeps the requests, the schedulers and the rManagers, and samples.
@@ -24,6 +27,7 @@ actors, and a dead actor's blocks are known without asking it.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -35,15 +39,14 @@ import torch.distributed as dist
 
 from infinite_llm.attention.dist import DistAttention, KVLayout, KVWrites, build_batches
 from infinite_llm.attention.exchange import ExchangeAttention, InstanceStep, Shapes
-from infinite_llm.config import ModelConfig, PoolingConfig, RayConfig
-from infinite_llm.engine.engine import torch_dtype
+from infinite_llm.config import PoolingConfig, RayConfig
 from infinite_llm.engine.model_runner import InstanceFailure, build_model, prepare, sample_rows
 from infinite_llm.engine.sampler import SampledToken, Sampler, SampleRequest
 from infinite_llm.engine.sampling_params import SamplingParams
 from infinite_llm.engine.scheduler import SchedulerOutput
 from infinite_llm.memory.kv_cache import KVCache
 from infinite_llm.model.checkpoint import load_checkpoint
-from infinite_llm.transport.collective import Exchange
+from infinite_llm.transport.collective import Exchange, backend_for
 from infinite_llm.transport.ray_gmanager import RemoteGManager
 
 # Survivors blocked on a dead peer give up after this long (gloo's default is 30 min).
@@ -55,19 +58,21 @@ class InstanceActor:
     (instances alive, in id order: rank = position of its id)."""
 
     def __init__(
-        self, instance_id: int, model: str, dtype: str, num_blocks: int, block_size: int,
-        threads: int,
+        self, instance_id: int, model: str, dtype: torch.dtype, device: str, own_gpu: bool,
+        num_blocks: int, block_size: int, threads: int,
     ) -> None:
         torch.set_num_threads(threads)
         self.rank = instance_id
-        weight_dtype = torch_dtype(dtype)
-        self.model = build_model(load_checkpoint(model), weight_dtype)
+        # Ray shows an actor only the GPU it was given: "cuda" is that one.
+        self.device = torch.device(device)
+        self.backend = backend_for(self.device, own_gpu)
+        self.model = build_model(load_checkpoint(model), dtype, self.device)
         config = self.model.config
-        self.kv_cache = KVCache(config, num_blocks, block_size, weight_dtype)
+        self.kv_cache = KVCache(config, num_blocks, block_size, dtype, self.device)
         self.block_size = block_size
         self.scale = config.head_dim**-0.5
         self.shapes = Shapes(config.num_attention_heads, config.num_key_value_heads, config.head_dim)
-        self.layout = KVLayout.for_model(config, block_size, weight_dtype)
+        self.layout = KVLayout.for_model(config, block_size, dtype, self.device)
         self.alive: list[int] = []
         self._mute_until = 0.0
 
@@ -85,11 +90,17 @@ class InstanceActor:
         self.alive = sorted(alive)
         rank = self.alive.index(self.rank)
         dist.init_process_group(
-            "gloo", init_method=f"tcp://{address}", rank=rank, world_size=len(self.alive),
-            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+            self.backend, init_method=f"tcp://{address}", rank=rank,
+            world_size=len(self.alive), timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+            device_id=self.device if self.backend == "nccl" else None,
         )
-        self.exchange = Exchange(rank, len(self.alive))
+        self.exchange = Exchange(rank, len(self.alive), self.device, self.backend)
         return self.rank
+
+    def placement(self) -> tuple[str, str]:
+        """(device, tensor-group backend) of this actor, as it sees them."""
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return f"{self.device} ({name})", self.backend
 
     def ready(self) -> int:
         return self.rank
@@ -106,7 +117,10 @@ class InstanceActor:
     def exchange_latency(self, floats_per_peer: int, repeats: int) -> float:
         """Seconds per all-to-all of ``floats_per_peer`` to every peer (every instance must
         call this at once): the per-layer cost of one DistAttention exchange."""
-        send = [torch.zeros(0 if j == self.rank else floats_per_peer) for j in self.alive]
+        send = [
+            torch.zeros(0 if j == self.rank else floats_per_peer, device=self.device)
+            for j in self.alive
+        ]
         sizes = [0 if j == self.rank else floats_per_peer for j in self.alive]
         self.exchange(send, sizes)
         start = time.perf_counter()
@@ -125,18 +139,19 @@ class InstanceActor:
             input_ids, positions, spans = prepare(mine)
             attend = DistAttention(
                 {self.rank: self.kv_cache},
-                KVWrites.build(spans, positions, self.block_size),
+                KVWrites.build(spans, positions, self.block_size, self.device),
                 build_batches(spans, self.layout),
                 self.scale,
             )
-            return self._logits(self.model(input_ids, positions, attend), mine)
+            return self._logits(self._forward(input_ids, positions, attend), mine)
         steps = {}
         for home in self.alive:
             chunks = [c for c in plan.chunks if c.home == home]
             if chunks:
                 _, positions, spans = prepare(chunks)
                 steps[home] = InstanceStep(
-                    build_batches(spans, self.layout), KVWrites.build(spans, positions, self.block_size)
+                    build_batches(spans, self.layout),
+                    KVWrites.build(spans, positions, self.block_size, self.device),
                 )
             else:
                 steps[home] = InstanceStep([], KVWrites(()))
@@ -148,12 +163,17 @@ class InstanceActor:
                 attend.serve(layer)
             return None
         input_ids, positions, _ = prepare(mine)
-        return self._logits(self.model(input_ids, positions, attend), mine)
+        return self._logits(self._forward(input_ids, positions, attend), mine)
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+        return self.model(input_ids.to(self.device), positions.to(self.device), attend)
 
     def _logits(self, hidden: torch.Tensor, chunks) -> torch.Tensor | None:
+        """The sampling chunks' logits, on the CPU: the driver samples and may have no GPU."""
         if not any(c.sample for c in chunks):
             return None
-        return self.model.compute_logits(hidden.index_select(0, sample_rows(hidden, chunks)))
+        last = sample_rows(chunks).to(self.device)
+        return self.model.compute_logits(hidden.index_select(0, last)).cpu()
 
     def shutdown(self) -> None:
         if dist.is_initialized():
@@ -161,33 +181,49 @@ class InstanceActor:
 
 
 class RayRunner:
-    """The engine's runner on Ray: step plans out, logits back, sampling here. It starts
-    the instance actors and the gManager actor (``gmanager``, for the cluster to use)."""
+    """The engine's runner on Ray: step plans out, logits back, sampling here.
 
-    def __init__(
-        self, model: str, dtype: str, config: ModelConfig, instances: int, num_blocks: int,
-        block_size: int, sampler: Sampler, pooling: PoolingConfig,
-        ray_config: RayConfig | None = None,
-    ) -> None:
-        self.config = ray_config or RayConfig()
-        ray_address = self.config.address
+    Made in two steps: ``RayRunner(config, device, instances)`` joins (or starts) Ray and
+    decides where the instances go (``device``); ``start`` then starts the gManager
+    actor (``gmanager``, for the cluster to use) and the instance actors."""
+
+    def __init__(self, config: RayConfig, device: str, instances: int) -> None:
+        self.config = config
+        self.instances = instances
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
-            if ray_address:
-                ray.init(address=ray_address)
+            if config.address:
+                ray.init(address=config.address)
             else:
                 # A private local Ray on loopback only.
                 ray.init(
                     include_dashboard=False, num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1"
                 )
+        self.actors: dict[int, ray.actor.ActorHandle] = {}
+        self.gmanager: RemoteGManager | None = None
+        try:
+            self.device, self.gpus_per_actor = _placement(device, instances)
+        except ValueError:
+            self.shutdown()
+            raise
+
+    def start(
+        self, model: str, dtype: torch.dtype, num_blocks: int, block_size: int,
+        sampler: Sampler, pooling: PoolingConfig,
+    ) -> None:
         self.sampler = sampler
         self.gmanager = RemoteGManager.start(pooling)
-        threads = max(1, (os.cpu_count() or 1) // instances)
+        threads = max(1, (os.cpu_count() or 1) // self.instances)
         # Spread over the nodes of a multi-node cluster; one node takes them all otherwise.
-        actor = ray.remote(num_cpus=0, max_restarts=0, scheduling_strategy="SPREAD")(InstanceActor)
+        actor = ray.remote(
+            num_cpus=0, num_gpus=self.gpus_per_actor, max_restarts=0, scheduling_strategy="SPREAD"
+        )(InstanceActor)
+        own_gpu = self.gpus_per_actor == 1
         self.actors = {
-            i: actor.remote(i, model, dtype, num_blocks, block_size, threads)
-            for i in range(instances)
+            i: actor.remote(
+                i, model, dtype, str(self.device), own_gpu, num_blocks, block_size, threads
+            )
+            for i in range(self.instances)
         }
         self._join()
 
@@ -274,7 +310,33 @@ class RayRunner:
         for a in self.actors.values():
             ray.kill(a, no_restart=True)
         self.actors = {}
-        if ray.is_initialized():
+        if ray.is_initialized() and self.gmanager is not None:
             self.gmanager.kill()
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
+
+
+def _placement(device: str, instances: int) -> tuple[torch.device, float]:
+    """Where the instance actors go: (device each sees, GPUs each asks Ray for). ``auto``
+    means a GPU when the Ray cluster has any; with fewer GPUs than instances, actors
+    share them in equal fractions (whole GPUs go one per actor)."""
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if device == "auto":
+        device = "cuda" if gpus else "cpu"
+    if device == "cpu":
+        return torch.device("cpu"), 0
+    if device != "cuda":
+        raise ValueError(
+            f"device {device!r}: with backend='ray' use auto, cpu or cuda (Ray gives each "
+            "instance actor its own GPU, which it sees as 'cuda')"
+        )
+    if not gpus:
+        raise ValueError("device 'cuda' asked for, but the Ray cluster has no GPU")
+    return torch.device("cuda"), gpu_share(instances, gpus)
+
+
+def gpu_share(instances: int, gpus: int) -> float:
+    """GPUs each instance actor asks for: 1 when there are enough, else an equal share of
+    the busiest GPU (Ray counts resources in steps of 1e-4, so round down)."""
+    per_gpu = math.ceil(instances / gpus)
+    return 1 if per_gpu == 1 else math.floor(10_000 / per_gpu) / 10_000

@@ -1,0 +1,133 @@
+"""The engine on a CUDA GPU: exact greedy tokens against transformers, KV pooled over
+instances on the GPU, and the Ray backend placing its actors on GPUs. Skipped on
+machines without one (CI has none); run on a GPU machine with ``pytest -m cuda``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from infinite_llm import LLM, SamplingParams
+
+from test_cluster import BLOCK, GREEDY, TINY_BLOCK_BYTES, run_watching_owners
+from test_hf_equivalence import hf_greedy, paged_logits, random_prompts, relative_error
+
+transformers = pytest.importorskip("transformers")
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    return tiny_llama_dir, hf.eval()
+
+
+def on_gpu(llm: LLM) -> bool:
+    runner = llm.engine.runner
+    weights = {p.device.type for p in runner.model.parameters()}
+    caches = {c.k.device.type for c in runner.kv_caches.values()}
+    return weights == caches == {"cuda"}
+
+
+def test_auto_device_is_the_gpu_in_bfloat16(tiny):
+    path, _ = tiny
+    llm = LLM(str(path), kv_cache_memory="4MiB", block_size=4)
+    assert on_gpu(llm)
+    assert next(llm.engine.runner.model.parameters()).dtype is torch.bfloat16
+    out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=5, **GREEDY), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 5
+
+
+def test_logits_on_the_gpu_match_transformers_in_chunks(tiny):
+    path, hf = tiny
+    llm = LLM(str(path), device="cuda", dtype="float32", kv_cache_memory="4MiB", block_size=4)
+    assert on_gpu(llm)
+    sequences = random_prompts(5, 1, 60, 320, seed=1)
+    for seq, ours in zip(sequences, paged_logits(llm, sequences, chunk=7)):
+        with torch.no_grad():
+            ref = hf(torch.tensor([seq])).logits[0]
+        assert relative_error(ours.cpu(), ref) < 1e-4
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_greedy_on_the_gpu_matches_transformers(tiny, batch):
+    path, hf = tiny
+    llm = LLM(
+        str(path), device="cuda", dtype="float32", kv_cache_memory="4MiB", block_size=4,
+        max_num_batched_tokens=16,
+    )
+    prompts = random_prompts(batch, 2, 70, 320, seed=batch)
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=20, **GREEDY), use_tqdm=False)
+    for prompt, output in zip(prompts, outputs):
+        assert output.outputs[0].token_ids == hf_greedy(hf, prompt, 20)
+    rm = llm.engine.cluster.instances[0].rmanager
+    assert rm.num_free == rm.capacity
+
+
+def test_seeded_sampling_on_the_gpu_is_reproducible(tiny):
+    path, _ = tiny
+    llm = LLM(str(path), device="cuda", dtype="float32", kv_cache_memory="4MiB", block_size=4)
+    params = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=11, ignore_eos=True)
+    prompt = random_prompts(1, 10, 11, 320, seed=4)[0]
+    first = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+    again = llm.generate([prompt, prompt[:5]], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert first == again
+
+
+def pooled(path, instances, backend="local", **kwargs) -> LLM:
+    return LLM(
+        str(path), kv_cache_memory=10 * TINY_BLOCK_BYTES, block_size=BLOCK,
+        instances=instances, backend=backend, max_lend_fraction=1.0,
+        max_num_batched_tokens=32, dtype="float32", **kwargs,
+    )
+
+
+def spanning_prompts(instances: int) -> list[list[int]]:
+    long_len = 40 * instances - 24  # needs every instance's pool
+    prompts = [random_prompts(1, long_len, long_len + 1, 320, seed=instances)[0]]
+    return prompts + random_prompts(5, 3, 30, 320, seed=20 + instances)
+
+
+def test_kv_pooled_over_gpu_instances_gives_the_cpu_tokens(tiny_llama_dir):
+    prompts, params = spanning_prompts(3), SamplingParams(max_tokens=12, **GREEDY)
+    want, _ = run_watching_owners(pooled(tiny_llama_dir, 3, device="cpu").engine, prompts, params)
+    gpu = pooled(tiny_llama_dir, 3, device="cuda")
+    assert on_gpu(gpu)
+    got, most = run_watching_owners(gpu.engine, prompts, params)
+    assert most == 3 and got == want
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.ray
+def test_ray_actors_on_the_gpu_give_the_in_process_tokens(tiny_llama_dir, local_ray):
+    """auto places the actors on the GPU (one each when Ray has enough GPUs, else equal
+    shares with a gloo group staged through the CPU); tokens equal the in-process
+    cluster's, with one request's KV spanning both actors."""
+    ray = local_ray
+    prompts, params = spanning_prompts(2), SamplingParams(max_tokens=12, **GREEDY)
+    want, _ = run_watching_owners(pooled(tiny_llama_dir, 2, device="cuda").engine, prompts, params)
+    remote = pooled(tiny_llama_dir, 2, backend="ray")
+    runner = remote.engine.runner
+    try:
+        gpus = int(ray.cluster_resources()["GPU"])
+        placements = ray.get([a.placement.remote() for a in runner.actors.values()])
+        for device, backend in placements:
+            assert device.startswith("cuda")
+            assert backend == ("nccl" if gpus >= 2 else "gloo")
+        got, most = run_watching_owners(remote.engine, prompts, params)
+        assert most == 2 and got == want
+        for inst in remote.engine.cluster.instances:
+            assert inst.rmanager.num_free == inst.rmanager.capacity
+    finally:
+        runner.shutdown()
