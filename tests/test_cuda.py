@@ -131,3 +131,22 @@ def test_ray_actors_on_the_gpu_give_the_in_process_tokens(tiny_llama_dir, local_
             assert inst.rmanager.num_free == inst.rmanager.capacity
     finally:
         runner.shutdown()
+
+
+@pytest.mark.ray
+def test_an_actor_with_a_gpu_of_its_own_joins_an_nccl_group(tiny_llama_dir, local_ray):
+    """One instance per GPU: the actor's group is NCCL (a world of one on a one-GPU
+    machine, so its all-to-all moves nothing but runs through NCCL)."""
+    ray = local_ray
+    prompts, params = random_prompts(3, 5, 30, 320, seed=9), SamplingParams(max_tokens=8, **GREEDY)
+    want, _ = run_watching_owners(pooled(tiny_llama_dir, 1, device="cuda").engine, prompts, params)
+    remote = pooled(tiny_llama_dir, 1, backend="ray")
+    runner = remote.engine.runner
+    try:
+        (placement,) = ray.get([a.placement.remote() for a in runner.actors.values()])
+        assert placement[0].startswith("cuda") and placement[1] == "nccl"
+        assert runner.exchange_latency(64, repeats=3) >= 0
+        got, _ = run_watching_owners(remote.engine, prompts, params)
+        assert got == want
+    finally:
+        runner.shutdown()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 
 from infinite_llm import LLM, SamplingParams
 from infinite_llm.config import RayConfig
@@ -27,9 +28,21 @@ def local_ray():
     ray.shutdown()
 
 
-def cluster(path, instances, backend, **kwargs):
+# The fault test also runs with the actors on a GPU where there is one (pytest -m cuda).
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[
+        pytest.mark.cuda,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    ]),
+]
+
+
+def cluster(path, instances, backend, device="cpu", **kwargs):
     return LLM(
         str(path),
+        device=device,
+        dtype="float32",
         kv_cache_memory=10 * TINY_BLOCK_BYTES,
         block_size=BLOCK,
         instances=instances,
@@ -61,8 +74,9 @@ def test_ray_actors_give_the_in_process_outputs(tiny_llama_dir, local_ray, insta
         remote.engine.runner.shutdown()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fault", ["killed", "unresponsive"])
-def test_a_dead_actor_mid_decode_loses_no_request(tiny_llama_dir, local_ray, fault):
+def test_a_dead_actor_mid_decode_loses_no_request(tiny_llama_dir, local_ray, fault, device):
     """Instance 1 dies between decode steps (killed, so Ray reports it; or alive but deaf
     to heartbeats, so the driver declares it dead after 2 missed ones): requests with KV
     or home there start over on the survivors (greedy tokens as undisturbed) or, too
@@ -71,11 +85,11 @@ def test_a_dead_actor_mid_decode_loses_no_request(tiny_llama_dir, local_ray, fau
     prompts = random_prompts(4, 5, 25, 320, seed=7)
     prompts.append(random_prompts(1, 90, 91, 320, seed=8)[0])  # needs all 3 instances
     params = SamplingParams(max_tokens=10, **GREEDY)
-    local = cluster(tiny_llama_dir, 3, "local")
+    local = cluster(tiny_llama_dir, 3, "local", device)
     want, _ = run_watching_owners(local.engine, prompts, params)
 
     remote = cluster(
-        tiny_llama_dir, 3, "ray",
+        tiny_llama_dir, 3, "ray", device,
         ray_config=RayConfig(heartbeat_timeout_s=0.5, max_missed_heartbeats=2),
     )
     engine = remote.engine
@@ -197,7 +211,8 @@ def test_serve_on_ray_answers_and_leaves_no_process(tiny_llama_dir):
     local = cluster(tiny_llama_dir, 2, "local")
     want = local.generate([prompt], SamplingParams(max_tokens=8, **GREEDY), use_tqdm=False)
     server = ServerProcess(
-        str(tiny_llama_dir), "--backend", "ray", "--instances", "2", "--block-size", str(BLOCK),
+        str(tiny_llama_dir), "--backend", "ray", "--device", "cpu", "--instances", "2",
+        "--block-size", str(BLOCK),
         "--kv-cache-memory", str(10 * TINY_BLOCK_BYTES), "--max-lend-fraction", "1.0",
         "--max-num-batched-tokens", "32", start_timeout=240,
     )

@@ -63,8 +63,11 @@ class InstanceActor:
     ) -> None:
         torch.set_num_threads(threads)
         self.rank = instance_id
-        # Ray shows an actor only the GPU it was given: "cuda" is that one.
+        # Ray shows an actor only the GPU it was given: "cuda" is that one (NCCL wants
+        # its index).
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.backend = backend_for(self.device, own_gpu)
         self.model = build_model(load_checkpoint(model), dtype, self.device)
         config = self.model.config
