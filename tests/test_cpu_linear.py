@@ -73,3 +73,27 @@ def test_swap_drops_untied_weights_and_keeps_tied_ones():
     ids = torch.tensor([3, 17])
     torch.testing.assert_close(model["head"](embed(ids)), embed(ids) @ embed.weight.T, rtol=1e-5, atol=1e-5)
     assert "packed" not in model.state_dict()  # a cache of the weight, not a parameter
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 7, 64])
+def test_a_gated_linear_returns_silu_of_gate_times_up(dtype, rows):
+    torch.manual_seed(rows)
+    linear = nn.Linear(96, 2 * 80, bias=False).to(dtype)
+    x = torch.randn(2, rows, 96).to(dtype)
+    layer = CpuLinear(linear, gated=True)
+    assert layer.applies_silu_and_mul and layer.out_features == 80
+    gate, up = nn.functional.linear(x.double(), linear.weight.double()).chunk(2, dim=-1)
+    got = layer(x)
+    assert got.shape == (2, rows, 80) and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.double(), nn.functional.silu(gate) * up, rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="without bias"):
+        CpuLinear(nn.Linear(96, 160, bias=True), gated=True)
+
+
+def test_swap_fuses_the_named_gate_up_products_only():
+    model = nn.ModuleDict({"gate_up_proj": nn.Linear(8, 32, bias=False), "o": nn.Linear(8, 32)})
+    assert use_cpu_linears(model) == 2
+    assert model["gate_up_proj"].applies_silu_and_mul
+    assert not model["o"].applies_silu_and_mul and model["o"].out_features == 32

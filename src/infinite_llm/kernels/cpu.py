@@ -119,6 +119,20 @@ def linear_packed(
     return cpu_kernels().linear_packed(x, packed, bias, out_features)
 
 
+def pack_gate_up(weight: torch.Tensor, intermediate: int) -> torch.Tensor:
+    """The MLP's fused weight [gate; up] (2 * I, K), laid out for ``linear_silu``: the
+    packed panels of gate and of up, interleaved (gate 16i.., up 16i.., gate 16(i+1)..)."""
+    gate = pack_weight(weight[:intermediate])
+    up = pack_weight(weight[intermediate:])
+    return torch.stack([gate, up], dim=1).flatten(0, 1).contiguous()
+
+
+def linear_silu(x: torch.Tensor, packed: torch.Tensor, intermediate: int) -> torch.Tensor:
+    """silu(x Wg^T) * (x Wu^T) (M, I) from ``pack_gate_up``'s weight: the gate and up
+    products and SiLU-and-multiply in one pass, as ``silu_and_mul(linear_packed(...))``."""
+    return cpu_kernels().linear_silu(x, packed, intermediate)
+
+
 def elementwise_supported(x: torch.Tensor) -> bool:
     """Whether ``rms_norm``, ``silu_and_mul`` and ``rotary_`` take this tensor."""
     return x.device.type == "cpu" and x.dtype in _DTYPES and cpu_kernels() is not None

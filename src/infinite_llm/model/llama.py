@@ -81,6 +81,9 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self.gate_up_proj, "applies_silu_and_mul", False):
+            # The CPU kernel's gated product: silu(gate) * up in one pass.
+            return self.down_proj(self.gate_up_proj(x))
         gate_up = self.gate_up_proj(x)
         if elementwise_supported(gate_up):
             return self.down_proj(kernels.silu_and_mul(gate_up))

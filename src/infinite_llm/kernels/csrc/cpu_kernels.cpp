@@ -13,6 +13,8 @@
 //   the weights once at memory speed); arithmetic is float32, rounded once, as a bfloat16
 //   GEMM does. Every row's sum runs over k in the same order whatever the batch, so a
 //   row's result does not depend on the rows beside it.
+// linear_silu: the MLP's gate and up products from one packed weight (panels interleaved)
+//   with SiLU-and-multiply applied in registers, so the 2x-wide product is never stored.
 // prefill_attention: causal attention of prompts over their own keys, read from the flat
 //   (strided) q, k, v rows with no padding, gather or GQA copies; tasks of 16 tokens x one
 //   KV head's query heads, key blocks of 64 through register-tiled products and an
@@ -69,6 +71,14 @@ inline __m256 exp8(__m256 x) {
   __m256i n = _mm256_slli_epi32(
       _mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+}
+
+// silu(g) * u on 8 floats: the one formula of both SiLU-and-multiply paths.
+inline __m256 silu_mul8(__m256 g, __m256 u) {
+  const __m256 sig = _mm256_div_ps(
+      _mm256_set1_ps(1.0f),
+      _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+  return _mm256_mul_ps(_mm256_mul_ps(g, sig), u);
 }
 
 constexpr int kMaxRows = 32;   // query rows (queries x heads) one task holds
@@ -434,6 +444,54 @@ void linear_packed_impl(const float* x, const W* packed, const float* bias, Y* y
   });
 }
 
+// The MLP's gate and up products with SiLU-and-multiply in the epilogue: packed holds
+// the panels of gate and up interleaved (gate features 16i.. then up features 16i..), so
+// a tile computes both halves of 16 outputs for its rows; y (M, n_half) = silu(x Wg^T) *
+// (x Wu^T) is all that is written (the (M, 2 n_half) product never reaches memory). The
+// same sums and formula as linear_packed then silu_and_mul (bfloat16 rounds the product
+// first, as that path does).
+template <typename W, typename Y>
+void linear_silu_impl(const float* x, const W* packed, Y* y, int64_t rows, int64_t n_half,
+                      int64_t k_in) {
+  const int64_t pairs = (n_half + kPanel - 1) / kPanel;
+  int64_t block_rows = kRowBlockBytes / (k_in * static_cast<int64_t>(sizeof(float)));
+  block_rows = std::max<int64_t>(kTileRows, block_rows / kTileRows * kTileRows);
+  constexpr int64_t ld = 2 * kPanel;  // a row of the tile: [gate 16 | up 16]
+  at::parallel_for(0, pairs, 1, [&](int64_t first, int64_t last) {
+    alignas(32) float gu[kTileRows * ld];
+    for (int64_t m0 = 0; m0 < rows; m0 += block_rows) {
+      const int64_t m1 = std::min(rows, m0 + block_rows);
+      for (int64_t t = first; t < last; ++t) {
+        const W* gate = packed + 2 * t * k_in * kPanel;
+        const int64_t n = t * kPanel;
+        const int64_t ncols = std::min<int64_t>(kPanel, n_half - n);
+        for (int64_t m = m0; m < m1; m += kTileRows) {
+          const int r = static_cast<int>(std::min<int64_t>(kTileRows, m1 - m));
+          const float* xm = x + m * k_in;
+          if (rows <= 3) {  // both panels in one tile, as linear_packed pairs them
+            gemm_tile_rows<2, W, float>(r, xm, k_in, gate, k_in, nullptr, gu, ld, ld);
+          } else {
+            gemm_tile_rows<1, W, float>(r, xm, k_in, gate, k_in, nullptr, gu, ld, kPanel);
+            gemm_tile_rows<1, W, float>(r, xm, k_in, gate + k_in * kPanel, k_in, nullptr,
+                                        gu + kPanel, ld, kPanel);
+          }
+          for (int i = 0; i < r; ++i) {
+            float* row = gu + i * ld;
+            if constexpr (std::is_same_v<Y, bf16>) {
+              for (int64_t j = 0; j < ld; ++j) row[j] = static_cast<float>(bf16(row[j]));
+            }
+            alignas(32) float v[kPanel];
+            _mm256_store_ps(v, silu_mul8(_mm256_load_ps(row), _mm256_load_ps(row + kPanel)));
+            _mm256_store_ps(v + 8, silu_mul8(_mm256_load_ps(row + 8), _mm256_load_ps(row + kPanel + 8)));
+            Y* yr = y + (m + i) * n_half + n;
+            for (int64_t j = 0; j < ncols; ++j) yr[j] = Y(v[j]);
+          }
+        }
+      }
+    }
+  });
+}
+
 // ---- causal prefill attention over flat rows -----------------------------------------
 
 constexpr int kPrefillTokens = 32;  // query tokens per task (times the heads of a KV group)
@@ -641,12 +699,8 @@ void silu_and_mul_impl(const T* x, T* out, int64_t rows, int64_t size) {
       T* y = out + r * size;
       int64_t i = 0;
       for (; i + 8 <= size; i += 8) {
-        const __m256 g = load8(gate + i);
-        const __m256 sig = _mm256_div_ps(
-            _mm256_set1_ps(1.0f),
-            _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
         alignas(32) float v[8];
-        _mm256_store_ps(v, _mm256_mul_ps(_mm256_mul_ps(g, sig), load8(up + i)));
+        _mm256_store_ps(v, silu_mul8(load8(gate + i), load8(up + i)));
         for (int k = 0; k < 8; ++k) y[i + k] = T(v[k]);
       }
       for (; i < size; ++i) {
@@ -803,6 +857,15 @@ torch::Tensor pack_weight(torch::Tensor weight) {
   return padded.view({panels, kPanel, k_in}).transpose(1, 2).contiguous();
 }
 
+// x's rows as float32: x itself, or a converted copy in storage.
+const float* rows_as_float(const torch::Tensor& x, std::vector<float>& storage) {
+  if (x.scalar_type() == torch::kFloat32) return x.data_ptr<float>();
+  storage.resize(x.numel());
+  const bf16* src = x.data_ptr<bf16>();
+  for (int64_t i = 0; i < x.numel(); ++i) storage[i] = static_cast<float>(src[i]);
+  return storage.data();
+}
+
 torch::Tensor linear_packed(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias,
                             int64_t n_out) {
   // x (M, K) float32 or bfloat16, packed from pack_weight of an (n_out, K) weight -> (M, n_out)
@@ -819,15 +882,7 @@ torch::Tensor linear_packed(torch::Tensor x, torch::Tensor packed, c10::optional
   auto y = torch::empty({rows, n_out}, x.options());
   auto xc = x.contiguous();
   std::vector<float> xf_storage;
-  const float* xf;
-  if (x.scalar_type() == torch::kFloat32) {
-    xf = xc.data_ptr<float>();
-  } else {
-    xf_storage.resize(rows * k_in);
-    const bf16* src = xc.data_ptr<bf16>();
-    for (int64_t i = 0; i < rows * k_in; ++i) xf_storage[i] = static_cast<float>(src[i]);
-    xf = xf_storage.data();
-  }
+  const float* xf = rows_as_float(xc, xf_storage);
   torch::Tensor bf;
   if (bias.has_value()) bf = bias->to(torch::kFloat32).contiguous();
   const float* b = bias.has_value() ? bf.data_ptr<float>() : nullptr;
@@ -843,6 +898,37 @@ torch::Tensor linear_packed(torch::Tensor x, torch::Tensor packed, c10::optional
     f32_out ? launch(bf16{}, float{}) : launch(bf16{}, bf16{});
   } else {
     TORCH_CHECK(false, "linear_packed: float32 or bfloat16 weights only");
+  }
+  return y;
+}
+
+torch::Tensor linear_silu(torch::Tensor x, torch::Tensor packed, int64_t n_half) {
+  // x (M, K); packed: pack_weight of the gate and of the up weight, panels interleaved
+  // (2 * ceil(n_half / 16), K, 16) -> silu(x Wg^T) * (x Wu^T) (M, n_half) in x's dtype.
+  TORCH_CHECK(x.dim() == 2 && packed.dim() == 3 && packed.size(2) == kPanel &&
+                  packed.size(1) == x.size(1) &&
+                  packed.size(0) == 2 * ((n_half + kPanel - 1) / kPanel),
+              "linear_silu: shapes do not match");
+  TORCH_CHECK(packed.is_contiguous(), "linear_silu: packed weight must be contiguous");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16,
+              "linear_silu: float32 or bfloat16 inputs only");
+  const int64_t rows = x.size(0), k_in = x.size(1);
+  auto y = torch::empty({rows, n_half}, x.options());
+  auto xc = x.contiguous();
+  std::vector<float> xf_storage;
+  const float* xf = rows_as_float(xc, xf_storage);
+  auto launch = [&](auto weight_tag, auto out_tag) {
+    using W = decltype(weight_tag);
+    using Y = decltype(out_tag);
+    linear_silu_impl<W, Y>(xf, packed.data_ptr<W>(), y.data_ptr<Y>(), rows, n_half, k_in);
+  };
+  const bool f32_out = x.scalar_type() == torch::kFloat32;
+  if (packed.scalar_type() == torch::kFloat32) {
+    f32_out ? launch(float{}, float{}) : launch(float{}, bf16{});
+  } else if (packed.scalar_type() == torch::kBFloat16) {
+    f32_out ? launch(bf16{}, float{}) : launch(bf16{}, bf16{});
+  } else {
+    TORCH_CHECK(false, "linear_silu: float32 or bfloat16 weights only");
   }
   return y;
 }
@@ -894,6 +980,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention);
   m.def("pack_weight", &pack_weight);
   m.def("linear_packed", &linear_packed);
+  m.def("linear_silu", &linear_silu);
   m.def("prefill_attention", &prefill_attention);
   m.def("rms_norm", &rms_norm);
   m.def("silu_and_mul", &silu_and_mul);
