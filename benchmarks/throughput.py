@@ -275,7 +275,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workloads", nargs="+", choices=list(BUILDERS), default=list(BUILDERS))
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--kv-cache-memory", default="1GiB", help="infinite-llm KV cache size")
+    parser.add_argument(
+        "--kv-cache-memory", default="4GiB",
+        help="infinite-llm KV cache size (default: %(default)s, as vLLM CPU's VLLM_CPU_KVCACHE_SPACE)",
+    )
     parser.add_argument("--max-num-batched-tokens", type=int, default=None,
                         help="infinite-llm prefill/step token budget (engine default if unset)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
