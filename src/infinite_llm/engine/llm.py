@@ -18,6 +18,7 @@ from infinite_llm.config import (
 from infinite_llm.engine.chat import Message, chat_prompt
 from infinite_llm.engine.device import torch_device, torch_dtype
 from infinite_llm.engine.engine import LLMEngine
+from infinite_llm.engine.host_memory import keep_freed_host_memory
 from infinite_llm.engine.model_runner import ModelRunner, Runner, build_model
 from infinite_llm.engine.outputs import RequestOutput
 from infinite_llm.engine.sampler import Sampler
@@ -112,6 +113,8 @@ class LLM:
                 f"{cache.block_size} tokens for this model"
             )
         if backend == "local":
+            if where.type == "cpu":
+                keep_freed_host_memory()
             module = build_model(checkpoint, weight_dtype, where)
             kv_caches = {
                 i: KVCache(checkpoint.config, num_blocks, cache.block_size, weight_dtype, where)

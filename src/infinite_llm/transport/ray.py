@@ -40,6 +40,7 @@ import torch.distributed as dist
 from infinite_llm.attention.dist import DistAttention, KVLayout, KVWrites, build_batches
 from infinite_llm.attention.exchange import ExchangeAttention, InstanceStep, Shapes
 from infinite_llm.config import PoolingConfig, RayConfig
+from infinite_llm.engine.host_memory import keep_freed_host_memory
 from infinite_llm.engine.model_runner import InstanceFailure, build_model, prepare, sample_rows
 from infinite_llm.engine.sampler import SampledToken, Sampler, SampleRequest
 from infinite_llm.engine.sampling_params import SamplingParams
@@ -69,6 +70,8 @@ class InstanceActor:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.backend = backend_for(self.device, own_gpu)
+        if self.device.type == "cpu":
+            keep_freed_host_memory()
         self.model = build_model(load_checkpoint(model), dtype, self.device)
         config = self.model.config
         self.kv_cache = KVCache(config, num_blocks, block_size, dtype, self.device)
