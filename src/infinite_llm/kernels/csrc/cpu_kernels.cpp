@@ -857,13 +857,43 @@ torch::Tensor pack_weight(torch::Tensor weight) {
   return padded.view({panels, kPanel, k_in}).transpose(1, 2).contiguous();
 }
 
-// x's rows as float32: x itself, or a converted copy in storage.
-const float* rows_as_float(const torch::Tensor& x, std::vector<float>& storage) {
-  if (x.scalar_type() == torch::kFloat32) return x.data_ptr<float>();
-  storage.resize(x.numel());
-  const bf16* src = x.data_ptr<bf16>();
-  for (int64_t i = 0; i < x.numel(); ++i) storage[i] = static_cast<float>(src[i]);
-  return storage.data();
+// A product's x, checked with its packed weight: its rows as float32 (x itself when it is
+// float32, else a converted copy held here).
+struct ProductInput {
+  torch::Tensor x;
+  std::vector<float> storage;
+  const float* rows = nullptr;
+};
+
+ProductInput product_input(const torch::Tensor& x, const torch::Tensor& packed, const char* name) {
+  TORCH_CHECK(packed.is_contiguous(), name, ": packed weight must be contiguous");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16, name,
+              ": float32 or bfloat16 inputs only");
+  ProductInput in;
+  in.x = x.contiguous();
+  if (x.scalar_type() == torch::kFloat32) {
+    in.rows = in.x.data_ptr<float>();
+  } else {
+    in.storage.resize(in.x.numel());
+    const bf16* src = in.x.data_ptr<bf16>();
+    for (int64_t i = 0; i < in.x.numel(); ++i) in.storage[i] = static_cast<float>(src[i]);
+    in.rows = in.storage.data();
+  }
+  return in;
+}
+
+// launch(W{}, Y{}) with W the packed weight's element type and Y x's (the output's).
+template <typename F>
+void with_weight_and_output_types(const torch::Tensor& packed, const torch::Tensor& x,
+                                  const char* name, F launch) {
+  const bool f32_out = x.scalar_type() == torch::kFloat32;
+  if (packed.scalar_type() == torch::kFloat32) {
+    f32_out ? launch(float{}, float{}) : launch(float{}, bf16{});
+  } else if (packed.scalar_type() == torch::kBFloat16) {
+    f32_out ? launch(bf16{}, float{}) : launch(bf16{}, bf16{});
+  } else {
+    TORCH_CHECK(false, name, ": float32 or bfloat16 weights only");
+  }
 }
 
 torch::Tensor linear_packed(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias,
@@ -874,31 +904,19 @@ torch::Tensor linear_packed(torch::Tensor x, torch::Tensor packed, c10::optional
                   packed.size(1) == x.size(1) && packed.size(0) * kPanel >= n_out &&
                   packed.size(0) * kPanel < n_out + kPanel,
               "linear_packed: shapes do not match");
-  TORCH_CHECK(packed.is_contiguous(), "linear_packed: packed weight must be contiguous");
   TORCH_CHECK(!bias.has_value() || bias->numel() == n_out, "linear_packed: bias size");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16,
-              "linear_packed: float32 or bfloat16 inputs only");
+  const ProductInput in = product_input(x, packed, "linear_packed");
+  const float* xf = in.rows;
   const int64_t rows = x.size(0), k_in = x.size(1);
   auto y = torch::empty({rows, n_out}, x.options());
-  auto xc = x.contiguous();
-  std::vector<float> xf_storage;
-  const float* xf = rows_as_float(xc, xf_storage);
   torch::Tensor bf;
   if (bias.has_value()) bf = bias->to(torch::kFloat32).contiguous();
   const float* b = bias.has_value() ? bf.data_ptr<float>() : nullptr;
-  auto launch = [&](auto weight_tag, auto out_tag) {
+  with_weight_and_output_types(packed, x, "linear_packed", [&](auto weight_tag, auto out_tag) {
     using W = decltype(weight_tag);
     using Y = decltype(out_tag);
     linear_packed_impl<W, Y>(xf, packed.data_ptr<W>(), b, y.data_ptr<Y>(), rows, n_out, k_in);
-  };
-  const bool f32_out = x.scalar_type() == torch::kFloat32;
-  if (packed.scalar_type() == torch::kFloat32) {
-    f32_out ? launch(float{}, float{}) : launch(float{}, bf16{});
-  } else if (packed.scalar_type() == torch::kBFloat16) {
-    f32_out ? launch(bf16{}, float{}) : launch(bf16{}, bf16{});
-  } else {
-    TORCH_CHECK(false, "linear_packed: float32 or bfloat16 weights only");
-  }
+  });
   return y;
 }
 
@@ -909,27 +927,15 @@ torch::Tensor linear_silu(torch::Tensor x, torch::Tensor packed, int64_t n_half)
                   packed.size(1) == x.size(1) &&
                   packed.size(0) == 2 * ((n_half + kPanel - 1) / kPanel),
               "linear_silu: shapes do not match");
-  TORCH_CHECK(packed.is_contiguous(), "linear_silu: packed weight must be contiguous");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16,
-              "linear_silu: float32 or bfloat16 inputs only");
+  const ProductInput in = product_input(x, packed, "linear_silu");
+  const float* xf = in.rows;
   const int64_t rows = x.size(0), k_in = x.size(1);
   auto y = torch::empty({rows, n_half}, x.options());
-  auto xc = x.contiguous();
-  std::vector<float> xf_storage;
-  const float* xf = rows_as_float(xc, xf_storage);
-  auto launch = [&](auto weight_tag, auto out_tag) {
+  with_weight_and_output_types(packed, x, "linear_silu", [&](auto weight_tag, auto out_tag) {
     using W = decltype(weight_tag);
     using Y = decltype(out_tag);
     linear_silu_impl<W, Y>(xf, packed.data_ptr<W>(), y.data_ptr<Y>(), rows, n_half, k_in);
-  };
-  const bool f32_out = x.scalar_type() == torch::kFloat32;
-  if (packed.scalar_type() == torch::kFloat32) {
-    f32_out ? launch(float{}, float{}) : launch(float{}, bf16{});
-  } else if (packed.scalar_type() == torch::kBFloat16) {
-    f32_out ? launch(bf16{}, float{}) : launch(bf16{}, bf16{});
-  } else {
-    TORCH_CHECK(false, "linear_silu: float32 or bfloat16 weights only");
-  }
+  });
   return y;
 }
 
