@@ -11,7 +11,11 @@ their ratio (timings on this 2-core machine are noisy: compare ratios, and run t
   attention on padded (B, H, L, D) tensors with the KV heads repeated (what the engine
   ran before);
 - decode attention: one layer of the paged kernel over 64 sequences (no PyTorch
-  counterpart reads paged blocks in place; the bytes it reads per second are shown).
+  counterpart reads paged blocks in place; the bytes it reads per second are shown);
+- fused: the gated MLP product (SiLU-and-multiply in the GEMM's epilogue) against the
+  packed product then ``silu_and_mul``, and the residual add fused into RMSNorm against
+  the add then the ``rms_norm`` kernel (float32; the "torch ms" column is the two-step
+  path with our own kernels).
 """
 
 from __future__ import annotations
@@ -23,9 +27,16 @@ import torch
 from torch import nn
 
 from infinite_llm.kernels.cpu import (
+    add_rms_norm_,
     cpu_kernels,
+    linear_packed,
+    linear_silu,
+    pack_gate_up,
+    pack_weight,
     paged_decode_attention,
     prefill_attention,
+    rms_norm,
+    silu_and_mul,
 )
 from infinite_llm.model.cpu_linear import CpuLinear
 
@@ -106,6 +117,24 @@ def decode_rows(repeats: int) -> list[tuple[str, str, float, float, str]]:
     return rows
 
 
+def fused_rows(repeats: int) -> list[tuple[str, str, float, float, str]]:
+    rows = []
+    weight = torch.randn(3072, HIDDEN)
+    gated, plain = pack_gate_up(weight, 1536), pack_weight(weight)
+    norm = torch.randn(HIDDEN)
+    for m in (1, 64, 8192):
+        x = torch.randn(m, HIDDEN)
+        ours = timed(lambda: linear_silu(x, gated, 1536), repeats)
+        theirs = timed(lambda: silu_and_mul(linear_packed(x, plain, None, 3072)), repeats)
+        rows.append((f"gate_up + SiLU-and-multiply {m} rows", "two steps", ours, theirs, ""))
+    for m in (1, 64, 8192):
+        x, residual = torch.randn(m, HIDDEN), torch.randn(m, HIDDEN)
+        ours = timed(lambda: add_rms_norm_(x, residual, norm, 1e-5), repeats)
+        theirs = timed(lambda: rms_norm(residual + x, norm, 1e-5), repeats)
+        rows.append((f"residual add + RMSNorm {m} rows", "two steps", ours, theirs, ""))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=9)
@@ -115,6 +144,7 @@ def main() -> None:
     if cpu_kernels() is None:
         raise SystemExit("the CPU kernels are not available on this machine")
     rows = linear_rows(args.repeats) + prefill_rows(args.repeats) + decode_rows(args.repeats)
+    rows += fused_rows(args.repeats)
     print(f"{'case':<44} {'kernel ms':>10} {'vs':<11} {'torch ms':>9} {'speedup':>8}  rate")
     for label, other, ours, theirs, rate in rows:
         speedup = theirs / ours if theirs == theirs else float("nan")

@@ -178,6 +178,23 @@ def test_rms_norm_equals_the_hugging_face_formula(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 576), (7, 96), (3, 5, 100)])
+def test_add_rms_norm_is_the_add_then_the_norm_bitwise(dtype, shape):
+    from infinite_llm.kernels.cpu import add_rms_norm_, rms_norm
+
+    g = torch.Generator().manual_seed(sum(shape) + 1)
+    x = (torch.randn(*shape, generator=g) * 3).to(dtype)
+    residual = torch.randn(*shape, generator=g).to(dtype)
+    weight = torch.randn(shape[-1], generator=g).to(dtype)
+    added = residual + x  # the model's add, in its dtype
+    expected = rms_norm(added, weight, 1e-5)
+    add_rms_norm_(x, residual, weight, 1e-5)
+    assert torch.equal(residual, added) and torch.equal(x, expected)
+    with pytest.raises(RuntimeError, match="one shape"):
+        add_rms_norm_(x, residual[..., :-1].contiguous(), weight, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 3072), (9, 2 * 160), (2, 3, 2 * 13)])
 def test_silu_and_mul_equals_silu_times_up(dtype, shape):
     from infinite_llm.kernels.cpu import silu_and_mul

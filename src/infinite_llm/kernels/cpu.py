@@ -143,6 +143,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return cpu_kernels().rms_norm(x, weight, eps)
 
 
+def add_rms_norm_(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    """In place: residual += x, then x = rms_norm(residual) (contiguous, one shape)."""
+    cpu_kernels().add_rms_norm_(x, residual, weight, eps)
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x (..., 2 * I) = [gate | up] -> silu(gate) * up (..., I)."""
     return cpu_kernels().silu_and_mul(x)

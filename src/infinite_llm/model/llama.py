@@ -40,6 +40,17 @@ class RMSNorm(nn.Module):
             return kernels.rms_norm(x, self.weight, self.eps)
         return nn.functional.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
+    def add_and_norm(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x): the residual add and the next norm in one
+        pass on CPU, where both tensors are overwritten (they are the step's own)."""
+        if elementwise_supported(x) and x.is_contiguous() and residual.is_contiguous():
+            kernels.add_rms_norm_(x, residual, self.weight, self.eps)
+            return x, residual
+        residual = residual + x
+        return self(residual), residual
+
 
 class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
@@ -100,10 +111,23 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attend: Attend,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's output, still to be added to the residual stream (the
+        embeddings, with no residual yet, for the first layer). Returns this layer's
+        output and the residual stream, so that each add goes into the next norm."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm.add_and_norm(x, residual)
+        h = self.self_attn(h, cos, sin, attend)
+        h, residual = self.post_attention_layernorm.add_and_norm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -119,9 +143,12 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(x, cos, sin, attend)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, attend)
+        if residual is None:
+            return self.norm(x)
+        return self.norm.add_and_norm(x, residual)[0]
 
 
 # Checkpoint tensors that are stored in one fused parameter: name -> (fused name, shard).

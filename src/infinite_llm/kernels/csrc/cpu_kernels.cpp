@@ -669,12 +669,20 @@ void prefill_attention_impl(const T* q, int64_t q_row, const T* k, int64_t k_row
   }
 }
 
+// out = RMSNorm(x) by rows. With a residual: residual += x first (rounded to T, as the
+// model's add is) and out = RMSNorm(residual); out may then be x itself.
 template <typename T>
-void rms_norm_impl(const T* x, const T* weight, T* out, int64_t rows, int64_t size, float eps) {
+void rms_norm_impl(const T* x, const T* weight, T* out, int64_t rows, int64_t size, float eps,
+                   T* residual = nullptr) {
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * size;
       T* yr = out + r * size;
+      if (residual != nullptr) {
+        T* res = residual + r * size;
+        for (int64_t i = 0; i < size; ++i) res[i] = T(to_float(res[i]) + to_float(xr[i]));
+        xr = res;
+      }
       float sum = 0.0f;
       for (int64_t i = 0; i < size; ++i) {
         const float v = to_float(xr[i]);
@@ -770,6 +778,26 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
     TORCH_CHECK(false, "rms_norm: float32 or bfloat16 only");
   }
   return out;
+}
+
+void add_rms_norm_(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps) {
+  // residual += x; x = RMSNorm(residual): the residual add fused into the next norm.
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type() && residual.scalar_type() == x.scalar_type(),
+              "add_rms_norm_: dtypes differ");
+  TORCH_CHECK(x.sizes() == residual.sizes() && x.is_contiguous() && residual.is_contiguous(),
+              "add_rms_norm_: x and residual must be contiguous and of one shape");
+  const int64_t size = x.size(-1), rows = x.numel() / size;
+  if (x.scalar_type() == torch::kFloat32) {
+    rms_norm_impl<float>(x.data_ptr<float>(), weight.contiguous().data_ptr<float>(),
+                         x.data_ptr<float>(), rows, size, static_cast<float>(eps),
+                         residual.data_ptr<float>());
+  } else if (x.scalar_type() == torch::kBFloat16) {
+    rms_norm_impl<bf16>(x.data_ptr<bf16>(), weight.contiguous().data_ptr<bf16>(),
+                        x.data_ptr<bf16>(), rows, size, static_cast<float>(eps),
+                        residual.data_ptr<bf16>());
+  } else {
+    TORCH_CHECK(false, "add_rms_norm_: float32 or bfloat16 only");
+  }
 }
 
 torch::Tensor silu_and_mul(torch::Tensor x) {
@@ -989,6 +1017,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_silu", &linear_silu);
   m.def("prefill_attention", &prefill_attention);
   m.def("rms_norm", &rms_norm);
+  m.def("add_rms_norm_", &add_rms_norm_);
   m.def("silu_and_mul", &silu_and_mul);
   m.def("rotary_", &rotary_);
 }
