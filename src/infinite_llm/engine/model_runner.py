@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from infinite_llm.attention.dist import DistAttention, KVLayout, KVWrites, SeqSpan, build_batches
+from infinite_llm.attention.dist import (
+    AttentionBatch,
+    DistAttention,
+    KVLayout,
+    KVWrites,
+    SeqSpan,
+    build_batches,
+)
 from infinite_llm.engine.sampler import SampledToken, Sampler, SampleRequest
 from infinite_llm.engine.sampling_params import SamplingParams
 from infinite_llm.engine.scheduler import ScheduledChunk, SchedulerOutput
@@ -59,8 +67,6 @@ class ModelRunner:
         self.scale = config.head_dim**-0.5
         weight = next(model.parameters())
         block_size = next(iter(kv_caches.values())).block_size
-        self.block_size = block_size
-        self.device = weight.device
         self.layout = KVLayout.for_model(config, block_size, weight.dtype, weight.device)
 
     @torch.inference_mode()
@@ -74,22 +80,36 @@ class ModelRunner:
         sampled = [c for c in plan.chunks if c.sample]
         if not sampled:
             return {}
-        last = sample_rows(plan.chunks).to(self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, last))
+        logits = sample_logits(self.model, hidden, plan.chunks)
         rows = [SampleRequest(c.request_id, params[c.request_id]) for c in sampled]
         return {row.request_id: token for row, token in zip(rows, self.sampler(logits, rows))}
 
     @torch.inference_mode()
     def forward(self, plan: SchedulerOutput) -> torch.Tensor:
         """Final hidden states (N, hidden) of the plan's tokens, chunk after chunk."""
-        input_ids, positions, spans = prepare(plan.chunks)
-        attend = DistAttention(
-            self.kv_caches,
-            KVWrites.build(spans, positions, self.block_size, self.device),
-            build_batches(spans, self.layout),
-            self.scale,
+        step = StepInputs.build(plan.chunks, self.layout)
+        attend = DistAttention(self.kv_caches, step.writes, step.batches, self.scale)
+        return self.model(step.input_ids, step.positions, attend)
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """Chunks as the model and DistAttention take them, on the layout's device."""
+
+    input_ids: torch.Tensor  # (N,) the chunks' tokens, flattened in order
+    positions: torch.Tensor  # (N,)
+    writes: KVWrites
+    batches: list[AttentionBatch]
+
+    @staticmethod
+    def build(chunks: list[ScheduledChunk], layout: KVLayout) -> StepInputs:
+        input_ids, positions, spans = prepare(chunks)
+        return StepInputs(
+            input_ids.to(layout.device),
+            positions.to(layout.device),
+            KVWrites.build(spans, positions, layout.block_size, layout.device),
+            build_batches(spans, layout),
         )
-        return self.model(input_ids.to(self.device), positions.to(self.device), attend)
 
 
 def prepare(chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, list[SeqSpan]]:
@@ -105,7 +125,11 @@ def prepare(chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, l
     return torch.tensor(token_ids), torch.tensor(positions), spans
 
 
-def sample_rows(chunks: list[ScheduledChunk]) -> torch.Tensor:
-    """Indices into the step's flat tokens of the last token of each chunk that samples."""
+def sample_logits(
+    model: LlamaForCausalLM, hidden: torch.Tensor, chunks: list[ScheduledChunk]
+) -> torch.Tensor:
+    """Logits of the last token of each chunk that samples (hidden: the chunks' flat
+    final hidden states)."""
     ends = torch.tensor([len(c.token_ids) for c in chunks]).cumsum(0) - 1
-    return ends[torch.tensor([c.sample for c in chunks])]
+    last = ends[torch.tensor([c.sample for c in chunks])].to(hidden.device)
+    return model.compute_logits(hidden.index_select(0, last))

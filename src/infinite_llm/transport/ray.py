@@ -37,11 +37,16 @@ import ray
 import torch
 import torch.distributed as dist
 
-from infinite_llm.attention.dist import DistAttention, KVLayout, KVWrites, build_batches
+from infinite_llm.attention.dist import DistAttention, KVLayout, KVWrites
 from infinite_llm.attention.exchange import ExchangeAttention, InstanceStep, Shapes
 from infinite_llm.config import PoolingConfig, RayConfig
 from infinite_llm.engine.host_memory import keep_freed_host_memory
-from infinite_llm.engine.model_runner import InstanceFailure, build_model, prepare, sample_rows
+from infinite_llm.engine.model_runner import (
+    InstanceFailure,
+    StepInputs,
+    build_model,
+    sample_logits,
+)
 from infinite_llm.engine.sampler import SampledToken, Sampler, SampleRequest
 from infinite_llm.engine.sampling_params import SamplingParams
 from infinite_llm.engine.scheduler import SchedulerOutput
@@ -75,7 +80,6 @@ class InstanceActor:
         self.model = build_model(load_checkpoint(model), dtype, self.device)
         config = self.model.config
         self.kv_cache = KVCache(config, num_blocks, block_size, dtype, self.device)
-        self.block_size = block_size
         self.scale = config.head_dim**-0.5
         self.shapes = Shapes(config.num_attention_heads, config.num_key_value_heads, config.head_dim)
         self.layout = KVLayout.for_model(config, block_size, dtype, self.device)
@@ -142,23 +146,18 @@ class InstanceActor:
         if not crosses:
             if not mine:
                 return None
-            input_ids, positions, spans = prepare(mine)
-            attend = DistAttention(
-                {self.rank: self.kv_cache},
-                KVWrites.build(spans, positions, self.block_size, self.device),
-                build_batches(spans, self.layout),
-                self.scale,
-            )
-            return self._logits(self._forward(input_ids, positions, attend), mine)
+            step = StepInputs.build(mine, self.layout)
+            attend = DistAttention({self.rank: self.kv_cache}, step.writes, step.batches, self.scale)
+            return self._logits(self.model(step.input_ids, step.positions, attend), mine)
+        # Every instance derives every home's share of the step, so each knows what the
+        # exchanges will carry.
+        inputs = {}
         steps = {}
         for home in self.alive:
             chunks = [c for c in plan.chunks if c.home == home]
             if chunks:
-                _, positions, spans = prepare(chunks)
-                steps[home] = InstanceStep(
-                    build_batches(spans, self.layout),
-                    KVWrites.build(spans, positions, self.block_size, self.device),
-                )
+                inputs[home] = StepInputs.build(chunks, self.layout)
+                steps[home] = InstanceStep(inputs[home].batches, inputs[home].writes)
             else:
                 steps[home] = InstanceStep([], KVWrites(()))
         attend = ExchangeAttention(
@@ -168,18 +167,14 @@ class InstanceActor:
             for layer in range(self.model.config.num_hidden_layers):
                 attend.serve(layer)
             return None
-        input_ids, positions, _ = prepare(mine)
-        return self._logits(self._forward(input_ids, positions, attend), mine)
-
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
-        return self.model(input_ids.to(self.device), positions.to(self.device), attend)
+        own = inputs[self.rank]
+        return self._logits(self.model(own.input_ids, own.positions, attend), mine)
 
     def _logits(self, hidden: torch.Tensor, chunks) -> torch.Tensor | None:
         """The sampling chunks' logits, on the CPU: the driver samples and may have no GPU."""
         if not any(c.sample for c in chunks):
             return None
-        last = sample_rows(chunks).to(self.device)
-        return self.model.compute_logits(hidden.index_select(0, last)).cpu()
+        return sample_logits(self.model, hidden, chunks).cpu()
 
     def shutdown(self) -> None:
         if dist.is_initialized():
