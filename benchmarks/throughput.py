@@ -1,9 +1,12 @@
 """Main throughput benchmark: infinite-llm against transformers on W1, W2 and LAT.
 
-Both engines run in the same process, for each dtype, on the standard workloads of
-/work/shared/WORKLOADS.md. Each engine gets one untimed warm-up generate; then for each
-workload the timed runs alternate between engines (engine A, engine B, A, B, ...) so that
-drift or a noisy neighbour on this small machine hits both alike. Reported: median and
+Each engine runs in a process of its own (WORKLOADS.md: "one untimed warm-up generate
+first in each process"), for each dtype, on the standard workloads of
+/work/shared/WORKLOADS.md, so that neither inherits the other's process-wide settings
+(threads, allocator tuning, caches). Each engine gets one untimed warm-up generate; then
+for each workload the timed runs alternate between engines (engine A, engine B, A, B,
+...) so that drift or a noisy neighbour on this small machine hits both alike; the
+engine that is not running waits idle on its pipe. Reported: median and
 spread (min-max) over `--repeats`. Throughput counts real tokens only (never padding),
 and every request is asserted to have produced exactly its requested output length.
 
@@ -19,14 +22,15 @@ Smoke run on small non-standard slices:
 from __future__ import annotations
 
 import argparse
-import gc
 import json
+import multiprocessing
 import os
 import platform
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
 from typing import Callable, Protocol
 
 import torch
@@ -213,18 +217,77 @@ def warm_up(engine: Engine) -> None:
     timed_run(engine, with_output_len(lat, WARMUP_TOKENS))
 
 
-def make_engines(names: list[str], dtype: str, args: argparse.Namespace) -> list[Engine]:
-    """Load the requested engines for one dtype, timing each load for the log."""
+def build_engine(name: str, dtype: str, args: argparse.Namespace) -> Engine:
     factories: dict[str, Callable[[], Engine]] = {
         "infinite-llm": lambda: InfiniteLLMEngine(dtype, args.kv_cache_memory, args.max_num_batched_tokens),
         "transformers": lambda: TransformersEngine(dtype),
     }
+    return factories[name]()
+
+
+def serve_engine(name: str, dtype: str, args: argparse.Namespace, conn: Connection) -> None:
+    """Body of an engine's own process: load, warm up, then time each workload it is sent.
+
+    Replies ("ready", load seconds), then ("ok", Timing) or ("error", message) per
+    workload; None ends it.
+    """
+    try:
+        torch.set_num_threads(args.threads)
+        start = time.perf_counter()
+        engine = build_engine(name, dtype, args)
+        loaded = time.perf_counter() - start
+        warm_up(engine)
+    except BaseException as exc:  # the parent reports it; the child has no terminal of its own
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        raise
+    conn.send(("ready", loaded))
+    while (workload := conn.recv()) is not None:
+        try:
+            conn.send(("ok", engine.run(workload)))
+        except Exception as exc:
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+class EngineProcess:
+    """An engine loaded and run in a spawned process of its own, driven over a pipe."""
+
+    def __init__(self, name: str, dtype: str, args: argparse.Namespace) -> None:
+        self.name = name
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=serve_engine, args=(name, dtype, args, child), daemon=True)
+        self._process.start()
+        child.close()
+        self.load_seconds = self._reply("ready")
+
+    def _reply(self, expected: str) -> object:
+        try:
+            kind, payload = self._conn.recv()
+        except EOFError:
+            self._process.join()
+            raise RuntimeError(f"{self.name}'s process died (exit code {self._process.exitcode})") from None
+        if kind != expected:
+            raise RuntimeError(f"{self.name} failed: {payload}")
+        return payload
+
+    def run(self, workload: Workload) -> Timing:
+        self._conn.send(workload)
+        return self._reply("ok")  # type: ignore[return-value]
+
+    def close(self) -> None:
+        if self._process.is_alive():
+            self._conn.send(None)
+        self._process.join(timeout=60)
+        if self._process.is_alive():
+            self._process.kill()
+
+
+def make_engines(names: list[str], dtype: str, args: argparse.Namespace) -> list[EngineProcess]:
+    """Start each requested engine in its own process, loaded and warmed up."""
     engines = []
     for name in names:
-        start = time.perf_counter()
-        engine = factories[name]()
-        print(f"loaded {name} {dtype} in {time.perf_counter() - start:.1f} s", flush=True)
-        warm_up(engine)
+        engine = EngineProcess(name, dtype, args)
+        print(f"loaded {name} {dtype} in {engine.load_seconds:.1f} s (own process)", flush=True)
         engines.append(engine)
     return engines
 
@@ -311,10 +374,12 @@ def main(argv: list[str] | None = None) -> None:
     results: list[Result] = []
     for dtype in args.dtypes:
         engines = make_engines(args.engines, dtype, args)
-        for workload in workloads:
-            results += measure(engines, workload, dtype, args.repeats)
-        del engines
-        gc.collect()  # free one dtype's models before loading the next
+        try:
+            for workload in workloads:
+                results += measure(engines, workload, dtype, args.repeats)
+        finally:
+            for engine in engines:  # one dtype's processes end before the next dtype loads
+                engine.close()
     print()
     print_table(results)
     if args.json:
