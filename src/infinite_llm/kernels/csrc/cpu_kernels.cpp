@@ -84,6 +84,7 @@ inline __m256 silu_mul8(__m256 g, __m256 u) {
 constexpr int kMaxRows = 32;   // query rows (queries x heads) one task holds
 constexpr int kMaxHeadDim = 256;
 constexpr int kMaxBlock = 64;  // tokens per block
+constexpr int64_t kTileTokens = 4;  // a block is scored and summed 4 tokens (all heads) at a time
 
 // Four 8-lane sums -> their four totals, in order.
 inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
@@ -197,6 +198,30 @@ inline int rows_sharing_a_head(const int64_t* row_offset, int64_t r, int64_t row
   return n;
 }
 
+// Software prefetch spread over a step's work: the next step's K and V blocks are asked
+// for a few lines at a time between the score and value tiles, so that reading memory
+// overlaps the arithmetic. (Asking for them all at once stalls the core until they
+// arrive, and the hardware prefetchers do not follow a table of scattered blocks: both
+// measured at ~60% of this spread form's speed on 64 sequences.)
+struct BlockPrefetch {
+  static constexpr int kLinesPerTile = 16;  // per score or value tile of 4 tokens
+  const char* blocks[2 * kMaxBlock];
+  int64_t count = 0, next = 0, offset = 0, block_bytes = 0;
+
+  void reset(int64_t bytes) { count = next = offset = 0; block_bytes = bytes; }
+  void add(const void* k_block, const void* v_block) {
+    blocks[count++] = static_cast<const char*>(k_block);
+    blocks[count++] = static_cast<const char*>(v_block);
+  }
+  inline void issue() {
+    for (int i = 0; i < kLinesPerTile && next < count; ++i) {
+      _mm_prefetch(blocks[next] + offset, _MM_HINT_T0);
+      offset += 64;
+      if (offset >= block_bytes) offset = 0, ++next;
+    }
+  }
+};
+
 // One task is a sequence and a range of its KV heads: with many sequences, all heads
 // (each block is then read front to back, which the prefetcher likes); with few, one
 // KV head per task so that both cores work.
@@ -229,6 +254,7 @@ void paged_decode_attention_impl(
     alignas(32) float scores[kMaxRows][kMaxBlock];
     float row_max[kMaxRows], row_sum[kMaxRows];
     int64_t row_head[kMaxRows], row_query[kMaxRows], row_offset[kMaxRows];
+    BlockPrefetch prefetch;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / splits, first_kv_head = (task % splits) * heads_per_split;
       // Row r: query token r / (group * heads_per_split), head first_kv_head * group + the rest.
@@ -251,14 +277,23 @@ void paged_decode_attention_impl(
         const int64_t block_bytes = block_size * token_stride * static_cast<int64_t>(sizeof(T));
         for (int64_t blk0 = 0; blk0 < num_blocks; blk0 += per_step) {
           const int64_t blk1 = std::min(num_blocks, blk0 + per_step);
-          // Blocks lie anywhere in the pool: ask for the next step's while these are used.
-          for (int64_t nb = blk1; nb < std::min(num_blocks, blk1 + per_step); ++nb) {
-            const char* nk = reinterpret_cast<const char*>(run.k_cache + table[nb] * block_size * token_stride);
-            const char* nv = reinterpret_cast<const char*>(run.v_cache + table[nb] * block_size * token_stride);
-            for (int64_t off = 0; off < block_bytes; off += 64) {
-              _mm_prefetch(nk + off, _MM_HINT_T1);
-              _mm_prefetch(nv + off, _MM_HINT_T1);
-            }
+          // Blocks lie anywhere in the pool: the next step's (more of this sequence, else
+          // the next task's first ones) are asked for while these are used. Tasks of one
+          // KV head read a third of each block and leave it to the hardware.
+          prefetch.reset(block_bytes);
+          const OwnerRun<T>* next_run = &run;
+          int64_t next_seq = b, next_first = blk1, next_count = num_blocks;
+          if (blk1 >= num_blocks) {  // the next owner's blocks, or the next task's
+            const bool last_owner = &run == &owners.back();
+            next_run = !last_owner ? &run + 1 : task + 1 < end ? &owners[0] : nullptr;
+            next_seq = last_owner ? b + 1 : b, next_first = 0;
+            if (next_run) next_count = (next_run->kv_len[next_seq] + block_size - 1) / block_size;
+          }
+          if (next_run && splits == 1) {
+            const int64_t* next_table = next_run->table + next_seq * next_run->table_width;
+            for (int64_t nb = next_first; nb < std::min(next_count, next_first + per_step); ++nb)
+              prefetch.add(next_run->k_cache + next_table[nb] * block_size * token_stride,
+                           next_run->v_cache + next_table[nb] * block_size * token_stride);
           }
           // Scores of every block of the step, side by side; rows that share a KV head (up
           // to 3) score 4 keys at a time together.
@@ -266,16 +301,20 @@ void paged_decode_attention_impl(
           for (int64_t blk = blk0; blk < blk1; ++blk) {
             const int64_t n_here = std::min(block_size, length - blk * block_size);
             const T* kb = run.k_cache + table[blk] * block_size * token_stride;
-            for (int64_t r = 0; r < rows;) {
-              const int n = rows_sharing_a_head(row_offset, r, rows);
-              const T* keys = kb + row_offset[r];
-              float* dst = &scores[r][ntok];
-              switch (n) {
-                case 3: scores_block<3>(&qf[r][0], keys, token_stride, n_here, vecs, dst); break;
-                case 2: scores_block<2>(&qf[r][0], keys, token_stride, n_here, vecs, dst); break;
-                default: scores_block<1>(&qf[r][0], keys, token_stride, n_here, vecs, dst); break;
+            for (int64_t t0 = 0; t0 < n_here; t0 += kTileTokens) {  // 4 tokens, all heads
+              const int64_t nt = std::min<int64_t>(kTileTokens, n_here - t0);
+              for (int64_t r = 0; r < rows;) {
+                const int n = rows_sharing_a_head(row_offset, r, rows);
+                const T* keys = kb + t0 * token_stride + row_offset[r];
+                float* dst = &scores[r][ntok + t0];
+                prefetch.issue();
+                switch (n) {
+                  case 3: scores_block<3>(&qf[r][0], keys, token_stride, nt, vecs, dst); break;
+                  case 2: scores_block<2>(&qf[r][0], keys, token_stride, nt, vecs, dst); break;
+                  default: scores_block<1>(&qf[r][0], keys, token_stride, nt, vecs, dst); break;
+                }
+                r += n;
               }
-              r += n;
             }
             ntok += n_here;
           }
@@ -317,11 +356,16 @@ void paged_decode_attention_impl(
           for (int64_t blk = blk0; blk < blk1; ++blk) {
             const int64_t n_here = std::min(block_size, length - blk * block_size);
             const T* vb = run.v_cache + table[blk] * block_size * token_stride;
-            for (int64_t r = 0; r < rows;) {
-              const int n = rows_sharing_a_head(row_offset, r, rows);
-              values_block<T>(n, &scores[r][offset], kMaxBlock, 1, n_here, vb + row_offset[r],
-                              token_stride, &acc[r][0], kMaxHeadDim, head_dim);
-              r += n;
+            for (int64_t t0 = 0; t0 < n_here; t0 += kTileTokens) {
+              const int64_t nt = std::min<int64_t>(kTileTokens, n_here - t0);
+              for (int64_t r = 0; r < rows;) {
+                const int n = rows_sharing_a_head(row_offset, r, rows);
+                prefetch.issue();
+                values_block<T>(n, &scores[r][offset + t0], kMaxBlock, 1, nt,
+                                vb + t0 * token_stride + row_offset[r], token_stride, &acc[r][0],
+                                kMaxHeadDim, head_dim);
+                r += n;
+              }
             }
             offset += n_here;
           }
