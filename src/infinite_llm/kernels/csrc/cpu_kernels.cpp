@@ -4,7 +4,8 @@
 //   in place from the paged cache (no gather into a padded copy), returning (out, lse)
 //   like MicroAttention. Online softmax, one (sequence, KV head) pair per task, the
 //   query heads sharing that KV head processed together so each K and V row is loaded
-//   once.
+//   once; blocks walked 4 tokens x all heads at a time, the next step's blocks
+//   prefetched a few lines per such tile.
 // pack_weight, linear_packed: y = x W^T + b for any number of rows, W packed once at load
 //   time into panels of 16 output features (K x 16, contiguous) so that a register tile
 //   of 6 rows x 16 features runs the whole K loop in registers with no per-call packing
