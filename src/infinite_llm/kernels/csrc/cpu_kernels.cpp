@@ -249,6 +249,9 @@ void paged_decode_attention_impl(
   const int64_t rows = num_q * group * heads_per_split;
   const int64_t token_stride = kv_heads * head_dim;  // between tokens of a block
   const int64_t vecs = head_dim / 8;
+  // Tiles of 4 tokens x all heads interleave the prefetches; a task of one KV head (few
+  // sequences) prefetches nothing and takes whole blocks.
+  const int64_t tile = splits == 1 ? kTileTokens : block_size;
   at::parallel_for(0, batch * splits, 1, [&](int64_t begin, int64_t end) {
     alignas(32) float qf[kMaxRows][kMaxHeadDim];
     alignas(32) float acc[kMaxRows][kMaxHeadDim];
@@ -302,8 +305,8 @@ void paged_decode_attention_impl(
           for (int64_t blk = blk0; blk < blk1; ++blk) {
             const int64_t n_here = std::min(block_size, length - blk * block_size);
             const T* kb = run.k_cache + table[blk] * block_size * token_stride;
-            for (int64_t t0 = 0; t0 < n_here; t0 += kTileTokens) {  // 4 tokens, all heads
-              const int64_t nt = std::min<int64_t>(kTileTokens, n_here - t0);
+            for (int64_t t0 = 0; t0 < n_here; t0 += tile) {
+              const int64_t nt = std::min<int64_t>(tile, n_here - t0);
               for (int64_t r = 0; r < rows;) {
                 const int n = rows_sharing_a_head(row_offset, r, rows);
                 const T* keys = kb + t0 * token_stride + row_offset[r];
@@ -357,8 +360,8 @@ void paged_decode_attention_impl(
           for (int64_t blk = blk0; blk < blk1; ++blk) {
             const int64_t n_here = std::min(block_size, length - blk * block_size);
             const T* vb = run.v_cache + table[blk] * block_size * token_stride;
-            for (int64_t t0 = 0; t0 < n_here; t0 += kTileTokens) {
-              const int64_t nt = std::min<int64_t>(kTileTokens, n_here - t0);
+            for (int64_t t0 = 0; t0 < n_here; t0 += tile) {
+              const int64_t nt = std::min<int64_t>(tile, n_here - t0);
               for (int64_t r = 0; r < rows;) {
                 const int n = rows_sharing_a_head(row_offset, r, rows);
                 prefetch.issue();
