@@ -285,17 +285,17 @@ void paged_decode_attention_impl(
           // the next task's first ones) are asked for while these are used. Tasks of one
           // KV head read a third of each block and leave it to the hardware.
           prefetch.reset(block_bytes);
-          const OwnerRun<T>* next_run = &run;
-          int64_t next_seq = b, next_first = blk1, next_count = num_blocks;
-          if (blk1 >= num_blocks) {  // the next owner's blocks, or the next task's
-            const bool last_owner = &run == &owners.back();
-            next_run = !last_owner ? &run + 1 : task + 1 < end ? &owners[0] : nullptr;
-            next_seq = last_owner ? b + 1 : b, next_first = 0;
-            if (next_run) next_count = (next_run->kv_len[next_seq] + block_size - 1) / block_size;
-          }
-          if (next_run && splits == 1) {
-            const int64_t* next_table = next_run->table + next_seq * next_run->table_width;
-            for (int64_t nb = next_first; nb < std::min(next_count, next_first + per_step); ++nb)
+          if (splits == 1) {
+            const OwnerRun<T>* next_run = &run;
+            int64_t next_seq = b, next_first = blk1, next_count = num_blocks;
+            if (blk1 >= num_blocks) {  // the next owner's blocks, or the next task's
+              const bool last_owner = &run == &owners.back();
+              next_run = !last_owner ? &run + 1 : task + 1 < end ? &owners[0] : nullptr;
+              next_seq = last_owner ? b + 1 : b, next_first = 0;
+              if (next_run) next_count = (next_run->kv_len[next_seq] + block_size - 1) / block_size;
+            }
+            const int64_t* next_table = next_run ? next_run->table + next_seq * next_run->table_width : nullptr;
+            for (int64_t nb = next_first; next_run && nb < std::min(next_count, next_first + per_step); ++nb)
               prefetch.add(next_run->k_cache + next_table[nb] * block_size * token_stride,
                            next_run->v_cache + next_table[nb] * block_size * token_stride);
           }
