@@ -53,7 +53,7 @@ def main() -> None:
         prompt_tokens = sum(len(prompts[i]) for i in result.outputs)
         rows.append([
             "pooled" if pooled else "isolated", len(prompts), done, len(result.refused),
-            result.most_owners, llm.engine.cluster.num_preemptions, prompt_tokens, out_tokens,
+            result.most_owners, llm.engine.snapshot().num_preemptions, prompt_tokens, out_tokens,
             f"{result.seconds:.1f}", f"{out_tokens / result.seconds:.1f}",
             f"{(prompt_tokens + out_tokens) / result.seconds:.1f}",
         ])

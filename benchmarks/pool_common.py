@@ -53,15 +53,14 @@ def run(engine: LLMEngine, prompts: list[list[int]], max_tokens: list[int]) -> R
             refused.append(str(error))
     outputs, most = {}, 0
     while engine.has_unfinished_requests():
-        for inst in engine.cluster.instances:
-            for request in inst.scheduler.running:
-                most = max(most, len(request.block_table.owners()))
+        running = [r for r in engine.snapshot().requests if r.status == "running"]
+        most = max([most, *(len(r.blocks) for r in running)])
         for out in engine.step():
             if out.finished:
                 outputs[index_of[out.request_id]] = list(out.outputs[0].token_ids)
     seconds = time.perf_counter() - start
     engine.check_integrity()
-    assert all(i.rmanager.num_free == i.rmanager.capacity for i in engine.cluster.instances)
+    assert engine.snapshot().pools_full
     return Run(seconds, outputs, refused, most)
 
 

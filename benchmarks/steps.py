@@ -100,7 +100,7 @@ def main() -> None:
                 engine.step()
             steps.append((time.perf_counter() - wall, time.process_time() - cpu))
     total = time.perf_counter() - start
-    preempted = sum(i.scheduler.num_preemptions for i in engine.cluster.instances)
+    preempted = engine.snapshot().num_preemptions
     big = [f"{w:.2f} s" for w, _ in steps if w > 1.0]
     decode = statistics.median(w for w, _ in steps[-100:])
     print(f"{args.workload} {args.dtype}: {len(steps)} steps in {total:.1f} s "

@@ -82,7 +82,7 @@ def main() -> None:
                 s = llm.engine.model_config
                 per_layer = 9 * s.head_dim * 2  # a decode query + its partial, one sequence
                 latency = f"{llm.engine.runner.exchange_latency(per_layer) * 1e3:.3f}"
-                llm.engine.runner.shutdown()
+                llm.shutdown()
             rows.append([backend, f"{seconds:.1f}", f"{out_tokens / seconds:.1f}",
                          f"{decode * 1e3:.1f}", latency])
     finally:

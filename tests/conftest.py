@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Every engine the tests build checks its pools, tables and ledger whenever it goes idle
+# (EngineConfig.check_integrity), servers started in subprocesses included.
+os.environ.setdefault("INFINITE_LLM_CHECK_INTEGRITY", "1")
 
 TINY = dict(
     vocab_size=320,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from infinite_llm import LLM, SamplingParams
-from infinite_llm.engine.scheduler import ScheduledChunk, SchedulerOutput
+from infinite_llm.core.step import Chunk, StepPlan
 from infinite_llm.memory.rblock import BlockTable
 
 transformers = pytest.importorskip("transformers")
@@ -59,7 +59,7 @@ def place_blocks(llm: LLM, sequences: list[list[int]], owner_of) -> list[BlockTa
     tables = []
     for i, seq in enumerate(sequences):
         table = BlockTable()
-        for j in range(-(-len(seq) // engine.block_size)):
+        for j in range(-(-len(seq) // engine.cluster.block_size)):
             owner = owner_of(i, j)
             table.append(owner, engine.cluster.instances[owner].rmanager.pool.allocate(1))
         tables.append(table)
@@ -73,7 +73,10 @@ def paged_logits(
     all sequences sharing each step (prefill chunks and single tokens mixed in one batch),
     with each sequence's KV blocks placed on instances by ``owner_of``."""
     engine = llm.engine
+    runner = engine.runner
     tables = place_blocks(llm, sequences, owner_of)
+    ids = tuple(str(i) for i in range(len(sequences)))
+    runner.tables.apply(StepPlan(tables=tuple(t.take_update(i) for i, t in zip(ids, tables))))
     done = [0] * len(sequences)
     hidden: list[list[torch.Tensor]] = [[] for _ in sequences]
     step = 0
@@ -83,10 +86,8 @@ def paged_logits(
             # Sequence i takes chunks of (chunk - i) tokens, at least 1: mixed sizes per step.
             n = min(max(1, chunk - i - step % 2), len(seq) - done[i])
             if n > 0:
-                chunks.append(
-                    ScheduledChunk(str(i), seq[done[i]:done[i] + n], done[i], tables[i].rblocks, True)
-                )
-        out = engine.runner.forward(SchedulerOutput(chunks))
+                chunks.append(Chunk(ids[i], 0, tuple(seq[done[i]:done[i] + n]), done[i], True))
+        out = runner.forward(tuple(chunks))
         offset = 0
         for c in chunks:
             i = int(c.request_id)
@@ -94,6 +95,7 @@ def paged_logits(
             offset += len(c.token_ids)
             done[i] += len(c.token_ids)
         step += 1
+    runner.tables.apply(StepPlan(finished=ids))
     for table in tables:
         for rb in table.rblocks:
             engine.cluster.instances[rb.owner].rmanager.pool.free(list(rb.block_ids))

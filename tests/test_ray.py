@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from infinite_llm import LLM, SamplingParams
-from infinite_llm.config import RayConfig
 
 from test_cluster import BLOCK, GREEDY, TINY_BLOCK_BYTES, run_watching_owners
 from test_hf_equivalence import random_prompts
@@ -70,8 +69,44 @@ def test_ray_actors_give_the_in_process_outputs(tiny_llama_dir, local_ray, insta
         assert got == want
         for inst in remote.engine.cluster.instances:
             assert inst.rmanager.num_free == inst.rmanager.capacity
+        # The actors keep block tables only for requests that have not ended: the plan
+        # after the last step tells them to let go of the rest.
+        assert sum(remote.engine.runner.num_tables().values()) > 0
+        remote.engine.step()
+        assert remote.engine.runner.num_tables() == {i: 0 for i in range(instances)}
     finally:
         remote.engine.runner.shutdown()
+
+
+def test_what_each_actor_receives_per_decode_step_does_not_grow_with_context(
+    tiny_llama_dir, local_ray
+):
+    """Actors keep their own block tables and receive only changes: a decode step of a
+    request of 900 tokens sends each actor what one of 40 tokens does."""
+    llm = LLM(
+        str(tiny_llama_dir), dtype="float32", kv_cache_memory=160 * TINY_BLOCK_BYTES,
+        block_size=BLOCK, instances=2, backend="ray", max_lend_fraction=1.0,
+        max_num_batched_tokens=512,
+    )
+    engine = llm.engine
+    try:
+        sent = {}
+        for length in (40, 900):
+            engine.add_request(random_prompts(1, length, length + 1, 320, seed=length)[0],
+                               SamplingParams(max_tokens=24, **GREEDY))
+            decode = []
+            while engine.has_unfinished_requests():
+                engine.step()
+                request = next(iter(engine.requests.values()), None)
+                if request is not None and request.num_computed_tokens > length:
+                    decode.append(engine.runner.last_plan_bytes)
+            sent[length] = decode
+        assert len(sent[900]) >= 20
+        # Every decode step of the long request (one spanning both actors, new blocks
+        # every 4 tokens included) is as small as the short one's largest.
+        assert max(sent[900]) <= max(sent[40]) + 16, sent
+    finally:
+        llm.shutdown()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -90,7 +125,7 @@ def test_a_dead_actor_mid_decode_loses_no_request(tiny_llama_dir, local_ray, fau
 
     remote = cluster(
         tiny_llama_dir, 3, "ray", device,
-        ray_config=RayConfig(heartbeat_timeout_s=0.5, max_missed_heartbeats=2),
+        heartbeat_timeout_s=0.5, max_missed_heartbeats=2,
     )
     engine = remote.engine
     try:
@@ -104,7 +139,8 @@ def test_a_dead_actor_mid_decode_loses_no_request(tiny_llama_dir, local_ray, fau
                 if fault == "killed":
                     engine.runner.kill(1)
                 else:
-                    ray.get(engine.runner.actors[1].mute_heartbeats.remote(120))
+                    # Busy for two minutes: deaf to heartbeats, as a stuck instance is.
+                    engine.runner.actors[1].__ray_call__.remote(lambda actor: time.sleep(120))
             for out in engine.step():
                 if out.finished:
                     outputs[out.request_id] = out

@@ -55,7 +55,7 @@ def test_block_table_runs_and_slots():
     a, b, c = RBlock(0, 0, (7, 2, 9)), RBlock(2, 3, (0, 3)), RBlock(0, 5, (4, 1))
     assert table.rblocks == (a, b, c)
     assert table.num_blocks == 7 and table.owners() == {0, 2}
-    assert table.by_owner() == {0: [a, c], 2: [b]}
+    assert table.blocks_by_owner() == {0: 5, 2: 2}
     assert table.physical_ids(0) == [7, 2, 9, 4, 1] and table.physical_ids(5) == []
     assert [table.slot(p, 4) for p in (0, 13, 16, 27)] == [
         (0, 7, 0), (2, 0, 1), (2, 3, 0), (0, 1, 3)]

@@ -4,40 +4,50 @@ from __future__ import annotations
 
 import pytest
 
-from infinite_llm.config import PoolingConfig, SchedulerConfig
-from infinite_llm.engine.request import Request, RequestStatus
-from infinite_llm.engine.sampling_params import SamplingParams
-from infinite_llm.engine.scheduler import Scheduler
+from infinite_llm.config import CacheConfig, PoolingConfig, SchedulerConfig
+from infinite_llm.core.cluster import Cluster
+from infinite_llm.core.request import Request, RequestStatus
+from infinite_llm.core.sampling_params import SamplingParams
+from infinite_llm.core.step import SampledToken, StepResult
 from infinite_llm.memory.block_pool import BlockPool, OutOfBlocks
-from infinite_llm.memory.gmanager import GManager
-from infinite_llm.memory.rmanager import RManager
 
 
-def no_peers(*args):
-    raise AssertionError(f"a lone instance called a peer: {args}")
+class Lone:
+    """The scheduler of a lone instance (nobody to borrow from), driven through the
+    cluster's real step: schedule, a fake runner that samples ``token``, update."""
+
+    def __init__(self, num_blocks, block_size, budget, max_seqs):
+        self.cluster = Cluster(
+            num_blocks, CacheConfig(1, block_size), SchedulerConfig(budget, max_seqs, 1024),
+            PoolingConfig(), 1,
+        )
+        self.scheduler = self.cluster.instances[0].scheduler
+        self.running, self.waiting = self.scheduler.running, self.scheduler.waiting
+
+    def add(self, request):
+        self.cluster.add(request)
+
+    def finish(self, request, reason):
+        self.cluster.finish(request, reason)
+
+    def has_work(self):
+        return self.cluster.has_work()
 
 
 def make(num_blocks=11, block_size=4, budget=16, max_seqs=8):
-    """A scheduler over the rManager of a lone instance (nobody to borrow from)."""
-    pool = BlockPool(num_blocks)
-    gmanager = GManager()
-    gmanager.register(0, num_blocks)
-    memory = RManager(0, pool, PoolingConfig(), gmanager, no_peers)
-    return Scheduler(SchedulerConfig(budget, max_seqs, 1024), memory, block_size), pool
+    lone = Lone(num_blocks, block_size, budget, max_seqs)
+    return lone, lone.scheduler.memory.pool
 
 
 def request(rid, prompt_len, max_tokens=8):
     return Request(rid, list(range(prompt_len)), SamplingParams(max_tokens=max_tokens), max_tokens)
 
 
-def run_step(scheduler, sampled_token=7):
-    """Schedule, pretend the model ran, append a token to each request that sampled."""
-    plan = scheduler.schedule()
-    scheduler.update(plan)
-    by_id = {r.request_id: r for r in scheduler.running}
-    for chunk in plan.chunks:
-        if chunk.sample:
-            by_id[chunk.request_id].output_token_ids.append(sampled_token)
+def run_step(lone, sampled_token=7):
+    """One step of the real bookkeeping with a fake runner that samples ``sampled_token``."""
+    plan = lone.cluster.schedule()
+    tokens = {c.request_id: SampledToken(sampled_token) for c in plan.chunks if c.sample}
+    lone.cluster.update(plan, StepResult(tokens))
     return plan
 
 
@@ -64,7 +74,7 @@ def test_long_prompt_is_chunked_by_the_token_budget():
     assert r.num_computed_tokens == 14 and r.output_token_ids == [7]
     assert r.block_table.num_blocks == 4  # ceil(14 / 4)
     plan = run_step(scheduler)  # the decode of the sampled token
-    assert plan.chunks[0].token_ids == [7] and plan.chunks[0].first_pos == 14
+    assert plan.chunks[0].token_ids == (7,) and plan.chunks[0].first_pos == 14
 
 
 def test_decodes_go_first_and_the_budget_admits_the_rest():
@@ -96,7 +106,7 @@ def test_preemption_frees_the_newest_and_recomputes_it_later():
     run_step(scheduler)  # a at 8 tokens fits; b's 5th token takes the last block
     assert pool.num_free == 0
     plan = run_step(scheduler)  # a needs a third block: b is preempted
-    assert plan.preempted == ["b"]
+    assert plan.preempted == ("b",)
     assert b.status is RequestStatus.WAITING and b.block_table.num_blocks == 0 and b.num_computed_tokens == 0
     assert [c.request_id for c in plan.chunks] == ["a"]
     scheduler.finish(a, "length")
@@ -114,7 +124,7 @@ def test_a_request_preempts_itself_when_alone_with_no_room():
     run_step(scheduler)
     pool.allocate(pool.num_free)  # someone else took the rest (no headroom left)
     plan = run_step(scheduler)
-    assert plan.preempted == ["a"] and plan.chunks == []
+    assert plan.preempted == ("a",) and plan.chunks == ()
     assert a.status is RequestStatus.WAITING
 
 

@@ -131,9 +131,27 @@ def test_serve_flags_follow_vllm_and_map_to_the_engine():
     assert (args.model, args.host, args.port, args.instances) == ("smollm2", "127.0.0.1", 9001, 3)
     assert (args.kv_cache_memory, args.max_model_len, args.max_num_seqs) == ("64MiB", 512, 8)
     assert (args.api_key, args.served_model_name) == ("k", ["a", "b"])
-    assert args.no_kv_pooling and args.max_lend_fraction == 0.25
+    assert args.kv_pooling is False and args.max_lend_fraction == 0.25
     # generate keeps its --model flag.
     assert build_parser().parse_args(["generate", "hi"]).model == "smollm2"
+
+
+def test_every_default_is_stated_once_in_the_config():
+    """The command line's defaults are EngineConfig's, and the flags map onto it."""
+    from infinite_llm.cli import _ENGINE_FLAGS, build_parser
+    from infinite_llm.config import EngineConfig, option_default, parse_memory_size
+
+    for command in (["serve", "m"], ["generate", "hi"]):
+        args = build_parser().parse_args(command)
+        options = {name: getattr(args, name) for name in _ENGINE_FLAGS}
+        options["kv_cache_memory"] = parse_memory_size(options["kv_cache_memory"])
+        assert options == {name: option_default(name) for name in _ENGINE_FLAGS}
+        assert EngineConfig.from_options("m", **options) == EngineConfig("m")
+    assert EngineConfig("m").scheduler.max_num_batched_tokens == 8192
+    with pytest.raises(TypeError, match="unknown option.*kv_cache_mem\\b"):
+        EngineConfig.from_options("m", kv_cache_mem="1GiB")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        EngineConfig.from_options("m", backend="mpi")
 
 
 def test_a_bad_flag_is_refused_before_the_model_loads():

@@ -133,17 +133,17 @@ def test_a_failed_engine_ends_open_streams_with_an_error_and_turns_unhealthy(tin
 
 def test_a_dead_instance_fails_what_survivors_cannot_hold_and_turns_unhealthy(tiny_llama_dir):
     from infinite_llm import LLM
-    from infinite_llm.engine.model_runner import InstanceFailure
+    from infinite_llm.core.step import InstanceFailure
 
     # Two instances of 42 blocks: a 700-token prompt lives on both.
     llm = LLM(str(tiny_llama_dir), instances=2, kv_cache_memory="512KiB")
     real_execute, calls = llm.engine.runner.execute, []
 
-    def execute(plan, params):
+    def execute(plan):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 3:  # the plan never reached the runner
             raise InstanceFailure([1])
-        return real_execute(plan, params)
+        return real_execute(plan)
 
     llm.engine.runner.execute = execute
     with InProcessServer(llm) as server:

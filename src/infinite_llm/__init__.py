@@ -6,9 +6,9 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from infinite_llm.engine.llm import LLM
+    from infinite_llm.llm import LLM
     from infinite_llm.engine.outputs import CompletionOutput, RequestOutput
-    from infinite_llm.engine.sampling_params import SamplingParams
+    from infinite_llm.core.sampling_params import SamplingParams
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
 __version__ = "0.1.0"
@@ -16,8 +16,8 @@ __version__ = "0.1.0"
 # Resolved on first use, so `import infinite_llm.memory...` (the torch-free bookkeeping
 # the simulator reuses) does not load the model stack.
 _EXPORTS = {
-    "LLM": "infinite_llm.engine.llm",
-    "SamplingParams": "infinite_llm.engine.sampling_params",
+    "LLM": "infinite_llm.llm",
+    "SamplingParams": "infinite_llm.core.sampling_params",
     "RequestOutput": "infinite_llm.engine.outputs",
     "CompletionOutput": "infinite_llm.engine.outputs",
 }

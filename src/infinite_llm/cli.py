@@ -6,65 +6,79 @@ import argparse
 import logging
 import sys
 
+from infinite_llm.config import BACKENDS, format_memory_size, option_default
 
 _MODEL_HELP = "built-in name (smollm2), a .gguf file or a Hugging Face model directory"
 
 
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """The engine's options as flags; every default is ``EngineConfig``'s."""
     group = parser.add_argument_group("engine")
     group.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+        "--dtype", default=option_default("dtype"), choices=["auto", "float32", "bfloat16", "float16"],
         help="weights and KV cache dtype; auto is float32 on CPU, bfloat16 on GPU "
         "(default: %(default)s)",
     )
     group.add_argument(
-        "--device", default="auto",
+        "--device", default=option_default("device"),
         help="auto (a GPU if there is one), cpu, cuda or cuda:N; with --backend ray, each "
         "instance actor gets a GPU of its own when the Ray cluster has enough "
         "(default: %(default)s)",
     )
     group.add_argument(
-        "--kv-cache-memory", default="1GiB",
-        help="KV cache budget, bytes or e.g. 256MiB (default: %(default)s)",
+        "--kv-cache-memory", default=format_memory_size(option_default("kv_cache_memory")),
+        help="KV cache budget of each instance, bytes or e.g. 256MiB (default: %(default)s)",
     )
     group.add_argument(
-        "--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)"
+        "--block-size", type=int, default=option_default("block_size"),
+        help="tokens per KV block (default: %(default)s)",
     )
     group.add_argument(
-        "--max-model-len", type=int, default=None,
+        "--max-model-len", type=int, default=option_default("max_model_len"),
         help="maximum prompt + output tokens of one request (default: the model's context)",
     )
     group.add_argument(
-        "--max-num-batched-tokens", type=int, default=8192,
+        "--max-num-batched-tokens", type=int, default=option_default("max_num_batched_tokens"),
         help="token budget of one engine step (default: %(default)s)",
     )
     group.add_argument(
-        "--max-num-seqs", type=int, default=256,
+        "--max-num-seqs", type=int, default=option_default("max_num_seqs"),
         help="requests running at once (default: %(default)s)",
     )
-    group.add_argument("--seed", type=int, default=0, help="engine seed (default: %(default)s)")
     group.add_argument(
-        "--instances", type=int, default=1,
-        help="model replicas in this process, each with its own KV pool (default: %(default)s)",
+        "--seed", type=int, default=option_default("seed"), help="engine seed (default: %(default)s)"
     )
     group.add_argument(
-        "--no-kv-pooling", action="store_true",
+        "--instances", type=int, default=option_default("instances"),
+        help="model replicas, each with its own KV pool (default: %(default)s)",
+    )
+    group.add_argument(
+        "--no-kv-pooling", dest="kv_pooling", action="store_false",
+        default=option_default("kv_pooling"),
         help="isolated instances: none lends KV blocks to another",
     )
     group.add_argument(
-        "--max-lend-fraction", type=float, default=0.5,
+        "--max-lend-fraction", type=float, default=option_default("max_lend_fraction"),
         help="share of its pool an instance may lend (default: %(default)s)",
     )
     group.add_argument(
-        "--backend", choices=["local", "ray"], default="local",
+        "--backend", choices=list(BACKENDS), default=option_default("backend"),
         help="local: all instances in this process; ray: one Ray actor per instance "
         "(pip install infinite-llm[ray]; see docs/MULTINODE.md) (default: %(default)s)",
     )
     group.add_argument(
-        "--ray-address", default=None,
+        "--ray-address", default=option_default("ray_address"),
         help="Ray cluster to join with --backend ray, e.g. auto (default: start a private "
         "local Ray on 127.0.0.1)",
     )
+
+
+# The flags above, by the option each sets (LLM's keyword arguments).
+_ENGINE_FLAGS = (
+    "dtype", "device", "kv_cache_memory", "block_size", "max_model_len",
+    "max_num_batched_tokens", "max_num_seqs", "seed", "instances", "kv_pooling",
+    "max_lend_fraction", "backend", "ray_address",
+)
 
 
 def _add_server_flags(parser: argparse.ArgumentParser) -> None:
@@ -154,22 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _build_llm(args: argparse.Namespace):
     from infinite_llm import LLM
 
-    return LLM(
-        model=args.model,
-        dtype=args.dtype,
-        device=args.device,
-        kv_cache_memory=args.kv_cache_memory,
-        block_size=args.block_size,
-        max_model_len=args.max_model_len,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_num_seqs=args.max_num_seqs,
-        seed=args.seed,
-        instances=args.instances,
-        kv_pooling=not args.no_kv_pooling,
-        max_lend_fraction=args.max_lend_fraction,
-        backend=args.backend,
-        ray_address=args.ray_address,
-    )
+    return LLM(args.model, **{name: getattr(args, name) for name in _ENGINE_FLAGS})
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 _SIZE_UNITS = {
     "": 1,
@@ -40,6 +42,14 @@ def parse_memory_size(value: int | str) -> int:
     if size <= 0:
         raise ValueError(f"memory size must be positive, got {value!r}")
     return size
+
+
+def format_memory_size(size: int) -> str:
+    """``1073741824`` -> ``"1GiB"``: the largest binary unit that divides it."""
+    for unit, name in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+        if size % unit == 0:
+            return f"{size // unit}{name}"
+    return str(size)
 
 
 @dataclass(frozen=True)
@@ -90,7 +100,7 @@ class ModelConfig:
 class CacheConfig:
     """The KV block pool of one instance."""
 
-    kv_cache_memory: int  # bytes
+    kv_cache_memory: int = 1 << 30  # bytes
     block_size: int = 16
 
     def __post_init__(self) -> None:
@@ -102,16 +112,22 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Per-step limits of one instance's scheduler."""
+    """Per-step limits of one instance's scheduler, and the longest request."""
 
-    max_num_batched_tokens: int = 2048  # token budget of one step (prefill chunks + decodes)
+    # Token budget of one step (prefill chunks + decodes). 8192 as vLLM's offline LLM:
+    # large prefill steps keep the matrix products efficient, and prompts that fit one
+    # step take the mask-free causal path.
+    max_num_batched_tokens: int = 8192
     max_num_seqs: int = 256  # requests running at once
-    max_model_len: int = 2048  # prompt + output tokens of one request
+    max_model_len: int | None = None  # prompt + output tokens of one request; None: the model's
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is None and name == "max_model_len":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -161,3 +177,98 @@ class RayConfig:
             raise ValueError(
                 f"max_missed_heartbeats must be at least 1, got {self.max_missed_heartbeats}"
             )
+
+
+BACKENDS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How many instances there are, and where they run: all in this process
+    (``local``) or one Ray actor each (``ray``)."""
+
+    instances: int = 1
+    backend: str = "local"
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.instances, bool) or not isinstance(self.instances, int) or self.instances < 1:
+            raise ValueError(f"instances must be a positive int, got {self.instances!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {self.backend!r}")
+
+
+def _integrity_default() -> bool:
+    # Read when a config is made, not at import: the test suite turns it on for every engine.
+    return os.environ.get("INFINITE_LLM_CHECK_INTEGRITY", "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything an engine is built from, each default stated here once. ``LLM``, the
+    command line and the server take the flat option names of ``OPTIONS``."""
+
+    model: str  # a built-in name (smollm2), a .gguf file or a Hugging Face directory
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16; auto: float32 on CPU, bf16 on GPU
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int | None = 0  # the engine's sampling seed (requests may bring their own)
+    allow_long_context: bool = False  # max_model_len beyond the trained context only warns
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    pooling: PoolingConfig = field(default_factory=PoolingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # Debug: check every pool, table and the ledger whenever the engine goes idle.
+    check_integrity: bool = field(default_factory=_integrity_default)
+
+    @staticmethod
+    def from_options(model: str, **options: Any) -> EngineConfig:
+        """A config from flat options (``kv_cache_memory="256MiB"``, ``instances=4``, ...);
+        an unknown name or a bad value is refused with what is allowed."""
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise TypeError(
+                f"unknown option(s) {', '.join(unknown)}; the options are: {', '.join(OPTIONS)}"
+            )
+        if "kv_cache_memory" in options:
+            options["kv_cache_memory"] = parse_memory_size(options["kv_cache_memory"])
+        config = EngineConfig(model)
+        for name, value in options.items():
+            config = _replace_path(config, OPTIONS[name].split("."), value)
+        return config
+
+
+def _replace_path(obj: Any, path: list[str], value: Any) -> Any:
+    if len(path) == 1:
+        return replace(obj, **{path[0]: value})
+    return replace(obj, **{path[0]: _replace_path(getattr(obj, path[0]), path[1:], value)})
+
+
+# The flat option names users write (LLM keyword arguments, command-line flags) and
+# where each lives in ``EngineConfig``.
+OPTIONS = {
+    "dtype": "dtype",
+    "device": "device",
+    "seed": "seed",
+    "allow_long_context": "allow_long_context",
+    "kv_cache_memory": "cache.kv_cache_memory",
+    "block_size": "cache.block_size",
+    "max_num_batched_tokens": "scheduler.max_num_batched_tokens",
+    "max_num_seqs": "scheduler.max_num_seqs",
+    "max_model_len": "scheduler.max_model_len",
+    "instances": "parallel.instances",
+    "backend": "parallel.backend",
+    "ray_address": "parallel.ray.address",
+    "heartbeat_timeout_s": "parallel.ray.heartbeat_timeout_s",
+    "max_missed_heartbeats": "parallel.ray.max_missed_heartbeats",
+    "kv_pooling": "pooling.enabled",
+    "max_lend_fraction": "pooling.max_lend_fraction",
+    "check_integrity": "check_integrity",
+}
+
+
+def option_default(name: str) -> Any:
+    """The default of a flat option, read from the dataclasses above."""
+    value: Any = EngineConfig("")
+    for part in OPTIONS[name].split("."):
+        value = getattr(value, part)
+    return value

@@ -38,8 +38,8 @@ from infinite_llm.kernels.cpu import (
     prefill_attention,
     prefill_attention_supported,
 )
-from infinite_llm.memory.kv_cache import KVCache
-from infinite_llm.memory.rblock import RBlock
+from infinite_llm.attention.kv_cache import KVCache
+from infinite_llm.attention.tables import KVTable
 
 
 @dataclass(frozen=True)
@@ -92,23 +92,17 @@ def on_device(step: T, device: torch.device) -> T:
 @dataclass(frozen=True)
 class SeqSpan:
     """A sequence's tokens in this step: flat[flat_start : flat_start + num_tokens] sit at
-    positions first_pos.. and attend to every earlier token, stored in ``rblocks``."""
+    positions first_pos.. and attend to every earlier token, stored where ``table`` says."""
 
     flat_start: int
     num_tokens: int
     first_pos: int
-    rblocks: tuple[RBlock, ...]
+    table: KVTable
 
     def owned_below(self, limit: int, block_size: int) -> dict[int, tuple[list[int], int]]:
         """owner -> (its physical blocks of this sequence in logical order, how many of
         their slots hold positions < limit)."""
-        owned: dict[int, tuple[list[int], int]] = {}
-        for rb in self.rblocks:
-            ids, visible = owned.get(rb.owner, ([], 0))
-            start = rb.first_block * block_size
-            visible += min(max(0, limit - start), rb.num_blocks * block_size)
-            owned[rb.owner] = (ids + list(rb.block_ids), visible)
-        return owned
+        return self.table.owned_below(limit, block_size)
 
 
 @dataclass(frozen=True)
@@ -209,7 +203,7 @@ def build_batches(spans: list[SeqSpan], layout: KVLayout) -> list[AttentionBatch
     if len(decodes) >= _BUCKET_MIN_DECODES and not layout.decode_kernel:
         buckets: dict[int, list[SeqSpan]] = {}
         for span in decodes:
-            num_blocks = sum(rb.num_blocks for rb in span.rblocks)
+            num_blocks = span.table.num_blocks
             buckets.setdefault((num_blocks - 1).bit_length(), []).append(span)
         groups += buckets.values()
     else:
@@ -234,13 +228,17 @@ class KVWrites:
 
     @staticmethod
     def _build(spans: list[SeqSpan], positions: torch.Tensor, block_size: int) -> KVWrites:
-        owners, blocks = [], []
-        for span in spans:  # logical block -> (owner, physical id), once per sequence
-            owners.append([rb.owner for rb in span.rblocks for _ in rb.block_ids])
-            blocks.append([b for rb in span.rblocks for b in rb.block_ids])
+        owners, blocks, firsts = [], [], []
+        for span in spans:  # (owner, physical id) of the blocks this step writes into
+            first = span.first_pos // block_size
+            last = (span.first_pos + span.num_tokens - 1) // block_size
+            span_owners, span_blocks = span.table.blocks(first, last + 1)
+            owners.append(span_owners)
+            blocks.append(span_blocks)
+            firsts.append(first)
         counts = torch.tensor([s.num_tokens for s in spans])
         seq = torch.repeat_interleave(torch.arange(len(spans)), counts)  # (N,) span of each token
-        logical = positions // block_size
+        logical = positions // block_size - torch.tensor(firsts)[seq]
         owner = _pad(owners)[seq, logical]
         slots = _pad(blocks)[seq, logical] * block_size + positions % block_size
         distinct = sorted({o for row in owners for o in row})

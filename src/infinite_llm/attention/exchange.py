@@ -23,7 +23,7 @@ import torch
 
 from infinite_llm.attention.dist import AttentionBatch, KVWrites, batch_queries, finish_batch
 from infinite_llm.attention.micro import micro_attention
-from infinite_llm.memory.kv_cache import KVCache
+from infinite_llm.attention.kv_cache import KVCache
 
 Exchange = Callable[[list[torch.Tensor], list[int]], list[torch.Tensor]]
 

@@ -1,5 +1,7 @@
-"""The engine: add requests, step (schedule, execute, update), abort, over a cluster of
-one or more instances whose KV may be pooled."""
+"""The engine: add requests, step, abort, over a cluster of one or more instances
+whose KV may be pooled. The bookkeeping (``Cluster``) plans and updates each step, a
+runner computes it; the engine keeps what needs text: tokenizing, detokenizing, stop
+strings, logprobs, outputs."""
 
 from __future__ import annotations
 
@@ -7,65 +9,67 @@ import itertools
 import logging
 from typing import TYPE_CHECKING
 
-from infinite_llm.config import CacheConfig, ModelConfig, PoolingConfig, SchedulerConfig
-from infinite_llm.engine.cluster import Cluster
+from infinite_llm.config import EngineConfig, ModelConfig
+from infinite_llm.core.cluster import Cluster
+from infinite_llm.core.request import Request
+from infinite_llm.core.sampling_params import SamplingParams
+from infinite_llm.core.snapshot import ClusterSnapshot
+from infinite_llm.core.step import InstanceFailure, Runner, SampledToken
 from infinite_llm.engine.detokenizer import Detokenizer
-from infinite_llm.engine.model_runner import InstanceFailure, Runner
 from infinite_llm.engine.outputs import CompletionOutput, RequestOutput
-from infinite_llm.engine.request import Request, RequestStatus
-from infinite_llm.engine.sampler import SampledToken
-from infinite_llm.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from infinite_llm.memory.gmanager import GManager
     from infinite_llm.model.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    """The driver of a cluster: requests and their bookkeeping live here; ``runner``
-    computes the step plans (in this process, or on one Ray actor per instance).
-    ``gmanager``: the cluster's gManager when it lives elsewhere (the Ray backend's
-    actor proxy); by default a plain one in this process."""
+    """The driver of a cluster: ``cluster`` is its bookkeeping, ``runner`` computes its
+    steps (in this process, or on one Ray actor per instance); both are handed in by a
+    backend's builder."""
 
     def __init__(
         self,
+        config: EngineConfig,
         model_config: ModelConfig,
         tokenizer: Tokenizer | None,
-        cache: CacheConfig,
-        scheduler: SchedulerConfig,
+        cluster: Cluster,
         runner: Runner,
-        num_blocks: int,
-        instances: int = 1,
-        pooling: PoolingConfig | None = None,
-        gmanager: GManager | None = None,
     ) -> None:
+        if config.scheduler.max_model_len is None:
+            raise ValueError("the engine needs max_model_len resolved against the model")
+        self.config = config
         self.model_config = model_config
         self.tokenizer = tokenizer
-        self.scheduler_config = scheduler
-        self.block_size = cache.block_size
-        self.cluster = Cluster(
-            num_blocks, cache, scheduler, pooling or PoolingConfig(), instances, gmanager
-        )
+        self.cluster = cluster
         self.runner = runner
-        self.requests: dict[str, Request] = {}
         self._detokenizers: dict[str, Detokenizer] = {}
         self._logprobs: dict[str, list[dict[int, float]]] = {}
         self._ids = itertools.count()
-        per_instance = self.cluster.blocks_per_instance * self.block_size
+        per_instance = cluster.blocks_per_instance * cluster.block_size
+        instances = len(cluster.instances)
         logger.info(
             "KV cache: %d instance(s) x %d blocks of %d tokens = %d tokens each, %d in all; "
             "one request can hold up to %d",
-            instances, self.cluster.blocks_per_instance, self.block_size, per_instance,
+            instances, cluster.blocks_per_instance, cluster.block_size, per_instance,
             per_instance * instances, self.capacity_tokens,
         )
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.scheduler.max_model_len
 
     @property
     def capacity_tokens(self) -> int:
         """The most KV tokens one request can hold: its home's pool, plus what the other
         instances may lend when pooling is on."""
         return self.cluster.max_request_tokens
+
+    @property
+    def requests(self) -> dict[str, Request]:
+        """Every unfinished request, by id (the bookkeeping's own map)."""
+        return self.cluster.requests
 
     def add_request(
         self,
@@ -75,7 +79,7 @@ class LLMEngine:
     ) -> Request:
         """Validate and queue a request; raises ValueError and changes nothing if it is bad."""
         request_id = request_id if request_id is not None else str(next(self._ids))
-        if request_id in self.requests:
+        if request_id in self.cluster.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, token_ids = self._tokenize(prompt)
         max_tokens = self._check_lengths(len(token_ids), params)
@@ -89,14 +93,13 @@ class LLMEngine:
         if params.stop_strings and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this model has none")
         request = Request(request_id, token_ids, params, max_tokens, prompt=text)
-        self.requests[request_id] = request
+        self.cluster.add(request)
         if self.tokenizer is not None:
             self._detokenizers[request_id] = Detokenizer(
                 self.tokenizer, params.stop_strings, params.skip_special_tokens
             )
         if params.logprobs is not None:
             self._logprobs[request_id] = []
-        self.cluster.add(request)
         return request
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -112,7 +115,7 @@ class LLMEngine:
 
     def _check_lengths(self, num_prompt: int, params: SamplingParams) -> int:
         """The request's max_tokens, after checking it fits the context and the KV cache."""
-        max_len = self.scheduler_config.max_model_len
+        max_len = self.max_model_len
         if num_prompt == 0:
             raise ValueError("the prompt is empty")
         if num_prompt >= max_len:
@@ -143,91 +146,47 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """End a request now, freeing its blocks; returns its last output (None if unknown)."""
-        request = self.requests.get(request_id)
+        request = self.cluster.abort(request_id)
         if request is None:
             return None
-        self._finish(request, "abort")
-        self.cluster.heartbeat()
-        output = self._output(request)
-        self._forget(request)
-        return output
+        self._when_idle()
+        return self._output(request)
 
     def has_unfinished_requests(self) -> bool:
         return self.cluster.has_work()
 
     def step(self) -> list[RequestOutput]:
-        """One iteration: schedule, execute, update. Returns outputs of requests that advanced.
-        It ends with a heartbeat, so the gManager hears of every block this step moved,
-        those finished requests gave back included."""
+        """One iteration: schedule, execute, update. Returns the outputs of the requests
+        that got a token (or failed with an instance)."""
         plan = self.cluster.schedule()
-        params = {c.request_id: self.requests[c.request_id].params for c in plan.chunks}
         try:
-            sampled = self.runner.execute(plan, params)
+            result = self.runner.execute(plan)
         except InstanceFailure as failure:
-            return self._recover(failure.dead)
-        self.cluster.update(plan)
-        outputs = []
-        for request_id, token in sampled.items():
-            request = self.requests[request_id]
-            self._append(request, token)
-            outputs.append(self._output(request))
-            if request.finished:
-                self._forget(request)
-        self.cluster.heartbeat()
+            advanced = self.cluster.fail_instances(failure.dead, plan)
+        else:
+            advanced = self.cluster.update(plan, result, self._observe)
+        outputs = [self._output(request) for request in advanced]
+        self._when_idle()
         return outputs
 
-    def _recover(self, dead: list[int]) -> list[RequestOutput]:
-        """Instances died: every request that had its home or any rBlock there starts over
-        from its tokens on the survivors, or ends with an error when they cannot hold it."""
-        outputs = []
-        for instance in dead:
-            affected = self.cluster.remove_instance(instance)
-            logger.warning(
-                "instance %d died; %d request(s) had KV or their home there", instance, len(affected)
-            )
-            for request in affected:
-                if self.cluster.alive_instances and request.max_total_tokens <= self.capacity_tokens:
-                    self.cluster.add(request)  # recomputed from its tokens on a survivor
-                    continue
-                request.status = RequestStatus.FINISHED
-                request.finish_reason = "error"
-                request.error = (
-                    f"instance {instance} died holding this request's KV, and the surviving "
-                    f"instances can hold at most {self.capacity_tokens} tokens for one request "
-                    f"(it needs {request.max_total_tokens})"
-                )
-                self.runner.sampler.release(request.request_id)
-                outputs.append(self._output(request))
-                self._forget(request)
-        return outputs
-
-    def _append(self, request: Request, token: SampledToken) -> None:
-        request.output_token_ids.append(token.token_id)
+    def _observe(self, request: Request, token: SampledToken) -> str | None:
+        """A sampled token, before the cluster's stop checks: its logprobs kept, its text
+        decoded; returns the stop string it completes, if any."""
         if token.logprob is not None:
             entry = {token.token_id: token.logprob}
             entry.update(token.top_logprobs or {})
             self._logprobs[request.request_id].append(entry)
-        stop = None
         detokenizer = self._detokenizers.get(request.request_id)
-        if detokenizer is not None:
-            stop = detokenizer.push(token.token_id)
-        params = request.params
-        if stop is not None:
-            self._finish(request, "stop", stop)
-        elif token.token_id in params.stop_token_ids:
-            self._finish(request, "stop", token.token_id)
-        elif not params.ignore_eos and token.token_id in self.model_config.eos_token_ids:
-            self._finish(request, "stop", None)
-        elif len(request.output_token_ids) >= request.max_tokens:
-            self._finish(request, "length")
-
-    def _finish(self, request: Request, reason: str, stop_reason: str | int | None = None) -> None:
-        self.cluster.finish(request, reason, stop_reason)
-        self.runner.sampler.release(request.request_id)
+        return None if detokenizer is None else detokenizer.push(token.token_id)
 
     def _output(self, request: Request) -> RequestOutput:
-        detokenizer = self._detokenizers.get(request.request_id)
-        logprobs = self._logprobs.get(request.request_id)
+        """The request's output so far; a finished request's text state is let go."""
+        if request.finished:
+            detokenizer = self._detokenizers.pop(request.request_id, None)
+            logprobs = self._logprobs.pop(request.request_id, None)
+        else:
+            detokenizer = self._detokenizers.get(request.request_id)
+            logprobs = self._logprobs.get(request.request_id)
         completion = CompletionOutput(
             index=0,
             text=detokenizer.text if detokenizer else "",
@@ -244,12 +203,21 @@ class LLMEngine:
             request.finished, request.error,
         )
 
-    def _forget(self, request: Request) -> None:
-        self.requests.pop(request.request_id, None)
-        self._detokenizers.pop(request.request_id, None)
-        self._logprobs.pop(request.request_id, None)
+    def _when_idle(self) -> None:
+        """With ``check_integrity`` on (the test suite), check the cluster whenever no
+        work is left: every block back in its pool, the ledger balanced."""
+        if self.config.check_integrity and not self.cluster.has_work():
+            self.check_integrity()
+            assert not self.cluster.requests, f"idle with requests {list(self.cluster.requests)}"
+
+    def snapshot(self) -> ClusterSnapshot:
+        """The cluster as immutable values (blocks, ledger, requests' placement)."""
+        return self.cluster.snapshot()
 
     def check_integrity(self) -> None:
         """Every block is free or held by exactly one live request; the ledger balances."""
         self.cluster.check_integrity()
 
+    def shutdown(self) -> None:
+        """Stop the runner (and, on Ray, its actors)."""
+        self.runner.shutdown()

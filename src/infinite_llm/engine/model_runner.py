@@ -1,9 +1,9 @@
-"""Runs a step plan through the model in this process: inputs, attention, logits, samples."""
+"""Runs step plans through the model in this process: inputs, attention, logits, samples."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
@@ -15,31 +15,13 @@ from infinite_llm.attention.dist import (
     SeqSpan,
     build_batches,
 )
-from infinite_llm.engine.sampler import SampledToken, Sampler, SampleRequest
-from infinite_llm.engine.sampling_params import SamplingParams
-from infinite_llm.engine.scheduler import ScheduledChunk, SchedulerOutput
-from infinite_llm.memory.kv_cache import KVCache
+from infinite_llm.attention.kv_cache import KVCache
+from infinite_llm.attention.tables import KVTables
+from infinite_llm.core.step import Chunk, StepPlan, StepResult
+from infinite_llm.engine.sampler import Sampler
 from infinite_llm.model.checkpoint import Checkpoint
 from infinite_llm.model.cpu_linear import use_cpu_linears
 from infinite_llm.model.llama import LlamaForCausalLM
-
-
-class InstanceFailure(RuntimeError):
-    """Instances died during a step (their KV is gone); the step changed nothing else."""
-
-    def __init__(self, dead: list[int]) -> None:
-        super().__init__(f"instance(s) {dead} died")
-        self.dead = dead
-
-
-class Runner(Protocol):
-    """What the engine needs of whoever computes its step plans."""
-
-    sampler: Sampler
-
-    def execute(
-        self, plan: SchedulerOutput, params: dict[str, SamplingParams]
-    ) -> dict[str, SampledToken]: ...
 
 
 def build_model(
@@ -55,7 +37,8 @@ def build_model(
 
 
 class ModelRunner:
-    """Runs the model over the instances' KV tensors (by instance id) and samples."""
+    """The runner in this process: the model over every instance's KV tensors (by
+    instance id), the block tables as the plans describe them, and the sampler."""
 
     def __init__(
         self, model: LlamaForCausalLM, kv_caches: dict[int, KVCache], sampler: Sampler
@@ -63,6 +46,7 @@ class ModelRunner:
         self.model = model
         self.kv_caches = kv_caches
         self.sampler = sampler
+        self.tables = KVTables()
         config = model.config
         self.scale = config.head_dim**-0.5
         weight = next(model.parameters())
@@ -70,26 +54,27 @@ class ModelRunner:
         self.layout = KVLayout.for_model(config, block_size, weight.dtype, weight.device)
 
     @torch.inference_mode()
-    def execute(
-        self, plan: SchedulerOutput, params: dict[str, SamplingParams]
-    ) -> dict[str, SampledToken]:
-        """Compute the plan's tokens; sample for each chunk that reaches its request's end."""
+    def execute(self, plan: StepPlan) -> StepResult:
+        """Apply the plan's changes, compute its tokens, sample for each chunk that
+        reaches its request's end."""
+        if plan.moves:
+            raise NotImplementedError("this runner cannot move KV blocks yet")
+        self.sampler.apply(plan)
+        self.tables.apply(plan)
         if not plan.chunks:
-            return {}
-        hidden = self.forward(plan)
-        sampled = [c for c in plan.chunks if c.sample]
-        if not sampled:
-            return {}
-        logits = sample_logits(self.model, hidden, plan.chunks)
-        rows = [SampleRequest(c.request_id, params[c.request_id]) for c in sampled]
-        return {row.request_id: token for row, token in zip(rows, self.sampler(logits, rows))}
+            return StepResult()
+        hidden = self.forward(plan.chunks)
+        return self.sampler.sample(sample_logits(self.model, hidden, plan.chunks), plan.chunks)
 
     @torch.inference_mode()
-    def forward(self, plan: SchedulerOutput) -> torch.Tensor:
-        """Final hidden states (N, hidden) of the plan's tokens, chunk after chunk."""
-        step = StepInputs.build(plan.chunks, self.layout)
+    def forward(self, chunks: tuple[Chunk, ...]) -> torch.Tensor:
+        """Final hidden states (N, hidden) of the chunks' tokens, chunk after chunk."""
+        step = StepInputs.build(chunks, self.tables, self.layout)
         attend = DistAttention(self.kv_caches, step.writes, step.batches, self.scale)
         return self.model(step.input_ids, step.positions, attend)
+
+    def shutdown(self) -> None:
+        """Nothing runs outside this process."""
 
 
 @dataclass(frozen=True)
@@ -102,8 +87,8 @@ class StepInputs:
     batches: list[AttentionBatch]
 
     @staticmethod
-    def build(chunks: list[ScheduledChunk], layout: KVLayout) -> StepInputs:
-        input_ids, positions, spans = prepare(chunks)
+    def build(chunks: Sequence[Chunk], tables: KVTables, layout: KVLayout) -> StepInputs:
+        input_ids, positions, spans = prepare(chunks, tables)
         return StepInputs(
             input_ids.to(layout.device),
             positions.to(layout.device),
@@ -112,21 +97,23 @@ class StepInputs:
         )
 
 
-def prepare(chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, list[SeqSpan]]:
+def prepare(
+    chunks: Sequence[Chunk], tables: KVTables
+) -> tuple[torch.Tensor, torch.Tensor, list[SeqSpan]]:
     """The chunks' tokens flattened in order: token ids, positions and one span each."""
     token_ids: list[int] = []
     positions: list[int] = []
     spans = []
     for chunk in chunks:
         n = len(chunk.token_ids)
-        spans.append(SeqSpan(len(token_ids), n, chunk.first_pos, chunk.rblocks))
+        spans.append(SeqSpan(len(token_ids), n, chunk.first_pos, tables[chunk.request_id]))
         token_ids.extend(chunk.token_ids)
         positions.extend(range(chunk.first_pos, chunk.first_pos + n))
     return torch.tensor(token_ids), torch.tensor(positions), spans
 
 
 def sample_logits(
-    model: LlamaForCausalLM, hidden: torch.Tensor, chunks: list[ScheduledChunk]
+    model: LlamaForCausalLM, hidden: torch.Tensor, chunks: Sequence[Chunk]
 ) -> torch.Tensor:
     """Logits of the last token of each chunk that samples (hidden: the chunks' flat
     final hidden states)."""

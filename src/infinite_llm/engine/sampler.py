@@ -7,11 +7,13 @@ tokens do not depend on what else is in the batch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from infinite_llm.engine.sampling_params import SamplingParams
+from infinite_llm.core.sampling_params import SamplingParams
+from infinite_llm.core.step import Chunk, SampledToken, StepPlan, StepResult
 
 
 @dataclass(frozen=True)
@@ -22,23 +24,33 @@ class SampleRequest:
     params: SamplingParams
 
 
-@dataclass(frozen=True)
-class SampledToken:
-    token_id: int
-    logprob: float | None = None  # log p(token) under the model's raw distribution
-    top_logprobs: dict[int, float] | None = None
-
-
 class Sampler:
+    """Samples for the requests the plans announce (their params kept until they end)."""
+
     def __init__(self, seed: int | None = None) -> None:
         self._generator = torch.Generator()
         if seed is not None:
             self._generator.manual_seed(seed)
+        self._params: dict[str, SamplingParams] = {}
         self._request_generators: dict[str, torch.Generator] = {}
 
-    def release(self, request_id: str) -> None:
-        """Forget a finished request's generator."""
-        self._request_generators.pop(request_id, None)
+    def apply(self, plan: StepPlan) -> None:
+        """Forget the requests that ended (params, generator), note the new ones."""
+        for request_id in plan.finished:
+            self._params.pop(request_id, None)
+            self._request_generators.pop(request_id, None)
+        for new in plan.new_requests:
+            self._params[new.request_id] = new.params
+
+    @property
+    def num_requests(self) -> int:
+        """Requests whose sampling state is kept (announced and not yet ended)."""
+        return len(self._params)
+
+    def sample(self, logits: torch.Tensor, chunks: Sequence[Chunk]) -> StepResult:
+        """One token per chunk that samples; ``logits`` has one row for each, in order."""
+        rows = [SampleRequest(c.request_id, self._params[c.request_id]) for c in chunks if c.sample]
+        return StepResult({row.request_id: t for row, t in zip(rows, self(logits, rows))})
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRequest]) -> list[SampledToken]:
         """logits: (B, V) float32 on any device, one row per entry of ``rows``. Greedy rows

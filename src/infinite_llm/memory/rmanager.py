@@ -90,6 +90,7 @@ class RManager:
         self.call = call
         self._own: set[int] = set()  # physical ids holding this instance's requests' KV
         self._lent: dict[int, tuple[int, str]] = {}  # physical id -> (debtor, request)
+        self._lent_to: Counter[int] = Counter()  # debtor -> blocks lent to it now
         self._borrowed: Counter[int] = Counter()  # creditor -> blocks borrowed from it
         # What the gManager was last told; registration starts it at an empty pool.
         self._reported: tuple[int, dict[int, int], dict[int, int]] = (pool.num_blocks, {}, {})
@@ -114,7 +115,7 @@ class RManager:
 
     @property
     def lent_to(self) -> dict[int, int]:
-        return dict(Counter(debtor for debtor, _ in self._lent.values()))
+        return {peer: n for peer, n in self._lent_to.items() if n}
 
     @property
     def borrowed_from(self) -> dict[int, int]:
@@ -223,6 +224,7 @@ class RManager:
         ids = self.pool.allocate(grant)
         for block in ids:
             self._lent[block] = (debtor_id, request_id)
+        self._lent_to[debtor_id] += grant
         return ids
 
     def reclaim(self, debtor_id: int, request_id: str, ids: list[int]) -> None:
@@ -235,6 +237,7 @@ class RManager:
             )
         for block in ids:
             del self._lent[block]
+        self._lent_to[debtor_id] -= len(ids)
         self.pool.free(list(ids))
 
     # -- reporting --------------------------------------------------------------------
@@ -260,3 +263,5 @@ class RManager:
         )
         assert not self._own.intersection(self._lent), "a block is both used and lent"
         assert all(n >= 0 for n in self._borrowed.values()), "negative borrowed count"
+        counted = Counter(debtor for debtor, _ in self._lent.values())
+        assert counted == +self._lent_to, f"lent counts {dict(self._lent_to)} != {dict(counted)}"

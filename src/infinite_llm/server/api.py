@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from infinite_llm.server import protocol as p
+from infinite_llm.server.cluster_view import cluster_json
 from infinite_llm.server.config import ServerConfig
 from infinite_llm.server.engine_loop import EngineLoop
 from infinite_llm.server.errors import ApiError, error_body, install_error_handlers
@@ -26,7 +27,7 @@ from infinite_llm.server.prompts import completion_prompts, detokenize, encode, 
 
 if TYPE_CHECKING:
     from infinite_llm.engine.engine import LLMEngine
-    from infinite_llm.engine.llm import LLM
+    from infinite_llm.llm import LLM
 
 _ERRORS = {status: {"model": p.ErrorResponse} for status in (400, 401, 404, 413, 503)}
 
@@ -39,7 +40,7 @@ class ServerState:
         self.config = config
         self.metrics = ServerMetrics(config.model_name, lambda: self.loop.view)
         self.loop = EngineLoop(engine, self.metrics)
-        self.limits = Limits(engine.scheduler_config.max_model_len, engine.capacity_tokens)
+        self.limits = Limits(engine.max_model_len, engine.capacity_tokens)
         self.draining = False
         self.started = int(time.time())
 
@@ -155,6 +156,6 @@ def build_app(llm_or_engine: LLM | LLMEngine, config: ServerConfig) -> FastAPI:
     @app.get("/v1/cluster")
     async def cluster() -> dict:
         """The instances' blocks and the gManager's debt ledger, as of the last step."""
-        return {"model": config.model_name, **state.loop.view.to_json()}
+        return {"model": config.model_name, **cluster_json(state.loop.view)}
 
     return app

@@ -1,5 +1,4 @@
-"""What the cluster looks like from outside: an immutable snapshot of request counts,
-every instance's blocks and the gManager's debt ledger.
+"""The cluster as JSON for ``/v1/cluster``, from the engine's immutable snapshot.
 
 The engine is not thread-safe, so only the engine thread takes snapshots (after every
 step and every batch of commands); /metrics and /v1/cluster read the latest one.
@@ -7,91 +6,36 @@ step and every batch of commands); /metrics and /v1/cluster read the latest one.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict
+from typing import Any
 
-if TYPE_CHECKING:
-    from infinite_llm.engine.engine import LLMEngine
-
-
-@dataclass(frozen=True)
-class InstanceView:
-    instance_id: int
-    alive: bool
-    capacity: int  # blocks
-    free: int
-    used: int  # this instance's requests' KV, here
-    lent: int  # remote debtors' KV, here
-    borrowed: int  # this instance's requests' KV, on creditors
-    running: int
-    waiting: int
+from infinite_llm.core.snapshot import ClusterSnapshot
 
 
-@dataclass(frozen=True)
-class ClusterView:
-    block_size: int
-    max_request_tokens: int
-    num_preemptions: int
-    instances: tuple[InstanceView, ...]
-    ledger: dict[str, Any]  # the gManager's view, as JSON: total debt, per-instance entries
-
-    @property
-    def running(self) -> int:
-        return sum(i.running for i in self.instances)
-
-    @property
-    def waiting(self) -> int:
-        return sum(i.waiting for i in self.instances)
-
-    @property
-    def dead(self) -> list[int]:
-        return [i.instance_id for i in self.instances if not i.alive]
-
-    @property
-    def kv_cache_usage(self) -> float:
-        """Fraction of the live instances' blocks not free (0 to 1)."""
-        alive = [i for i in self.instances if i.alive]
-        capacity = sum(i.capacity for i in alive)
-        return 1.0 - sum(i.free for i in alive) / capacity if capacity else 1.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "block_size": self.block_size,
-            "max_request_tokens": self.max_request_tokens,
-            "num_requests_running": self.running,
-            "num_requests_waiting": self.waiting,
-            "num_preemptions": self.num_preemptions,
-            "kv_cache_usage": self.kv_cache_usage,
-            "instances": [asdict(i) for i in self.instances],
-            "ledger": self.ledger,
-        }
-
-
-def take_view(engine: LLMEngine) -> ClusterView:
-    """Read the cluster's state; call only from the thread that owns the engine."""
-    cluster = engine.cluster
-    ledger = cluster.ledger()
-    instances = tuple(
-        InstanceView(
-            instance_id=inst.instance_id,
-            alive=inst.instance_id not in cluster.dead,
-            capacity=inst.rmanager.capacity,
-            free=inst.rmanager.num_free,
-            used=inst.rmanager.num_used,
-            lent=inst.rmanager.num_lent,
-            borrowed=sum(inst.rmanager.borrowed_from.values()),
-            running=len(inst.scheduler.running),
-            waiting=len(inst.scheduler.waiting),
-        )
-        for inst in cluster.instances
-    )
-    return ClusterView(
-        block_size=engine.block_size,
-        max_request_tokens=engine.capacity_tokens,
-        num_preemptions=cluster.num_preemptions,
-        instances=instances,
-        ledger={
-            "total_debt": ledger.total_debt,
+def cluster_json(view: ClusterSnapshot) -> dict[str, Any]:
+    """Totals, every instance's blocks, every request's home and blocks per owner, and
+    the gManager's debt ledger (JSON keys are strings)."""
+    return {
+        "block_size": view.block_size,
+        "max_request_tokens": view.max_request_tokens,
+        "num_requests_running": view.running,
+        "num_requests_waiting": view.waiting,
+        "num_preemptions": view.num_preemptions,
+        "kv_cache_usage": view.kv_cache_usage,
+        "instances": [asdict(i) for i in view.instances],
+        "requests": [
+            {
+                "request_id": r.request_id,
+                "home": r.home,
+                "status": r.status,
+                "num_tokens": r.num_tokens,
+                "num_computed_tokens": r.num_computed_tokens,
+                "blocks": {str(owner): n for owner, n in r.blocks},
+            }
+            for r in view.requests
+        ],
+        "ledger": {
+            "total_debt": view.ledger.total_debt,
             "instances": {
                 str(iid): {
                     "capacity": entry.capacity,
@@ -99,7 +43,7 @@ def take_view(engine: LLMEngine) -> ClusterView:
                     "lent_to": {str(k): v for k, v in entry.lent_to.items()},
                     "borrowed_from": {str(k): v for k, v in entry.borrowed_from.items()},
                 }
-                for iid, entry in ledger.instances.items()
+                for iid, entry in view.ledger.instances.items()
             },
         },
-    )
+    }

@@ -5,7 +5,7 @@ The engine is not thread-safe, so one background thread owns it: it takes comman
 unfinished, blocks on the queue when idle, and hands each ``RequestOutput`` to the
 asyncio queue of the HTTP request it belongs to (``call_soon_threadsafe``, once per
 step for all of them). Requests that arrive while others run join the next step's
-batch. After every step and every batch of commands it publishes a ``ClusterView``.
+batch. After every step and every batch of commands it publishes a ``ClusterSnapshot``.
 
 If a step raises, the engine is dead: every open request gets the error, later
 submissions get ``EngineDeadError``, and /health says 503.
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from infinite_llm.engine.outputs import RequestOutput
-from infinite_llm.engine.sampling_params import SamplingParams
-from infinite_llm.server.cluster_view import ClusterView, take_view
+from infinite_llm.core.sampling_params import SamplingParams
+from infinite_llm.core.snapshot import ClusterSnapshot
 from infinite_llm.server.metrics import RequestTimes
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ class EngineLoop:
         self._sinks: dict[str, _Sink] = {}  # engine thread only
         self._lock = threading.Lock()  # orders "closed" against enqueueing
         self._closed = False
-        self._view = take_view(engine)
+        self._view = engine.snapshot()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
     # -- the asyncio side -------------------------------------------------------------
@@ -133,7 +133,7 @@ class EngineLoop:
         return self._thread.is_alive() and not self._closed
 
     @property
-    def view(self) -> ClusterView:
+    def view(self) -> ClusterSnapshot:
         return self._view
 
     async def submit(self, requests: list[EngineRequest]) -> RequestGroup:
@@ -163,7 +163,7 @@ class EngineLoop:
             while self._handle_commands(block=not self.engine.has_unfinished_requests()):
                 if self.engine.has_unfinished_requests():
                     self._deliver(self.engine.step())
-                self._view = take_view(self.engine)
+                self._view = self.engine.snapshot()
         except BaseException as error:  # noqa: BLE001 - any failure kills the engine
             logger.exception("the engine loop failed; the server is no longer healthy")
             self.error = error
@@ -241,7 +241,7 @@ class EngineLoop:
         if error is None:
             try:
                 self._abort(None)
-                self._view = take_view(self.engine)
+                self._view = self.engine.snapshot()
                 return
             except Exception as failure:  # noqa: BLE001
                 error = failure

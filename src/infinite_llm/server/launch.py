@@ -20,7 +20,7 @@ from infinite_llm.server.api import ServerState, build_app
 from infinite_llm.server.config import ServerConfig
 
 if TYPE_CHECKING:
-    from infinite_llm.engine.llm import LLM
+    from infinite_llm.llm import LLM
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,5 @@ def run_server(
         server.run()
     finally:
         # Ray actors (and a private local Ray) must not outlive the server.
-        shutdown = getattr(llm.engine.runner, "shutdown", None)
-        if shutdown is not None:
-            shutdown()
+        llm.shutdown()
     return 0

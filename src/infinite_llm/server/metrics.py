@@ -3,7 +3,7 @@
 Each server has its own registry (no process globals), so two servers in one process
 (tests) count separately. Token counts and latencies are recorded by the engine thread
 as outputs arrive; request counts, KV usage and per-instance blocks are read at scrape
-time from the latest ``ClusterView``.
+time from the latest ``ClusterSnapshot``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from infinite_llm.engine.outputs import RequestOutput
-from infinite_llm.server.cluster_view import ClusterView
+from infinite_llm.core.snapshot import ClusterSnapshot
 
 PREFIX = "infinite_llm:"
 _LATENCY_BUCKETS = (
@@ -35,7 +35,7 @@ class RequestTimes:
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str, view: Callable[[], ClusterView]) -> None:
+    def __init__(self, model_name: str, view: Callable[[], ClusterSnapshot]) -> None:
         self.registry = CollectorRegistry()
         label = ["model_name"]
 
@@ -90,7 +90,7 @@ class ServerMetrics:
 class _ClusterCollector:
     """Gauges read at scrape time from the engine thread's latest view."""
 
-    def __init__(self, model_name: str, view: Callable[[], ClusterView]) -> None:
+    def __init__(self, model_name: str, view: Callable[[], ClusterSnapshot]) -> None:
         self.model_name = model_name
         self.view = view
 

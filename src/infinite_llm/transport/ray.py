@@ -14,7 +14,10 @@ What runs where:
 A step is SPMD: the driver hands every instance actor the same step plan in one actor
 call each; each runs the layers of the chunks whose home it is, and at every layer all
 of them trade queries, new k/v and partials in all-to-alls (``attention/exchange.py``).
-They return the logits of the chunks that sample; the driver samples.
+They return the logits of the chunks that sample; the driver samples. Each actor keeps
+its own copy of the block tables (``KVTables``) and the plan carries only what changed,
+so what an actor receives per step does not grow with anyone's context: the plan is
+pickled once, put in Ray's object store once, and every actor reads that one object.
 
 Control messages are actor calls, and a step makes few: a heartbeat ping and an
 ``execute`` per instance actor, then one ``apply_all`` to the gManager carrying every
@@ -29,8 +32,9 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import socket
-import time
+from collections.abc import Callable
 from datetime import timedelta
 
 import ray
@@ -39,19 +43,17 @@ import torch.distributed as dist
 
 from infinite_llm.attention.dist import DistAttention, KVLayout, KVWrites
 from infinite_llm.attention.exchange import ExchangeAttention, InstanceStep, Shapes
-from infinite_llm.config import PoolingConfig, RayConfig
+from infinite_llm.attention.kv_cache import KVCache
+from infinite_llm.attention.tables import KVTables
+from infinite_llm.config import EngineConfig, PoolingConfig, RayConfig
+from infinite_llm.core.step import InstanceFailure, StepPlan, StepResult, decode_plan, encode_plan
+from infinite_llm.engine.builder import assemble, blocks_per_instance
+from infinite_llm.engine.device import torch_dtype
+from infinite_llm.engine.engine import LLMEngine
 from infinite_llm.engine.host_memory import keep_freed_host_memory
-from infinite_llm.engine.model_runner import (
-    InstanceFailure,
-    StepInputs,
-    build_model,
-    sample_logits,
-)
-from infinite_llm.engine.sampler import SampledToken, Sampler, SampleRequest
-from infinite_llm.engine.sampling_params import SamplingParams
-from infinite_llm.engine.scheduler import SchedulerOutput
-from infinite_llm.memory.kv_cache import KVCache
-from infinite_llm.model.checkpoint import load_checkpoint
+from infinite_llm.engine.model_runner import StepInputs, build_model, sample_logits
+from infinite_llm.engine.sampler import Sampler
+from infinite_llm.model.checkpoint import Checkpoint, load_checkpoint
 from infinite_llm.transport.collective import Exchange, backend_for
 from infinite_llm.transport.ray_gmanager import RemoteGManager
 
@@ -83,8 +85,8 @@ class InstanceActor:
         self.scale = config.head_dim**-0.5
         self.shapes = Shapes(config.num_attention_heads, config.num_key_value_heads, config.head_dim)
         self.layout = KVLayout.for_model(config, block_size, dtype, self.device)
+        self.tables = KVTables()
         self.alive: list[int] = []
-        self._mute_until = 0.0
 
     def endpoint(self) -> str:
         """host:port where a new tensor group can meet (asked of the lowest alive instance)."""
@@ -94,9 +96,11 @@ class InstanceActor:
             return f"{host}:{s.getsockname()[1]}"
 
     def join(self, address: str, alive: list[int]) -> int:
-        """(Re)form the tensor group of the ``alive`` instances."""
+        """(Re)form the tensor group of the ``alive`` instances. The block tables start
+        empty: after a failure the driver resends every table whole."""
         if dist.is_initialized():
             dist.destroy_process_group()
+        self.tables.clear()
         self.alive = sorted(alive)
         rank = self.alive.index(self.rank)
         dist.init_process_group(
@@ -116,13 +120,11 @@ class InstanceActor:
         return self.rank
 
     def heartbeat(self) -> int:
-        if time.monotonic() < self._mute_until:  # a stuck instance, for fault tests
-            time.sleep(self._mute_until - time.monotonic())
         return self.rank
 
-    def mute_heartbeats(self, seconds: float) -> None:
-        """Stop answering heartbeats (and everything queued behind them) for a while."""
-        self._mute_until = time.monotonic() + seconds
+    def num_tables(self) -> int:
+        """Block tables this actor keeps (requests scheduled and not yet ended)."""
+        return len(self.tables)
 
     def exchange_latency(self, floats_per_peer: int, repeats: int) -> float:
         """Seconds per all-to-all of ``floats_per_peer`` to every peer (every instance must
@@ -139,14 +141,19 @@ class InstanceActor:
         return (time.perf_counter() - start) / repeats
 
     @torch.inference_mode()
-    def execute(self, plan: SchedulerOutput) -> torch.Tensor | None:
-        """Run my chunks of the plan; the logits of those that sample (in plan order)."""
+    def execute(self, encoded: bytes) -> torch.Tensor | None:
+        """Apply the plan's table changes, run my chunks of it; the logits of those that
+        sample (in plan order)."""
+        plan = decode_plan(encoded)
+        self.tables.apply(plan)
         mine = [c for c in plan.chunks if c.home == self.rank]
-        crosses = any(rb.owner != c.home for c in plan.chunks for rb in c.rblocks)
+        crosses = any(
+            owner != c.home for c in plan.chunks for owner in self.tables[c.request_id].by_owner
+        )
         if not crosses:
             if not mine:
                 return None
-            step = StepInputs.build(mine, self.layout)
+            step = StepInputs.build(mine, self.tables, self.layout)
             attend = DistAttention({self.rank: self.kv_cache}, step.writes, step.batches, self.scale)
             return self._logits(self.model(step.input_ids, step.positions, attend), mine)
         # Every instance derives every home's share of the step, so each knows what the
@@ -156,7 +163,7 @@ class InstanceActor:
         for home in self.alive:
             chunks = [c for c in plan.chunks if c.home == home]
             if chunks:
-                inputs[home] = StepInputs.build(chunks, self.layout)
+                inputs[home] = StepInputs.build(chunks, self.tables, self.layout)
                 steps[home] = InstanceStep(inputs[home].batches, inputs[home].writes)
             else:
                 steps[home] = InstanceStep([], KVWrites(()))
@@ -202,6 +209,7 @@ class RayRunner:
                 )
         self.actors: dict[int, ray.actor.ActorHandle] = {}
         self.gmanager: RemoteGManager | None = None
+        self.last_plan_bytes = 0  # what each actor received in the last step
         try:
             self.device, self.gpus_per_actor = _placement(device, instances)
         except ValueError:
@@ -256,21 +264,25 @@ class RayRunner:
         for i in dead:
             ray.kill(self.actors.pop(i), no_restart=True)
         if self.actors:
-            self._join()
+            self._join()  # the survivors' tables start empty
         return InstanceFailure(dead)
 
-    def execute(
-        self, plan: SchedulerOutput, params: dict[str, SamplingParams]
-    ) -> dict[str, SampledToken]:
-        if not plan.chunks:
-            return {}
+    def execute(self, plan: StepPlan) -> StepResult:
+        if plan.moves:
+            raise NotImplementedError("the Ray runner cannot move KV blocks yet")
+        self.sampler.apply(plan)  # in the driver: kept whatever becomes of the actors
+        if not (plan.chunks or plan.tables or plan.finished or plan.preempted):
+            return StepResult()
         try:
             stuck = self._unresponsive()
         except ray.exceptions.RayActorError:
             stuck = []  # a dead actor: the step below finds out which
         if stuck:
             raise self._fail(stuck)
-        refs = {i: a.execute.remote(plan) for i, a in self.actors.items()}
+        encoded = encode_plan(plan)
+        self.last_plan_bytes = len(encoded)
+        shared = ray.put(encoded)  # serialized once, read by every actor
+        refs = {i: a.execute.remote(shared) for i, a in self.actors.items()}
         results, dead, errors = {}, [], []
         for i, ref in refs.items():
             try:
@@ -290,10 +302,13 @@ class RayRunner:
                 logits_of[chunk.request_id] = row
         sampled = [c for c in plan.chunks if c.sample]
         if not sampled:
-            return {}
-        rows = [SampleRequest(c.request_id, params[c.request_id]) for c in sampled]
+            return StepResult()
         logits = torch.stack([logits_of[c.request_id] for c in sampled])
-        return {row.request_id: token for row, token in zip(rows, self.sampler(logits, rows))}
+        return self.sampler.sample(logits, sampled)
+
+    def num_tables(self) -> dict[int, int]:
+        """Block tables each actor keeps, by instance id."""
+        return dict(zip(self.actors, ray.get([a.num_tables.remote() for a in self.actors.values()])))
 
     def exchange_latency(self, floats_per_peer: int, repeats: int = 200) -> float:
         """Mean seconds of one all-to-all among the actors (see InstanceActor)."""
@@ -303,7 +318,7 @@ class RayRunner:
         return max(times)
 
     def kill(self, instance_id: int) -> None:
-        """Kill one instance's actor (fault tests, or an operator taking it down)."""
+        """Kill one instance's actor (an operator taking it down, or a fault test)."""
         ray.kill(self.actors[instance_id], no_restart=True)
 
     def shutdown(self) -> None:
@@ -315,6 +330,25 @@ class RayRunner:
             self.gmanager.kill()
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
+
+
+def build_ray(config: EngineConfig, load: Callable[[], Checkpoint]) -> LLMEngine:
+    """One Ray actor per instance (model replica + KV tensors), the gManager a named
+    actor, the bookkeeping and sampling in this process. Ray is joined (or started)
+    first, to see which devices it offers; anything started is stopped on failure."""
+    ray_runner = RayRunner(config.parallel.ray, config.device, config.parallel.instances)
+    try:
+        dtype = torch_dtype(config.dtype, ray_runner.device)
+        checkpoint = load()
+        num_blocks = blocks_per_instance(config, checkpoint, dtype)
+        ray_runner.start(
+            config.model, dtype, num_blocks, config.cache.block_size, Sampler(config.seed),
+            config.pooling,
+        )
+        return assemble(config, checkpoint, num_blocks, ray_runner, ray_runner.gmanager)
+    except BaseException:
+        ray_runner.shutdown()
+        raise
 
 
 def _placement(device: str, instances: int) -> tuple[torch.device, float]:

@@ -16,17 +16,17 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from infinite_llm.config import SchedulerConfig
-from infinite_llm.engine.request import Request, RequestStatus
-from infinite_llm.memory.rblock import RBlock
+from infinite_llm.core.request import Request, RequestStatus
+from infinite_llm.core.step import Chunk
 from infinite_llm.memory.rmanager import RManager
 
 
 class Arbiter(Protocol):
     """The cluster's say in one instance's scheduling, where instances share blocks."""
 
-    def defer_for(self, request: Request) -> bool:
-        """``request`` cannot grow and is its instance's newest: will a newer request on
-        another instance be preempted instead (so this one only waits a step)?"""
+    def preempt_newer(self, request: Request) -> bool:
+        """``request`` cannot grow and is its instance's newest: preempt a newer request
+        on another instance now, so its blocks come back? False when there is none."""
         ...
 
     def admission_open(self) -> bool:
@@ -35,27 +35,11 @@ class Arbiter(Protocol):
 
 
 @dataclass(frozen=True)
-class ScheduledChunk:
-    """Tokens of one request computed this step, at positions first_pos.. ."""
+class InstanceBatch:
+    """What one instance's scheduler chose for this step."""
 
-    request_id: str
-    token_ids: list[int]
-    first_pos: int
-    rblocks: tuple[RBlock, ...]  # where its KV lives, the new tokens' blocks included
-    sample: bool  # the chunk reaches the request's last token: sample the next one
-    home: int = 0  # the instance that computes its non-attention layers
-
-
-@dataclass(frozen=True)
-class SchedulerOutput:
-    """The step plan handed to the model runner."""
-
-    chunks: list[ScheduledChunk] = field(default_factory=list)
-    preempted: list[str] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(c.token_ids) for c in self.chunks)
+    chunks: list[Chunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
 
 
 class Scheduler:
@@ -80,10 +64,10 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self) -> InstanceBatch:
         budget = self.config.max_num_batched_tokens
-        chunks: list[ScheduledChunk] = []
-        preempted: list[str] = []
+        chunks: list[Chunk] = []
+        preempted: list[Request] = []
 
         index = 0
         while index < len(self.running) and budget > 0:
@@ -119,15 +103,7 @@ class Scheduler:
             self.running.append(request)
             chunks.append(self._chunk(request, n))
             budget -= n
-        return SchedulerOutput(chunks=chunks, preempted=preempted)
-
-    def update(self, output: SchedulerOutput) -> None:
-        """Advance the progress counters once the step has run."""
-        by_id = {r.request_id: r for r in self.running}
-        for chunk in output.chunks:
-            request = by_id.get(chunk.request_id)
-            if request is not None:
-                request.num_computed_tokens += len(chunk.token_ids)
+        return InstanceBatch(chunks, preempted)
 
     def finish(self, request: Request, reason: str, stop_reason: str | int | None = None) -> None:
         """End a request (finished, aborted or failed) and return all of its blocks."""
@@ -148,18 +124,18 @@ class Scheduler:
         need = self._blocks_needed(request, n)
         return need == 0 or self.memory.allocate(request.request_id, request.block_table, need)
 
-    def _make_room(self, request: Request, n: int, preempted: list[str]) -> bool:
+    def _make_room(self, request: Request, n: int, preempted: list[Request]) -> bool:
         """Blocks for n more tokens of ``request``: preempt this instance's newest running
         requests until they fit. When the request is itself the newest here, the cluster
-        may instead free a newer request elsewhere (``arbiter.defer_for``): the request
-        then waits this step, keeping its blocks, so the oldest work always advances."""
+        may first free a newer request elsewhere (``arbiter.preempt_newer``), so the
+        oldest work always advances; only when there is none does it preempt itself."""
         while not self._grow(request, n):
             if self.running[-1] is request and self.arbiter is not None:
-                if self.arbiter.defer_for(request):
-                    return False
+                if self.arbiter.preempt_newer(request):
+                    continue
             victim = self.running.pop()
             self._preempt(victim)
-            preempted.append(victim.request_id)
+            preempted.append(victim)
             if victim is request:
                 return False
         return True
@@ -188,13 +164,12 @@ class Scheduler:
         self.waiting.appendleft(request)
         self.num_preemptions += 1
 
-    def _chunk(self, request: Request, n: int) -> ScheduledChunk:
+    def _chunk(self, request: Request, n: int) -> Chunk:
         start = request.num_computed_tokens
-        return ScheduledChunk(
+        return Chunk(
             request_id=request.request_id,
             home=request.home,
-            token_ids=request.token_ids(start, start + n),
+            token_ids=tuple(request.token_ids(start, start + n)),
             first_pos=start,
-            rblocks=request.block_table.rblocks,
             sample=start + n == request.num_tokens,
         )

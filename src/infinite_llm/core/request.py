@@ -6,7 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from infinite_llm.engine.sampling_params import SamplingParams
+from infinite_llm.core.sampling_params import SamplingParams
 from infinite_llm.memory.rblock import BlockTable
 
 

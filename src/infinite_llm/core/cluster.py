@@ -1,0 +1,334 @@
+"""The bookkeeping of a cluster: its instances, the gManager between them, and the two
+halves of every step around the runner: ``schedule`` (a ``StepPlan``) and ``update``
+(progress, sampled tokens, stops, finishing, freeing, the heartbeat).
+
+Each instance has its own block pool, rManager and scheduler; the gManager keeps the
+debt ledger from their heartbeats (a plain ``GManager`` here, or on Ray a proxy to its
+actor with the same methods). Where a request lives (``Placement``), how much KV each
+instance has committed (``KVLoad``) and who gives way when blocks run out across
+instances (``OldestFirst``) each have an owner of their own. With
+``PoolingConfig(enabled=False)`` the instances never lend: N isolated replicas.
+Pure bookkeeping: no torch, so the simulator drives this very code.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from infinite_llm.config import CacheConfig, PoolingConfig, SchedulerConfig
+from infinite_llm.core.instance import Instance
+from infinite_llm.core.load import KVLoad
+from infinite_llm.core.placement import LeastLoaded, Placement
+from infinite_llm.core.preemption import OldestFirst
+from infinite_llm.core.request import Request, RequestStatus
+from infinite_llm.core.scheduler import Scheduler
+from infinite_llm.core.snapshot import ClusterSnapshot, InstanceSnapshot, RequestSnapshot
+from infinite_llm.core.step import NewRequest, SampledToken, StepPlan, StepResult
+from infinite_llm.memory.block_pool import BlockPool
+from infinite_llm.memory.gmanager import GManager, Ledger
+from infinite_llm.memory.rmanager import RManager
+
+logger = logging.getLogger(__name__)
+
+# The engine's look at each sampled token before the cluster's own checks: detokenize,
+# keep logprobs; returns the stop string that ends the request, if one did.
+Observer = Callable[[Request, SampledToken], "str | None"]
+
+
+class Cluster:
+    def __init__(
+        self,
+        num_blocks: int,
+        cache: CacheConfig,
+        scheduler: SchedulerConfig,
+        pooling: PoolingConfig,
+        num_instances: int,
+        eos_token_ids: tuple[int, ...] = (),
+        gmanager: GManager | None = None,
+        placement: Placement | None = None,
+    ) -> None:
+        if num_instances < 1:
+            raise ValueError(f"instances must be at least 1, got {num_instances}")
+        if num_blocks < 1:
+            raise ValueError(
+                f"kv_cache_memory={cache.kv_cache_memory} bytes holds no block of "
+                f"{cache.block_size} tokens for this model"
+            )
+        self.block_size = cache.block_size
+        self.pooling = pooling
+        self.eos_token_ids = eos_token_ids
+        self.gmanager = gmanager if gmanager is not None else GManager(config=pooling)
+        self.placement = placement if placement is not None else LeastLoaded()
+        self.load = KVLoad()
+        self.preemption = OldestFirst(self._preempt_elsewhere)
+        self.instances: list[Instance] = []
+        for i in range(num_instances):
+            rmanager = RManager(i, BlockPool(num_blocks), pooling, self.gmanager, self._call)
+            self.gmanager.register(i, num_blocks)
+            sched = Scheduler(scheduler, rmanager, cache.block_size, arbiter=self.preemption)
+            self.instances.append(Instance(i, rmanager, sched))
+        # Depends only on which instances are registered: asked again when one leaves.
+        self._max_request_blocks = self.gmanager.max_request_blocks()
+        self.dead: set[int] = set()
+        self.requests: dict[str, Request] = {}  # every unfinished request
+        self._arrivals = 0
+        # What the runners have not heard yet: requests added, requests ended, requests
+        # preempted on another instance's behalf during this step's scheduling.
+        self._new: dict[str, NewRequest] = {}
+        self._finished: list[str] = []
+        self._preempted: list[Request] = []
+
+    def _call(self, instance_id: int, method: str, *args: Any) -> Any:
+        """The transport verb between rManagers: they all live with the bookkeeping, so a
+        lend or a reclaim is a direct call, whatever the backend."""
+        return getattr(self.instances[instance_id].rmanager, method)(*args)
+
+    # -- requests in and out -----------------------------------------------------------
+
+    @property
+    def blocks_per_instance(self) -> int:
+        return self.instances[0].rmanager.capacity
+
+    @property
+    def max_request_tokens(self) -> int:
+        """The most KV one request can ever hold: its home's pool plus all it may borrow."""
+        return self._max_request_blocks * self.block_size
+
+    @property
+    def alive_instances(self) -> list[Instance]:
+        return [inst for inst in self.instances if inst.instance_id not in self.dead]
+
+    def add(self, request: Request) -> None:
+        """Queue a validated request on the home the placement policy picks."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        request.arrival = self._arrivals
+        self._arrivals += 1
+        self.requests[request.request_id] = request
+        self._new[request.request_id] = NewRequest(request.request_id, request.params)
+        self._enqueue(request)
+
+    def _enqueue(self, request: Request) -> None:
+        alive = [inst.instance_id for inst in self.alive_instances]
+        request.home = self.placement.home(request, alive, self.load)
+        self.load.add(request)
+        self.instances[request.home].scheduler.add(request)
+
+    def finish(self, request: Request, reason: str, stop_reason: str | int | None = None) -> None:
+        """End a request on its home: every block, local and lent, goes back."""
+        if request.finished:
+            return
+        self.instances[request.home].scheduler.finish(request, reason, stop_reason)
+        self.load.remove(request)
+        self._forget(request)
+
+    def abort(self, request_id: str) -> Request | None:
+        """End a request now, its blocks freed and the gManager told; None if unknown."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        self.finish(request, "abort")
+        self.heartbeat()
+        return request
+
+    def _forget(self, request: Request) -> None:
+        del self.requests[request.request_id]
+        # A request the runners never heard of needs no goodbye.
+        if self._new.pop(request.request_id, None) is None:
+            self._finished.append(request.request_id)
+
+    def has_work(self) -> bool:
+        return any(inst.scheduler.has_work() for inst in self.alive_instances)
+
+    # -- the step ------------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan:
+        """Every instance's batch, oldest work first (their borrowing sees each other's
+        allocations at once, through the creditors' answers), as one plan with what
+        the runners must learn first."""
+        chunks, preempted = [], []
+        for inst in self.preemption.order(self.alive_instances):
+            batch = inst.scheduler.schedule()
+            chunks += batch.chunks
+            preempted += batch.preempted
+        preempted += self._preempted
+        self._preempted = []
+        # A request preempted for an older one elsewhere may have been scheduled first.
+        gone = {r.request_id for r in preempted}
+        chunks = [c for c in chunks if c.request_id not in gone]
+        tables = []
+        for chunk in chunks:
+            update = self.requests[chunk.request_id].block_table.take_update(chunk.request_id)
+            if update is not None:
+                tables.append(update)
+        plan = StepPlan(
+            chunks=tuple(chunks),
+            tables=tuple(tables),
+            new_requests=tuple(self._new.values()),
+            preempted=tuple(gone),
+            finished=tuple(self._finished),
+        )
+        self._new, self._finished = {}, []
+        return plan
+
+    def _preempt_elsewhere(self, request: Request) -> None:
+        """Preempt ``request`` for an older one on another instance, and tell the gManager
+        at once: the older request borrows its freed blocks in this very step."""
+        self.instances[request.home].scheduler.preempt(request)
+        self._preempted.append(request)
+        self.heartbeat()
+
+    def update(
+        self, plan: StepPlan, result: StepResult, observe: Observer | None = None
+    ) -> list[Request]:
+        """The step ran: advance progress, append each sampled token, finish on a stop
+        string (``observe``), a stop token, EOS or max_tokens, then heartbeat. Returns
+        the requests that got a token, in the result's order (finished ones included)."""
+        for chunk in plan.chunks:
+            self.requests[chunk.request_id].num_computed_tokens += chunk.num_tokens
+        advanced = []
+        for request_id, token in result.tokens.items():
+            request = self.requests[request_id]
+            request.output_token_ids.append(token.token_id)
+            stop = observe(request, token) if observe is not None else None
+            params = request.params
+            if stop is not None:
+                self.finish(request, "stop", stop)
+            elif token.token_id in params.stop_token_ids:
+                self.finish(request, "stop", token.token_id)
+            elif not params.ignore_eos and token.token_id in self.eos_token_ids:
+                self.finish(request, "stop", None)
+            elif len(request.output_token_ids) >= request.max_tokens:
+                self.finish(request, "length")
+            advanced.append(request)
+        self.heartbeat()
+        return advanced
+
+    def heartbeat(self) -> None:
+        """Tell the gManager what changed on every live instance: one message for all of
+        them (an actor call on Ray), none when nothing did. Sent at the end of every
+        step and abort, so between them the ledger is current."""
+        beats = [inst.rmanager.heartbeat() for inst in self.alive_instances]
+        changed = [beat for beat in beats if not beat.is_empty]
+        if changed:
+            self.gmanager.apply_all(changed)
+
+    # -- failures ------------------------------------------------------------------------
+
+    def fail_instances(self, dead: list[int], plan: StepPlan) -> list[Request]:
+        """Instances died with their KV during ``plan``: every request that had its home
+        or any rBlock there starts over from its tokens on the survivors, or ends with an
+        error when they cannot hold it (returned). The runners may have lost the plan and
+        their tables: the next plan says again what ended, announces every live request
+        and resends every table whole."""
+        self._finished += plan.finished
+        failed = []
+        for instance in dead:
+            affected = self._remove_instance(instance)
+            logger.warning(
+                "instance %d died; %d request(s) had KV or their home there", instance, len(affected)
+            )
+            for request in affected:
+                if self.alive_instances and request.max_total_tokens <= self.max_request_tokens:
+                    self._enqueue(request)  # recomputed from its tokens on a survivor
+                    continue
+                request.status = RequestStatus.FINISHED
+                request.finish_reason = "error"
+                request.error = (
+                    f"instance {instance} died holding this request's KV, and the surviving "
+                    f"instances can hold at most {self.max_request_tokens} tokens for one "
+                    f"request (it needs {request.max_total_tokens})"
+                )
+                self._forget(request)
+                failed.append(request)
+        for request in self.requests.values():
+            request.block_table.resync()
+            self._new[request.request_id] = NewRequest(request.request_id, request.params)
+        return failed
+
+    def _remove_instance(self, dead: int) -> list[Request]:
+        """Unqueue every request whose home or any rBlock was on ``dead`` (all blocks
+        back, progress lost) and take the instance out of the ledger."""
+        affected = [
+            r for r in self.requests.values()
+            if r.home == dead or dead in r.block_table.owners()
+        ]
+        for request in affected:
+            self.instances[request.home].scheduler.unqueue(request)
+            self.load.remove(request)
+        self.dead.add(dead)
+        self.heartbeat()
+        self.gmanager.remove(dead)
+        self._max_request_blocks = self.gmanager.max_request_blocks()
+        return affected
+
+    # -- what it looks like from outside ----------------------------------------------------
+
+    @property
+    def num_preemptions(self) -> int:
+        return sum(inst.scheduler.num_preemptions for inst in self.instances)
+
+    def ledger(self) -> Ledger:
+        """The gManager's ledger as of the last heartbeat; reading it changes nothing."""
+        return self.gmanager.ledger()
+
+    def snapshot(self) -> ClusterSnapshot:
+        """An immutable picture: every instance's blocks, the ledger, every request's
+        home and blocks per owner. Reading it changes nothing."""
+        instances = tuple(
+            InstanceSnapshot(
+                instance_id=inst.instance_id,
+                alive=inst.instance_id not in self.dead,
+                capacity=inst.rmanager.capacity,
+                free=inst.rmanager.num_free,
+                used=inst.rmanager.num_used,
+                lent=inst.rmanager.num_lent,
+                borrowed=sum(inst.rmanager.borrowed_from.values()),
+                running=len(inst.scheduler.running),
+                waiting=len(inst.scheduler.waiting),
+                preemptions=inst.scheduler.num_preemptions,
+            )
+            for inst in self.instances
+        )
+        requests = tuple(
+            RequestSnapshot(
+                request_id=r.request_id,
+                home=r.home,
+                status=r.status.value,
+                num_tokens=r.num_tokens,
+                num_computed_tokens=r.num_computed_tokens,
+                blocks=tuple(sorted(r.block_table.blocks_by_owner().items())),
+            )
+            for r in self.requests.values()
+        )
+        return ClusterSnapshot(
+            self.block_size, self.max_request_tokens, instances, requests, self.ledger()
+        )
+
+    def check_integrity(self) -> None:
+        """Every pool sound; every (owner, block) held by exactly one live request or free;
+        each instance's used + lent equals what the requests' tables place on it; the
+        ledger balances; the requests known are those queued on the live instances."""
+        held: dict[int, list[int]] = {inst.instance_id: [] for inst in self.instances}
+        queued = 0
+        for inst in self.alive_instances:
+            inst.rmanager.check_integrity()
+            for request in [*inst.scheduler.running, *inst.scheduler.waiting]:
+                queued += 1
+                assert self.requests.get(request.request_id) is request, (
+                    f"request {request.request_id!r} is queued but not known"
+                )
+                for rb in request.block_table.rblocks:
+                    held[rb.owner].extend(rb.block_ids)
+        assert queued == len(self.requests), "a known request is queued nowhere"
+        for inst in self.alive_instances:
+            ids = held[inst.instance_id]
+            assert len(ids) == len(set(ids)), f"instance {inst.instance_id}: a block has two holders"
+            rm = inst.rmanager
+            assert len(ids) == rm.num_used + rm.num_lent, (
+                f"instance {inst.instance_id}: tables hold {len(ids)} blocks, "
+                f"used {rm.num_used} + lent {rm.num_lent}"
+            )
+        self.ledger().check_balanced()

@@ -1,0 +1,77 @@
+"""What the cluster looks like from outside, as immutable values: every instance's
+blocks, the gManager's debt ledger, and per request its home and how many blocks each
+owner holds. The server, metrics and benchmarks read these, never the internals. No torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from infinite_llm.memory.gmanager import Ledger
+
+
+@dataclass(frozen=True)
+class InstanceSnapshot:
+    instance_id: int
+    alive: bool
+    capacity: int  # blocks
+    free: int
+    used: int  # this instance's requests' KV, here
+    lent: int  # remote debtors' KV, here
+    borrowed: int  # this instance's requests' KV, on creditors
+    running: int
+    waiting: int
+    preemptions: int
+
+
+@dataclass(frozen=True)
+class RequestSnapshot:
+    request_id: str
+    home: int
+    status: str  # waiting | running
+    num_tokens: int
+    num_computed_tokens: int
+    blocks: tuple[tuple[int, int], ...]  # (owner, blocks of this request it holds)
+
+    @property
+    def owners(self) -> tuple[int, ...]:
+        return tuple(owner for owner, _ in self.blocks)
+
+
+@dataclass(frozen=True)
+class ClusterSnapshot:
+    block_size: int
+    max_request_tokens: int
+    instances: tuple[InstanceSnapshot, ...]
+    requests: tuple[RequestSnapshot, ...]  # every unfinished request
+    ledger: Ledger  # the gManager's view, as of the last heartbeat
+
+    @property
+    def running(self) -> int:
+        return sum(i.running for i in self.instances)
+
+    @property
+    def waiting(self) -> int:
+        return sum(i.waiting for i in self.instances)
+
+    @property
+    def num_preemptions(self) -> int:
+        return sum(i.preemptions for i in self.instances)
+
+    @property
+    def dead(self) -> list[int]:
+        return [i.instance_id for i in self.instances if not i.alive]
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of the live instances' blocks not free (0 to 1)."""
+        alive = [i for i in self.instances if i.alive]
+        capacity = sum(i.capacity for i in alive)
+        return 1.0 - sum(i.free for i in alive) / capacity if capacity else 1.0
+
+    @property
+    def pools_full(self) -> bool:
+        """Every live instance has every block free and nobody owes anybody."""
+        return self.ledger.total_debt == 0 and all(
+            i.free == i.capacity for i in self.instances if i.alive
+        )

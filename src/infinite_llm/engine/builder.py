@@ -1,0 +1,93 @@
+"""Assembling an engine from its config: the parts every backend shares, and the local
+backend (every instance in this process). The Ray backend's builder is
+``transport.ray.build_ray``; both end in ``assemble``."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+
+from infinite_llm.attention.kv_cache import KVCache, num_blocks_for
+from infinite_llm.config import EngineConfig
+from infinite_llm.core.cluster import Cluster
+from infinite_llm.core.step import Runner
+from infinite_llm.engine.device import torch_device, torch_dtype
+from infinite_llm.engine.engine import LLMEngine
+from infinite_llm.engine.host_memory import keep_freed_host_memory
+from infinite_llm.engine.model_runner import ModelRunner, build_model
+from infinite_llm.engine.sampler import Sampler
+from infinite_llm.memory.gmanager import GManager
+from infinite_llm.model.checkpoint import Checkpoint
+
+
+def resolve_model_len(config: EngineConfig, checkpoint: Checkpoint) -> EngineConfig:
+    """``max_model_len`` from the model's trained context when unset; beyond it only with
+    ``allow_long_context`` (and a warning)."""
+    trained = checkpoint.config.max_position_embeddings
+    max_model_len = config.scheduler.max_model_len or trained
+    if max_model_len > trained:
+        if not config.allow_long_context:
+            raise ValueError(
+                f"max_model_len={max_model_len} exceeds the model's trained context of "
+                f"{trained} tokens; pass allow_long_context=True to allow it anyway"
+            )
+        warnings.warn(
+            f"max_model_len={max_model_len} is beyond the trained context ({trained}); "
+            "outputs past it may degrade",
+            stacklevel=2,
+        )
+    return replace(config, scheduler=replace(config.scheduler, max_model_len=max_model_len))
+
+
+def blocks_per_instance(config: EngineConfig, checkpoint: Checkpoint, dtype: torch.dtype) -> int:
+    """How many KV blocks each instance's budget holds; none is refused."""
+    num_blocks = num_blocks_for(checkpoint.config, config.cache, dtype)
+    if num_blocks < 1:
+        raise ValueError(
+            f"kv_cache_memory={config.cache.kv_cache_memory} bytes holds no block of "
+            f"{config.cache.block_size} tokens for this model"
+        )
+    return num_blocks
+
+
+def assemble(
+    config: EngineConfig,
+    checkpoint: Checkpoint,
+    num_blocks: int,
+    runner: Runner,
+    gmanager: GManager | None = None,
+) -> LLMEngine:
+    """The bookkeeping for ``num_blocks`` per instance, and the engine over it and
+    ``runner``; ``gmanager``: the cluster's when it lives elsewhere (a Ray actor's proxy)."""
+    config = resolve_model_len(config, checkpoint)
+    cluster = Cluster(
+        num_blocks,
+        config.cache,
+        config.scheduler,
+        config.pooling,
+        config.parallel.instances,
+        eos_token_ids=checkpoint.config.eos_token_ids,
+        gmanager=gmanager if gmanager is not None else GManager(config=config.pooling),
+    )
+    return LLMEngine(config, checkpoint.config, checkpoint.tokenizer, cluster, runner)
+
+
+def build_local(config: EngineConfig, load: Callable[[], Checkpoint]) -> LLMEngine:
+    """Every instance in this process: one model, one KV cache per instance. A device
+    that is not there is refused before ``load`` reads any weight."""
+    device = torch_device(config.device)
+    dtype = torch_dtype(config.dtype, device)
+    checkpoint = load()
+    num_blocks = blocks_per_instance(config, checkpoint, dtype)
+    if device.type == "cpu":
+        keep_freed_host_memory()
+    model = build_model(checkpoint, dtype, device)
+    kv_caches = {
+        i: KVCache(checkpoint.config, num_blocks, config.cache.block_size, dtype, device)
+        for i in range(config.parallel.instances)
+    }
+    runner = ModelRunner(model, kv_caches, Sampler(config.seed))
+    return assemble(config, checkpoint, num_blocks, runner)
