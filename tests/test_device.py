@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from infinite_llm import LLM
-from infinite_llm.attention.dist import on_device
+from infinite_llm.attention.plan import on_device
 from infinite_llm.engine.device import torch_device, torch_dtype
 from infinite_llm.transport.collective import backend_for
 

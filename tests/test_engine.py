@@ -190,3 +190,22 @@ def test_abort_frees_blocks_and_returns_a_final_output(llm):
     assert final.finished and final.outputs[0].finish_reason == "abort"
     assert_pool_full(llm)
     assert engine.abort_request(request.request_id) is None
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_the_integrity_check_runs_whenever_the_engine_goes_idle(tiny_llama_dir, check):
+    """With check_integrity on (the whole suite runs so), a block leaked behind the
+    rManager's back is caught the moment the engine has no work left; off, it is not."""
+    llm = LLM(str(tiny_llama_dir), kv_cache_memory="1MiB", block_size=4, check_integrity=check)
+    assert llm.engine.config.check_integrity is check
+    llm.generate(prompts_of([5]), GREEDY, use_tqdm=False)  # sound: passes either way
+    llm.engine.cluster.instances[0].rmanager.pool.allocate(1)  # a leak
+    if check:
+        with pytest.raises(AssertionError, match="free .* != capacity"):
+            llm.generate(prompts_of([5]), GREEDY, use_tqdm=False)
+    else:
+        llm.generate(prompts_of([5]), GREEDY, use_tqdm=False)
+
+
+def test_the_suite_runs_with_the_integrity_check_on(llm):
+    assert llm.engine.config.check_integrity

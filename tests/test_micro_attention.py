@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from infinite_llm.attention.merge import merge
-from infinite_llm.attention.micro import KVRun, causal_attention, micro_attention
+from infinite_llm.attention.micro import MaskedRun, causal_attention, micro_attention
 
 
 def dense_reference(q, keys, values, q_pos, key_pos):
@@ -25,7 +25,7 @@ def dense_reference(q, keys, values, q_pos, key_pos):
 
 
 def make_run(table, kv_start, kv_len, q_pos, block_size, heads, kv_heads):
-    return KVRun.build(
+    return MaskedRun.build(
         table, torch.tensor(kv_start), torch.tensor(kv_len), q_pos,
         block_size, heads, kv_heads, torch.float32,
     )
@@ -162,7 +162,7 @@ def test_prefix_run_with_an_empty_sequence_is_the_merge_identity():
     g = torch.Generator().manual_seed(2)
     k_cache = torch.randn(6, 4, 1, 8, generator=g)
     v_cache = torch.randn(6, 4, 1, 8, generator=g)
-    run = KVRun.prefix(torch.tensor([[1, 2], [0, 0]]), torch.tensor([6, 0]), 4, torch.float32)
+    run = MaskedRun.prefix(torch.tensor([[1, 2], [0, 0]]), torch.tensor([6, 0]), 4, torch.float32)
     out, lse = micro_attention(torch.randn(2, 3, 2, 8, generator=g), k_cache, v_cache, run, 1.0)
     assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.isneginf(lse[1]).all()
     assert torch.isfinite(lse[0]).all()

@@ -14,8 +14,9 @@ The partial result over a subset of a sequence's keys is returned with its log-s
 so that partials over disjoint subsets merge exactly (see ``merge``). A query that sees
 no key at all gets ``out = 0`` and ``lse = -inf``: the identity of the merge.
 
-What a query may see is the same in every layer, so ``KVRun`` computes it once per step
-and each layer's call is a gather of the blocks plus one fused attention kernel.
+What a query may see is the same in every layer, so a run computes it once per step:
+a ``PagedRun`` (decodes: the paged kernel reads the blocks in place) or a ``MaskedRun``
+(a gather of the blocks plus one fused attention kernel under a mask).
 """
 
 from __future__ import annotations
@@ -28,23 +29,34 @@ from infinite_llm.kernels.cpu import paged_decode_attention
 
 
 @dataclass(frozen=True)
-class KVRun:
-    """Where each sequence's keys lie in a pool, and which of them each query may see."""
+class PagedRun:
+    """Every query of sequence b sees the first kv_len[b] (>= 0) slots of its blocks:
+    read in place by the paged CPU kernel, no gather, no mask (decodes, where
+    ``paged_decode_supported``)."""
 
     block_table: torch.Tensor  # (B, NB) int64
-    # (B, 1, group * Q or 1, NB * block_size): 0 where visible, -inf elsewhere;
-    # None for ``lengths`` runs, which the paged kernel attends without a mask.
-    mask: torch.Tensor | None
+    kv_len: torch.Tensor  # (B,)
+
+    def attend(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return paged_decode_attention(q, k_cache, v_cache, self.block_table, self.kv_len, scale)
+
+
+@dataclass(frozen=True)
+class MaskedRun:
+    """The blocks gathered end to end and attended under a mask of what each query sees."""
+
+    block_table: torch.Tensor  # (B, NB) int64
+    # (B, 1, group * Q or 1, NB * block_size): 0 where visible, -inf elsewhere
+    mask: torch.Tensor
     # Queries that see no key, broadcastable to (B, Q, H); None when there are none.
     empty: torch.Tensor | None
-    # (B,) every query of sequence b sees exactly its first kv_len[b] slots. With no mask,
-    # the paged kernel reads the blocks in place (decode); see ``lengths``.
-    kv_len: torch.Tensor | None = None
 
     @staticmethod
     def prefix(
         block_table: torch.Tensor, kv_len: torch.Tensor, block_size: int, dtype: torch.dtype
-    ) -> KVRun:
+    ) -> MaskedRun:
         """Every query of sequence b sees its first kv_len[b] (>= 0) slots: the history
         before a prompt chunk, or one owner's share of it. The mask covers keys only
         (B, 1, 1, T), whatever the chunk's length."""
@@ -53,14 +65,7 @@ class KVRun:
         mask = torch.zeros(hidden.shape, dtype=dtype).masked_fill_(hidden, -torch.inf)
         none = kv_len == 0
         empty = none[:, None, None] if bool(none.any()) else None
-        return KVRun(block_table, mask[:, None, None, :], empty, kv_len)
-
-    @staticmethod
-    def lengths(block_table: torch.Tensor, kv_len: torch.Tensor) -> KVRun:
-        """Every query of sequence b sees its first kv_len[b] (>= 0) slots, attended by
-        the paged CPU kernel without gathering the blocks or building a mask (the
-        caller checked ``paged_decode_supported``)."""
-        return KVRun(block_table, None, None, kv_len)
+        return MaskedRun(block_table, mask[:, None, None, :], empty)
 
     @staticmethod
     def build(
@@ -72,7 +77,7 @@ class KVRun:
         num_heads: int,
         num_kv_heads: int,
         dtype: torch.dtype,
-    ) -> KVRun:
+    ) -> MaskedRun:
         """block_table (B, NB); kv_start, kv_len (B,); q_pos (B, Q) absolute positions."""
         batch, num_q = q_pos.shape
         group = num_heads // num_kv_heads
@@ -80,14 +85,41 @@ class KVRun:
         visible = (slot[None, None, :] < kv_len[:, None, None]) & (
             kv_start[:, None, None] + slot[None, None, :] <= q_pos[:, :, None]
         )  # (B, Q, T)
-        # Query rows are ordered (group, Q) to match how micro_attention folds heads.
+        # Query rows are ordered (group, Q) to match how ``attend`` folds heads.
         rows = visible[:, None].expand(batch, group, num_q, slot.numel())
         mask = torch.zeros(rows.shape, dtype=dtype).masked_fill_(~rows, -torch.inf)
         sees_nothing = ~visible.any(dim=-1)  # (B, Q)
         empty = None
         if bool(sees_nothing.any()):
             empty = sees_nothing[:, :, None].expand(batch, num_q, num_heads)
-        return KVRun(block_table, mask.reshape(batch, 1, group * num_q, -1), empty)
+        return MaskedRun(block_table, mask.reshape(batch, 1, group * num_q, -1), empty)
+
+    def attend(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, num_q, num_heads, head_dim = q.shape
+        kv_heads = k_cache.shape[2]
+        group = num_heads // kv_heads
+        keys = gather_blocks(k_cache, self.block_table)  # (B, KVH, T, D)
+        values = gather_blocks(v_cache, self.block_table)
+        # Grouped-query attention without repeating K/V: the `group` query heads that
+        # share a KV head become extra query rows of that head. (B, KVH, group * Q, D)
+        qg = q.view(batch, num_q, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+        qg = qg.reshape(batch, kv_heads, group * num_q, head_dim)
+        out, lse = _attention_with_lse(qg, keys, values, self.mask, scale)
+        out = out.view(batch, kv_heads, group, num_q, head_dim).permute(0, 3, 1, 2, 4)
+        lse = lse.view(batch, kv_heads, group, num_q).permute(0, 3, 1, 2)
+        lse = lse.reshape(batch, num_q, num_heads)
+        out = out.reshape(batch, num_q, num_heads, head_dim)
+        if self.empty is not None:
+            # The kernel reports lse = 0 for a row with no visible key; the merge needs
+            # -inf and an output of 0.
+            lse = lse.masked_fill(self.empty, -torch.inf)
+            out = out.masked_fill(self.empty[..., None], 0.0)
+        return out, lse
+
+
+KVRun = PagedRun | MaskedRun
 
 
 def gather_blocks(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
@@ -105,33 +137,10 @@ def gather_blocks(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tenso
 def micro_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, run: KVRun, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Partial attention of ``q`` (B, Q, H, D) over each sequence's blocks in one pool.
-
-    k_cache, v_cache: (num_blocks, block_size, KVH, D). Returns out (B, Q, H, D) in q's
-    dtype and lse (B, Q, H) in float32.
-    """
-    if run.mask is None:
-        return paged_decode_attention(q, k_cache, v_cache, run.block_table, run.kv_len, scale)
-    batch, num_q, num_heads, head_dim = q.shape
-    kv_heads = k_cache.shape[2]
-    group = num_heads // kv_heads
-    keys = gather_blocks(k_cache, run.block_table)  # (B, KVH, T, D)
-    values = gather_blocks(v_cache, run.block_table)
-    # Grouped-query attention without repeating K/V: the `group` query heads that share
-    # a KV head become extra query rows of that head. (B, KVH, group * Q, D)
-    qg = q.view(batch, num_q, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
-    qg = qg.reshape(batch, kv_heads, group * num_q, head_dim)
-    out, lse = _attention_with_lse(qg, keys, values, run.mask, scale)
-    out = out.view(batch, kv_heads, group, num_q, head_dim).permute(0, 3, 1, 2, 4)
-    lse = lse.view(batch, kv_heads, group, num_q).permute(0, 3, 1, 2)
-    lse = lse.reshape(batch, num_q, num_heads)
-    out = out.reshape(batch, num_q, num_heads, head_dim)
-    if run.empty is not None:
-        # The kernel reports lse = 0 for a row with no visible key; the merge needs -inf
-        # and an output of 0.
-        lse = lse.masked_fill(run.empty, -torch.inf)
-        out = out.masked_fill(run.empty[..., None], 0.0)
-    return out, lse
+    """Partial attention of ``q`` (B, Q, H, D) over each sequence's blocks in one pool,
+    the way ``run``'s type says. k_cache, v_cache: (num_blocks, block_size, KVH, D).
+    Returns out (B, Q, H, D) in q's dtype and lse (B, Q, H) in float32."""
+    return run.attend(q, k_cache, v_cache, scale)
 
 
 def causal_attention(

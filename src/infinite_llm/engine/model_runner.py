@@ -7,15 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from infinite_llm.attention.dist import (
-    AttentionBatch,
-    DistAttention,
-    KVLayout,
-    KVWrites,
-    SeqSpan,
-    build_batches,
-)
+from infinite_llm.attention.dist import DistAttention
 from infinite_llm.attention.kv_cache import KVCache
+from infinite_llm.attention.plan import AttentionPlan, KVLayout, SeqSpan
 from infinite_llm.attention.tables import KVTables
 from infinite_llm.core.step import Chunk, StepPlan, StepResult
 from infinite_llm.engine.sampler import Sampler
@@ -70,7 +64,7 @@ class ModelRunner:
     def forward(self, chunks: tuple[Chunk, ...]) -> torch.Tensor:
         """Final hidden states (N, hidden) of the chunks' tokens, chunk after chunk."""
         step = StepInputs.build(chunks, self.tables, self.layout)
-        attend = DistAttention(self.kv_caches, step.writes, step.batches, self.scale)
+        attend = DistAttention(step.attention, self.kv_caches, self.scale)
         return self.model(step.input_ids, step.positions, attend)
 
     def shutdown(self) -> None:
@@ -83,8 +77,7 @@ class StepInputs:
 
     input_ids: torch.Tensor  # (N,) the chunks' tokens, flattened in order
     positions: torch.Tensor  # (N,)
-    writes: KVWrites
-    batches: list[AttentionBatch]
+    attention: AttentionPlan
 
     @staticmethod
     def build(chunks: Sequence[Chunk], tables: KVTables, layout: KVLayout) -> StepInputs:
@@ -92,8 +85,7 @@ class StepInputs:
         return StepInputs(
             input_ids.to(layout.device),
             positions.to(layout.device),
-            KVWrites.build(spans, positions, layout.block_size, layout.device),
-            build_batches(spans, layout),
+            AttentionPlan.build(spans, positions, layout),
         )
 
 

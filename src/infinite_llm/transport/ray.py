@@ -41,8 +41,9 @@ import ray
 import torch
 import torch.distributed as dist
 
-from infinite_llm.attention.dist import DistAttention, KVLayout, KVWrites
-from infinite_llm.attention.exchange import ExchangeAttention, InstanceStep, Shapes
+from infinite_llm.attention.dist import DistAttention
+from infinite_llm.attention.exchange import Exchanged, Shapes
+from infinite_llm.attention.plan import NO_ATTENTION, KVLayout
 from infinite_llm.attention.kv_cache import KVCache
 from infinite_llm.attention.tables import KVTables
 from infinite_llm.config import EngineConfig, PoolingConfig, RayConfig
@@ -150,26 +151,24 @@ class InstanceActor:
         crosses = any(
             owner != c.home for c in plan.chunks for owner in self.tables[c.request_id].by_owner
         )
+        pools = {self.rank: self.kv_cache}
         if not crosses:
             if not mine:
                 return None
             step = StepInputs.build(mine, self.tables, self.layout)
-            attend = DistAttention({self.rank: self.kv_cache}, step.writes, step.batches, self.scale)
+            attend = DistAttention(step.attention, pools, self.scale)
             return self._logits(self.model(step.input_ids, step.positions, attend), mine)
         # Every instance derives every home's share of the step, so each knows what the
         # exchanges will carry.
         inputs = {}
-        steps = {}
         for home in self.alive:
             chunks = [c for c in plan.chunks if c.home == home]
             if chunks:
                 inputs[home] = StepInputs.build(chunks, self.tables, self.layout)
-                steps[home] = InstanceStep(inputs[home].batches, inputs[home].writes)
-            else:
-                steps[home] = InstanceStep([], KVWrites(()))
-        attend = ExchangeAttention(
-            self.rank, self.kv_cache, steps, self.exchange, self.shapes, self.scale
-        )
+        plans = {home: inputs[home].attention if home in inputs else NO_ATTENTION
+                 for home in self.alive}
+        remote = Exchanged(self.rank, self.kv_cache, plans, self.exchange, self.shapes, self.scale)
+        attend = DistAttention(plans[self.rank], pools, self.scale, remote)
         if not mine:
             for layer in range(self.model.config.num_hidden_layers):
                 attend.serve(layer)
