@@ -209,3 +209,15 @@ def test_the_integrity_check_runs_whenever_the_engine_goes_idle(tiny_llama_dir, 
 
 def test_the_suite_runs_with_the_integrity_check_on(llm):
     assert llm.engine.config.check_integrity
+
+
+def test_the_runner_lets_go_of_ended_requests_through_the_plans(llm):
+    """A runner keeps each request's table and sampling state until a plan says it
+    ended: the step after the last one leaves it holding nothing. A request aborted
+    before it was ever scheduled is never announced to it at all."""
+    runner, engine = llm.engine.runner, llm.engine
+    llm.generate(prompts_of([5, 9, 30], seed=11), GREEDY, use_tqdm=False)
+    assert len(runner.tables) > 0 and runner.sampler.num_requests > 0
+    engine.abort_request(engine.add_request(prompts_of([4])[0], GREEDY).request_id)
+    engine.step()
+    assert len(runner.tables) == 0 and runner.sampler.num_requests == 0

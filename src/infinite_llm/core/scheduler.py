@@ -48,7 +48,7 @@ class Scheduler:
         config: SchedulerConfig,
         memory: RManager,
         block_size: int,
-        arbiter: Arbiter | None = None,
+        arbiter: Arbiter,
     ) -> None:
         self.config = config
         self.memory = memory
@@ -86,7 +86,7 @@ class Scheduler:
             and self.waiting
             and budget > 0
             and len(self.running) < self.config.max_num_seqs
-            and (self.arbiter is None or self.arbiter.admission_open())
+            and self.arbiter.admission_open()
         ):
             request = self.waiting[0]
             n = min(request.num_tokens - request.num_computed_tokens, budget)
@@ -130,9 +130,8 @@ class Scheduler:
         may first free a newer request elsewhere (``arbiter.preempt_newer``), so the
         oldest work always advances; only when there is none does it preempt itself."""
         while not self._grow(request, n):
-            if self.running[-1] is request and self.arbiter is not None:
-                if self.arbiter.preempt_newer(request):
-                    continue
+            if self.running[-1] is request and self.arbiter.preempt_newer(request):
+                continue
             victim = self.running.pop()
             self._preempt(victim)
             preempted.append(victim)

@@ -73,11 +73,6 @@ class StepPlan:
     def num_tokens(self) -> int:
         return sum(c.num_tokens for c in self.chunks)
 
-    @property
-    def is_empty(self) -> bool:
-        return not (self.chunks or self.tables or self.new_requests or self.preempted
-                    or self.finished or self.moves)
-
 
 def encode_plan(plan: StepPlan) -> bytes:
     """A plan as the instance processes receive it: without the sampling params (the

@@ -79,8 +79,6 @@ class LLMEngine:
     ) -> Request:
         """Validate and queue a request; raises ValueError and changes nothing if it is bad."""
         request_id = request_id if request_id is not None else str(next(self._ids))
-        if request_id in self.cluster.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
         text, token_ids = self._tokenize(prompt)
         max_tokens = self._check_lengths(len(token_ids), params)
         vocab = self.model_config.vocab_size

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 import socket
+import time
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -122,10 +122,6 @@ class InstanceActor:
 
     def heartbeat(self) -> int:
         return self.rank
-
-    def num_tables(self) -> int:
-        """Block tables this actor keeps (requests scheduled and not yet ended)."""
-        return len(self.tables)
 
     def exchange_latency(self, floats_per_peer: int, repeats: int) -> float:
         """Seconds per all-to-all of ``floats_per_peer`` to every peer (every instance must
@@ -304,10 +300,6 @@ class RayRunner:
             return StepResult()
         logits = torch.stack([logits_of[c.request_id] for c in sampled])
         return self.sampler.sample(logits, sampled)
-
-    def num_tables(self) -> dict[int, int]:
-        """Block tables each actor keeps, by instance id."""
-        return dict(zip(self.actors, ray.get([a.num_tables.remote() for a in self.actors.values()])))
 
     def exchange_latency(self, floats_per_peer: int, repeats: int = 200) -> float:
         """Mean seconds of one all-to-all among the actors (see InstanceActor)."""
