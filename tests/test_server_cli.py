@@ -148,6 +148,12 @@ def test_every_default_is_stated_once_in_the_config():
         assert options == {name: option_default(name) for name in _ENGINE_FLAGS}
         assert EngineConfig.from_options("m", **options) == EngineConfig("m")
     assert EngineConfig("m").scheduler.max_num_batched_tokens == 8192
+    from infinite_llm.config import ServerConfig
+
+    args = build_parser().parse_args(["serve", "m"])
+    assert (args.host, args.port, args.uvicorn_log_level, args.drain_timeout) == (
+        ServerConfig.host, ServerConfig.port, ServerConfig.log_level, ServerConfig.drain_timeout)
+    assert parse_memory_size(args.max_body_size) == ServerConfig.max_body_bytes
     with pytest.raises(TypeError, match="unknown option.*kv_cache_mem\\b"):
         EngineConfig.from_options("m", kv_cache_mem="1GiB")
     with pytest.raises(ValueError, match="backend must be one of"):

@@ -6,7 +6,13 @@ import argparse
 import logging
 import sys
 
-from infinite_llm.config import BACKENDS, format_memory_size, option_default
+from infinite_llm.config import (
+    BACKENDS,
+    ServerConfig,
+    format_memory_size,
+    option_default,
+    parse_memory_size,
+)
 
 _MODEL_HELP = "built-in name (smollm2), a .gguf file or a Hugging Face model directory"
 
@@ -83,8 +89,12 @@ _ENGINE_FLAGS = (
 
 def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server")
-    group.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    group.add_argument("--port", type=int, default=8000, help="port to bind (default: %(default)s)")
+    group.add_argument(
+        "--host", default=ServerConfig.host, help="address to bind (default: %(default)s)"
+    )
+    group.add_argument(
+        "--port", type=int, default=ServerConfig.port, help="port to bind (default: %(default)s)"
+    )
     group.add_argument(
         "--served-model-name", nargs="+", default=None,
         help="model name(s) clients ask for; the first is reported (default: MODEL)",
@@ -94,16 +104,16 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
         help="require 'Authorization: Bearer KEY' on /v1, /tokenize and /detokenize",
     )
     group.add_argument(
-        "--max-body-size", default="16MiB",
+        "--max-body-size", default=format_memory_size(ServerConfig.max_body_bytes),
         help="larger request bodies get 413, bytes or e.g. 1MiB (default: %(default)s)",
     )
     group.add_argument(
-        "--drain-timeout", type=float, default=30.0,
+        "--drain-timeout", type=float, default=ServerConfig.drain_timeout,
         help="seconds SIGTERM waits for in-flight requests before aborting them "
         "(default: %(default)s)",
     )
     group.add_argument(
-        "--uvicorn-log-level", default="info",
+        "--uvicorn-log-level", default=ServerConfig.log_level,
         choices=["critical", "error", "warning", "info", "debug", "trace"],
         help="uvicorn's log level (default: %(default)s)",
     )
@@ -173,25 +183,24 @@ def _build_llm(args: argparse.Namespace):
 
 def _serve(args: argparse.Namespace) -> int:
     try:
-        from infinite_llm.server import ServerConfig, run_server
+        from infinite_llm.server import run_server
     except ImportError as error:
         raise SystemExit(
             "infinite-llm serve needs the server extra: "
             f"pip install 'infinite-llm[server]' ({error})"
         ) from error
-    from infinite_llm.config import parse_memory_size
-
     # Cheap checks first, so a typo fails before the model loads.
     config = ServerConfig(
         served_model_names=tuple(args.served_model_name or [args.model]),
+        host=args.host,
+        port=args.port,
+        log_level=args.uvicorn_log_level,
         model_path=args.model,
         api_key=args.api_key,
         max_body_bytes=parse_memory_size(args.max_body_size),
         drain_timeout=args.drain_timeout,
     )
-    return run_server(
-        _build_llm(args), config, host=args.host, port=args.port, log_level=args.uvicorn_log_level
-    )
+    return run_server(_build_llm(args), config)
 
 
 def _generate(args: argparse.Namespace) -> int:

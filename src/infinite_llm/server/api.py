@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from infinite_llm.server import protocol as p
 from infinite_llm.server.cluster_view import cluster_json
-from infinite_llm.server.config import ServerConfig
+from infinite_llm.config import ServerConfig
 from infinite_llm.server.engine_loop import EngineLoop
 from infinite_llm.server.errors import ApiError, error_body, install_error_handlers
 from infinite_llm.server.generation import Generation, Limits

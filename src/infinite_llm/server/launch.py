@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from infinite_llm.server.api import ServerState, build_app
-from infinite_llm.server.config import ServerConfig
+from infinite_llm.config import ServerConfig
 
 if TYPE_CHECKING:
     from infinite_llm.llm import LLM
@@ -53,10 +53,7 @@ class _DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def run_server(
-    llm: LLM, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
-    log_level: str = "info",
-) -> int:
+def run_server(llm: LLM, config: ServerConfig) -> int:
     app = build_app(llm, config)
     state: ServerState = app.state.server
     view = state.loop.view
@@ -67,9 +64,9 @@ def run_server(
         per_instance, len(view.instances), per_instance * len(view.instances),
         view.max_request_tokens, state.limits.max_model_len,
     )
-    logger.info("serving %s on http://%s:%d", config.model_name, host, port)
+    logger.info("serving %s on http://%s:%d", config.model_name, config.host, config.port)
     server = _DrainingServer(
-        uvicorn.Config(app, host=host, port=port, log_level=log_level,
+        uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
                        timeout_graceful_shutdown=5, lifespan="on"),
         state,
     )
