@@ -88,7 +88,7 @@ def test_the_runners_copy_follows_every_change(operations, rng):
             continue
         mirror = runner["r"]
         assert mirror.num_blocks == table.num_blocks
-        assert {o: ids for o, ids in mirror.by_owner.items()} == {
+        assert {o: list(ids) for o, ids in mirror.by_owner.items()} == {
             o: table.physical_ids(o) for o in table.owners()}
         owners, ids = mirror.blocks(0, table.num_blocks)
         assert [(o, i) for o, i in zip(owners, ids)] == [

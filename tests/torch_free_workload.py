@@ -51,7 +51,8 @@ class FakeRunner:
             table = self.cluster.requests[chunk.request_id].block_table
             mirror = self.tables[chunk.request_id]
             assert mirror.num_blocks == table.num_blocks
-            assert mirror.by_owner == {o: table.physical_ids(o) for o in table.owners()}
+            assert {o: list(ids) for o, ids in mirror.by_owner.items()} == {
+                o: table.physical_ids(o) for o in table.owners()}
             assert mirror.num_blocks * BLOCK >= chunk.first_pos + chunk.num_tokens
             if chunk.sample:
                 position = chunk.first_pos + chunk.num_tokens

@@ -21,10 +21,12 @@ No Python loop runs over sequences inside a layer.
 from __future__ import annotations
 
 import math
+from array import array
 from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import TypeVar
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from infinite_llm.attention.micro import KVRun, MaskedRun, PagedRun
 from infinite_llm.attention.tables import KVTable
@@ -135,6 +137,14 @@ def _pad(rows: list[list[int]], fill: int = 0) -> torch.Tensor:
     return torch.tensor([r + [fill] * (width - len(r)) for r in rows], dtype=torch.int64)
 
 
+def _block_ids(ids: array) -> torch.Tensor:
+    """One sequence's block ids on one owner as an int64 tensor: a copy of the buffer,
+    however many blocks the context holds."""
+    if not ids:
+        return torch.zeros(0, dtype=torch.int64)
+    return torch.frombuffer(ids, dtype=torch.int64).clone()
+
+
 def _parts(
     spans: list[SeqSpan], limits: list[int], layout: KVLayout, paged: bool
 ) -> tuple[Part, ...]:
@@ -142,8 +152,9 @@ def _parts(
     owned = [s.table.owned_below(limit, layout.block_size) for s, limit in zip(spans, limits)]
     parts = []
     for owner in sorted({o for per_span in owned for o in per_span}):
-        tables = [per_span.get(owner, ([], 0)) for per_span in owned]
-        table = _pad([ids for ids, _ in tables])
+        tables = [per_span.get(owner, (array("q"), 0)) for per_span in owned]
+        rows = [_block_ids(ids) for ids, _ in tables]
+        table = rows[0][None] if len(rows) == 1 else pad_sequence(rows, batch_first=True)
         kv_len = torch.tensor([n for _, n in tables])
         if paged:
             run: KVRun = PagedRun(table, kv_len)

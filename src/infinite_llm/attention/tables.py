@@ -2,11 +2,14 @@
 plans' ``TableUpdate``s (only what changed crosses to the runner, never a whole table
 again), and read each step for where every sequence's KV lives.
 
-The in-process runner and every Ray instance actor keep one each. Integer ids only.
+The in-process runner and every Ray instance actor keep one each. Integer ids only, in
+``array('q')`` per (request, owner): appended to in place, and read by the attention
+plan as one int64 buffer (a memcpy, not a Python loop, however long the context).
 """
 
 from __future__ import annotations
 
+from array import array
 from bisect import bisect_right
 
 from infinite_llm.core.step import StepPlan
@@ -20,7 +23,7 @@ class KVTable:
         self.owners: list[int] = []  # per run
         self.starts: list[int] = []  # first logical block of each run
         self.counts: list[int] = []  # blocks in each run
-        self.by_owner: dict[int, list[int]] = {}  # owner -> physical ids, logical order
+        self.by_owner: dict[int, array] = {}  # owner -> physical ids (int64), logical order
         self.num_blocks = 0
 
     def apply(self, update: TableUpdate) -> None:
@@ -38,7 +41,7 @@ class KVTable:
                 self.owners.append(rb.owner)
                 self.starts.append(rb.first_block)
                 self.counts.append(rb.num_blocks)
-            self.by_owner.setdefault(rb.owner, []).extend(rb.block_ids)
+            self.by_owner.setdefault(rb.owner, array("q")).extend(rb.block_ids)
             self.num_blocks += rb.num_blocks
 
     def _truncate(self, start: int) -> None:
@@ -56,7 +59,7 @@ class KVTable:
                 self.counts[-1] -= drop
         self.num_blocks = min(self.num_blocks, start)
 
-    def owned_below(self, limit: int, block_size: int) -> dict[int, tuple[list[int], int]]:
+    def owned_below(self, limit: int, block_size: int) -> dict[int, tuple[array, int]]:
         """owner -> (its physical blocks of this request in logical order, how many of
         their slots hold positions < limit). An owner's blocks hold the positions below
         any limit as a prefix of their slots, so one count says what is visible."""
