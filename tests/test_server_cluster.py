@@ -246,6 +246,11 @@ def test_a_request_larger_than_one_instance_borrows_and_returns_every_block(serv
     view = asyncio.run(asyncio.wait_for(main(), timeout=60))
     assert sum(i["lent"] for i in view["instances"]) > 0
     assert sum(i["borrowed"] for i in view["instances"]) == view["ledger"]["total_debt"] > 0
+    # The request itself: its home, and how many of its blocks each instance holds.
+    (request,) = view["requests"]
+    assert set(request["blocks"]) == {"0", "1"} and request["num_tokens"] > 700
+    # Between steps its blocks hold exactly the tokens it has computed (16 per block).
+    assert sum(request["blocks"].values()) == -(-request["num_computed_tokens"] // 16)
     server.wait_idle(within=1.0)
 
 

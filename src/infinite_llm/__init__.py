@@ -6,9 +6,9 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from infinite_llm.llm import LLM
-    from infinite_llm.engine.outputs import CompletionOutput, RequestOutput
     from infinite_llm.core.sampling_params import SamplingParams
+    from infinite_llm.engine.outputs import CompletionOutput, RequestOutput
+    from infinite_llm.llm import LLM
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
 __version__ = "0.1.0"

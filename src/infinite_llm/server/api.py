@@ -15,9 +15,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from infinite_llm.config import ServerConfig
 from infinite_llm.server import protocol as p
 from infinite_llm.server.cluster_view import cluster_json
-from infinite_llm.config import ServerConfig
 from infinite_llm.server.engine_loop import EngineLoop
 from infinite_llm.server.errors import ApiError, error_body, install_error_handlers
 from infinite_llm.server.generation import Generation, Limits

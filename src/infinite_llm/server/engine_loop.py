@@ -21,9 +21,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from infinite_llm.engine.outputs import RequestOutput
 from infinite_llm.core.sampling_params import SamplingParams
 from infinite_llm.core.snapshot import ClusterSnapshot
+from infinite_llm.engine.outputs import RequestOutput
 from infinite_llm.server.metrics import RequestTimes
 
 if TYPE_CHECKING:

@@ -20,8 +20,8 @@ from fastapi import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from infinite_llm.engine.outputs import CompletionOutput, RequestOutput
 from infinite_llm.core.sampling_params import SamplingParams
+from infinite_llm.engine.outputs import CompletionOutput, RequestOutput
 from infinite_llm.server import protocol as p
 from infinite_llm.server.engine_loop import EngineDeadError, EngineLoop, EngineRequest, RequestGroup
 from infinite_llm.server.errors import ApiError, error_body

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
-from infinite_llm.server.api import ServerState, build_app
 from infinite_llm.config import ServerConfig
+from infinite_llm.server.api import ServerState, build_app
 
 if TYPE_CHECKING:
     from infinite_llm.llm import LLM

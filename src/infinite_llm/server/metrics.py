@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from infinite_llm.engine.outputs import RequestOutput
 from infinite_llm.core.snapshot import ClusterSnapshot
+from infinite_llm.engine.outputs import RequestOutput
 
 PREFIX = "infinite_llm:"
 _LATENCY_BUCKETS = (

@@ -43,8 +43,8 @@ import torch.distributed as dist
 
 from infinite_llm.attention.dist import DistAttention
 from infinite_llm.attention.exchange import Exchanged, Shapes
-from infinite_llm.attention.plan import NO_ATTENTION, KVLayout
 from infinite_llm.attention.kv_cache import KVCache
+from infinite_llm.attention.plan import NO_ATTENTION, KVLayout
 from infinite_llm.attention.tables import KVTables
 from infinite_llm.config import EngineConfig, PoolingConfig, RayConfig
 from infinite_llm.core.step import InstanceFailure, StepPlan, StepResult, decode_plan, encode_plan
