@@ -83,3 +83,20 @@ def smollm2_llm(smollm2_path):
     from infinite_llm import LLM
 
     return LLM("smollm2", kv_cache_memory="256MiB", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def alone_tokens(tiny_llama_dir):
+    """Greedy tokens of the tiny Llama with all KV local on one instance that holds
+    everything: the reference that placement and migration must not change."""
+    from test_cluster import GREEDY, tiny_cluster
+
+    from infinite_llm import SamplingParams
+
+    llm = tiny_cluster(tiny_llama_dir, 1, 400)
+
+    def run(prompts, max_tokens):
+        params = SamplingParams(max_tokens=max_tokens, **GREEDY)
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    return run

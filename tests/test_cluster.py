@@ -54,18 +54,6 @@ def assert_all_pools_full(engine: LLMEngine) -> None:
     assert not engine.requests
 
 
-@pytest.fixture(scope="module")
-def alone_tokens(tiny_llama_dir):
-    """Greedy tokens with all KV local on one instance that holds everything."""
-    llm = tiny_cluster(tiny_llama_dir, 1, 400)
-
-    def run(prompts, max_tokens):
-        params = SamplingParams(max_tokens=max_tokens, **GREEDY)
-        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-
-    return run
-
-
 @pytest.mark.parametrize("instances", [2, 3, 4])
 def test_kv_spread_over_instances_gives_the_same_greedy_tokens(tiny_llama_dir, alone_tokens, instances):
     # 8 blocks of 4 tokens per instance; the long prompt needs every instance.

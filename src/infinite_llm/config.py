@@ -142,6 +142,10 @@ class PoolingConfig:
     enabled: bool = True  # False: isolated instances that never lend or borrow
     max_lend_fraction: float = 0.5  # of capacity, lent out at most
     reserve_blocks: int = 0  # free blocks a lend must leave behind
+    # Live migration: KV tokens copied per step, cluster-wide (whole blocks, at least
+    # one), and how many steps a reservation on the target lives before it is let go.
+    migration_tokens_per_step: int = 16
+    migration_lease_steps: int = 64
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
@@ -154,6 +158,10 @@ class PoolingConfig:
             raise ValueError(f"reserve_blocks must be an int, got {self.reserve_blocks!r}")
         if self.reserve_blocks < 0:
             raise ValueError(f"reserve_blocks must be >= 0, got {self.reserve_blocks}")
+        for name in ("migration_tokens_per_step", "migration_lease_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -298,6 +306,7 @@ OPTIONS = {
     "max_missed_heartbeats": "parallel.ray.max_missed_heartbeats",
     "kv_pooling": "pooling.enabled",
     "max_lend_fraction": "pooling.max_lend_fraction",
+    "migration_tokens_per_step": "pooling.migration_tokens_per_step",
     "check_integrity": "check_integrity",
 }
 

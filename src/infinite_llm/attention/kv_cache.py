@@ -45,3 +45,11 @@ class KVCache:
         k_cache, v_cache = self.layer(layer)
         k_cache.view(-1, *k.shape[1:]).index_copy_(0, slots, k)
         v_cache.view(-1, *v.shape[1:]).index_copy_(0, slots, v)
+
+    def copy_blocks(self, source: KVCache, src_ids: list[int], dst_ids: list[int]) -> None:
+        """Blocks ``src_ids`` of ``source`` (every layer, K and V) into ``dst_ids`` here:
+        a live migration's copy between two pools of this process."""
+        src = torch.tensor(src_ids, dtype=torch.int64, device=source.k.device)
+        dst = torch.tensor(dst_ids, dtype=torch.int64, device=self.k.device)
+        self.k.index_copy_(1, dst, source.k.index_select(1, src).to(self.k.device))
+        self.v.index_copy_(1, dst, source.v.index_select(1, src).to(self.v.device))

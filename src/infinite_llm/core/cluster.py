@@ -20,6 +20,7 @@ from typing import Any
 from infinite_llm.config import CacheConfig, PoolingConfig, SchedulerConfig
 from infinite_llm.core.instance import Instance
 from infinite_llm.core.load import KVLoad
+from infinite_llm.core.migration import Migrator
 from infinite_llm.core.placement import LeastLoaded, Placement
 from infinite_llm.core.preemption import OldestFirst
 from infinite_llm.core.request import Request, RequestStatus
@@ -69,6 +70,10 @@ class Cluster:
             self.gmanager.register(i, num_blocks)
             sched = Scheduler(scheduler, rmanager, cache.block_size, arbiter=self.preemption)
             self.instances.append(Instance(i, rmanager, sched))
+        self.migrator = Migrator(
+            self.instances, cache.block_size, pooling.migration_tokens_per_step,
+            pooling.migration_lease_steps,
+        )
         # Depends only on which instances are registered: asked again when one leaves.
         self._max_request_blocks = self.gmanager.max_request_blocks()
         self.dead: set[int] = set()
@@ -120,6 +125,7 @@ class Cluster:
         """End a request on its home: every block, local and lent, goes back."""
         if request.finished:
             return
+        self.migrator.abort(request.request_id)
         self.instances[request.home].scheduler.finish(request, reason, stop_reason)
         self.load.remove(request)
         self._forget(request)
@@ -158,6 +164,9 @@ class Cluster:
         # A request preempted for an older one elsewhere may have been scheduled first.
         gone = {r.request_id for r in preempted}
         chunks = [c for c in chunks if c.request_id not in gone]
+        for request_id in gone:
+            self.migrator.abort(request_id)
+        moves = self.migrator.advance()
         tables = []
         for chunk in chunks:
             update = self.requests[chunk.request_id].block_table.take_update(chunk.request_id)
@@ -169,9 +178,22 @@ class Cluster:
             new_requests=tuple(self._new.values()),
             preempted=tuple(gone),
             finished=tuple(self._finished),
+            moves=tuple(moves),
         )
         self._new, self._finished = {}, []
         return plan
+
+    def migrate(self, request_id: str, first_block: int, count: int, target: int) -> bool:
+        """Start moving blocks ``first_block ..`` (``count`` of them, all on one other
+        instance) of a running request to ``target`` while it keeps decoding; the copies
+        ride on the next plans and the table switches when they are done. False when the
+        target refuses the reservation (its rManager's answer, not the gManager's view)."""
+        request = self.requests.get(request_id)
+        if request is None or request.status is not RequestStatus.RUNNING:
+            raise ValueError(f"request {request_id!r} is not running")
+        if target in self.dead or not 0 <= target < len(self.instances):
+            raise ValueError(f"instance {target} is not a live instance")
+        return self.migrator.start(request, first_block, count, target)
 
     def _preempt_elsewhere(self, request: Request) -> None:
         """Preempt ``request`` for an older one on another instance, and tell the gManager
@@ -224,9 +246,15 @@ class Cluster:
         their tables: the next plan says again what ended, announces every live request
         and resends every table whole."""
         self._finished += plan.finished
+        # Copies of the failed step may not have run: migrations start over (reserved
+        # blocks back), and a request whose table switched in that plan is recomputed.
+        switched = {m.request_id for m in plan.moves} - set(self.migrator.active)
+        for request_id in list(self.migrator.active):
+            self.migrator.abort(request_id, frozenset(dead))
         failed = []
         for instance in dead:
-            affected = self._remove_instance(instance)
+            affected = self._remove_instance(instance, switched)
+            switched = set()
             logger.warning(
                 "instance %d died; %d request(s) had KV or their home there", instance, len(affected)
             )
@@ -248,12 +276,12 @@ class Cluster:
             self._new[request.request_id] = NewRequest(request.request_id, request.params)
         return failed
 
-    def _remove_instance(self, dead: int) -> list[Request]:
-        """Unqueue every request whose home or any rBlock was on ``dead`` (all blocks
-        back, progress lost) and take the instance out of the ledger."""
+    def _remove_instance(self, dead: int, also: set[str] = frozenset()) -> list[Request]:
+        """Unqueue every request whose home or any rBlock was on ``dead``, and those in
+        ``also`` (all blocks back, progress lost); take the instance out of the ledger."""
         affected = [
             r for r in self.requests.values()
-            if r.home == dead or dead in r.block_table.owners()
+            if r.home == dead or dead in r.block_table.owners() or r.request_id in also
         ]
         for request in affected:
             self.instances[request.home].scheduler.unqueue(request)
@@ -312,6 +340,8 @@ class Cluster:
         each instance's used + lent equals what the requests' tables place on it; the
         ledger balances; the requests known are those queued on the live instances."""
         held: dict[int, list[int]] = {inst.instance_id: [] for inst in self.instances}
+        for target, ids in self.migrator.reserved():
+            held[target].extend(ids)
         queued = 0
         for inst in self.alive_instances:
             inst.rmanager.check_integrity()

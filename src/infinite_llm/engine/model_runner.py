@@ -51,10 +51,12 @@ class ModelRunner:
     def execute(self, plan: StepPlan) -> StepResult:
         """Apply the plan's changes, compute its tokens, sample for each chunk that
         reaches its request's end."""
-        if plan.moves:
-            raise NotImplementedError("this runner cannot move KV blocks yet")
         self.sampler.apply(plan)
         self.tables.apply(plan)
+        for move in plan.moves:  # before the step writes anything: see core/migration.py
+            self.kv_caches[move.dst].copy_blocks(
+                self.kv_caches[move.src], list(move.src_blocks), list(move.dst_blocks)
+            )
         if not plan.chunks:
             return StepResult()
         hidden = self.forward(plan.chunks)

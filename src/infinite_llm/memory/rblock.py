@@ -157,6 +157,18 @@ class BlockTable:
         """The runners lost their copy: the next update carries the whole table."""
         self._synced = 0
 
+    def rblocks_between(self, lo: int, hi: int) -> list[RBlock]:
+        """The runs covering logical blocks lo .. hi-1, clipped to them."""
+        out = []
+        k = max(0, bisect_right(self._starts, lo) - 1)
+        for o, s, ids in zip(self._owners[k:], self._starts[k:], self._ids[k:]):
+            if s >= hi:
+                break
+            a, b = max(lo, s), min(hi, s + len(ids))
+            if a < b:
+                out.append(RBlock(o, a, tuple(ids[a - s : b - s])))
+        return out
+
     def owners(self) -> set[int]:
         return set(self._owners)
 

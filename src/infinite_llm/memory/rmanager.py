@@ -21,7 +21,7 @@ from typing import Any, Callable, Protocol
 
 from infinite_llm.config import PoolingConfig
 from infinite_llm.memory.block_pool import BlockPool
-from infinite_llm.memory.rblock import BlockTable
+from infinite_llm.memory.rblock import BlockTable, RBlock
 
 Call = Callable[..., Any]
 
@@ -194,6 +194,48 @@ class RManager:
                 )
         self._give_back(request_id, [(self.instance_id, local), *groups.items()])
         table.clear()
+
+    # -- live migration (the home side) -------------------------------------------------
+
+    def reserve(self, request_id: str, target: int, n: int) -> list[int] | None:
+        """Reserve n blocks on ``target`` for moving some of ``request_id``'s KV there:
+        this pool when ``target`` is this instance (blocks coming home), else a lend
+        from ``target``, whose answer is the authority (the gManager's view may be
+        stale). All or nothing: None when ``target`` cannot give all n. Reserved blocks
+        count as used here / lent there at once, so the ledger balances throughout."""
+        if n <= 0:
+            raise ValueError(f"a reservation asks for at least one block, got {n}")
+        if target == self.instance_id:
+            if self.pool.num_free < n:
+                return None
+            ids = self.pool.allocate(n)
+            self._own.update(ids)
+            return ids
+        if not self.config.enabled:
+            return None
+        ids = self.call(target, "lend", self.instance_id, request_id, n)
+        if not ids:
+            return None
+        self._borrowed[target] += len(ids)
+        if len(ids) < n:  # a partial grant is no reservation: give it back
+            self._give_back(request_id, [(target, list(ids))])
+            return None
+        return list(ids)
+
+    def unreserve(
+        self, request_id: str, target: int, ids: list[int], target_alive: bool = True
+    ) -> None:
+        """A migration was aborted: its reserved blocks go back (a dead target's blocks
+        went with it: only this side's count is undone)."""
+        if target_alive:
+            self._give_back(request_id, [(target, list(ids))])
+        else:
+            self._borrowed[target] -= len(ids)
+
+    def free_moved(self, request_id: str, moved: list[RBlock]) -> None:
+        """A migration switched the table: the blocks the request left go back to their
+        owners (this pool, or the creditors that lent them)."""
+        self._give_back(request_id, [(rb.owner, list(rb.block_ids)) for rb in moved])
 
     def _give_back(self, request_id: str, grants: list[tuple[int, list[int]]]) -> None:
         for owner, ids in grants:

@@ -1,0 +1,143 @@
+"""Live KV migration: a run of one request's blocks moves to another instance while the
+request keeps decoding. A protocol over block ids, no torch:
+
+    start    reserve the blocks on the target (its rManager answers: the gManager's view
+             may be stale, and a refusal is simply re-planned later); from now on they
+             count as used there, so the ledger balances throughout
+    copy     each step, blocks whose KV is final (every slot computed) are copied, within
+             a per-step budget of tokens, by the runners before they compute the step
+    switch   when what is left fits the step's budget, the rest (the blocks still being
+             written included) is copied in the same plan that switches the table, so
+             the step's new k, v go to the new blocks; the old ones go back to their owner
+    abort    the request ended or was preempted, an instance died, or the lease ran out:
+             the reserved blocks go back and the table never changed
+
+Moves are carried by the step plan (``StepPlan.moves``) and run before the step's
+compute, so a block freed by a switch is read before anyone can write into it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from infinite_llm.core.instance import Instance
+from infinite_llm.core.request import Request
+from infinite_llm.core.step import BlockMove
+
+
+@dataclass
+class Migration:
+    """Blocks ``first_block .. first_block + count`` of ``request``, all on ``source``,
+    moving to ``target`` into ``reserved``."""
+
+    request: Request
+    source: int
+    target: int
+    first_block: int
+    source_ids: list[int]
+    reserved: list[int]
+    deadline: int  # the step after which the lease has run out
+    copied: int = 0  # blocks of the range copied so far (a prefix of it)
+
+    @property
+    def count(self) -> int:
+        return len(self.source_ids)
+
+
+class Migrator:
+    """The migrations in flight, advanced once per step within ``tokens_per_step``."""
+
+    def __init__(
+        self, instances: list[Instance], block_size: int, tokens_per_step: int, lease_steps: int
+    ) -> None:
+        self.instances = instances
+        self.block_size = block_size
+        # Blocks copied per step, cluster-wide: the budget in tokens, at least one block.
+        self.blocks_per_step = max(1, tokens_per_step // block_size)
+        self.lease_steps = lease_steps
+        self.active: dict[str, Migration] = {}  # by request id: one at a time per request
+        self.step = 0
+        self.moved_blocks = 0  # switched into place, since the start
+        self.aborted = 0
+
+    def start(self, request: Request, first_block: int, count: int, target: int) -> bool:
+        """Reserve ``count`` blocks on ``target`` for blocks ``first_block ..`` of
+        ``request`` (all on one other instance). False when ``target`` refuses."""
+        table = request.block_table
+        if request.request_id in self.active:
+            raise ValueError(f"request {request.request_id!r} is already migrating")
+        if count < 1 or first_block < 0 or first_block + count > table.num_blocks:
+            raise ValueError(
+                f"blocks {first_block}..{first_block + count} are not in the table of "
+                f"{table.num_blocks} blocks of request {request.request_id!r}"
+            )
+        runs = table.rblocks_between(first_block, first_block + count)
+        if len({rb.owner for rb in runs}) != 1:
+            raise ValueError("a migration moves blocks of one source instance")
+        source = runs[0].owner
+        if source == target:
+            raise ValueError(f"blocks {first_block}.. already live on instance {target}")
+        home = self.instances[request.home].rmanager
+        reserved = home.reserve(request.request_id, target, count)
+        if reserved is None:
+            return False
+        source_ids = [i for rb in runs for i in rb.block_ids]
+        self.active[request.request_id] = Migration(
+            request, source, target, first_block, source_ids, reserved,
+            deadline=self.step + self.lease_steps,
+        )
+        return True
+
+    def advance(self) -> list[BlockMove]:
+        """This step's copies, switching every migration whose rest fits the budget; runs
+        after the instances scheduled (so a switch is seen by this step's chunks)."""
+        self.step += 1
+        moves = []
+        budget = self.blocks_per_step
+        for m in list(self.active.values()):
+            if self.step > m.deadline:
+                self.abort(m.request.request_id)
+                continue
+            if budget <= 0:
+                break
+            left = m.count - m.copied
+            if left <= budget:
+                moves.append(self._copy(m, m.count))
+                budget -= left
+                self._switch(m)
+                continue
+            # Blocks whose every slot is computed hold final KV: they may go now.
+            final_kv = m.request.num_computed_tokens // self.block_size - m.first_block
+            final = min(max(m.copied, min(m.count, final_kv)), m.copied + budget)
+            if final > m.copied:
+                budget -= final - m.copied
+                moves.append(self._copy(m, final))
+        return moves
+
+    def _copy(self, m: Migration, end: int) -> BlockMove:
+        move = BlockMove(
+            m.request.request_id, m.source, tuple(m.source_ids[m.copied:end]),
+            m.target, tuple(m.reserved[m.copied:end]),
+        )
+        m.copied = end
+        return move
+
+    def _switch(self, m: Migration) -> None:
+        table = m.request.block_table
+        left = table.replace(m.first_block, m.target, m.reserved)
+        self.instances[m.request.home].rmanager.free_moved(m.request.request_id, left)
+        self.moved_blocks += m.count
+        del self.active[m.request.request_id]
+
+    def abort(self, request_id: str, dead: frozenset[int] = frozenset()) -> None:
+        """Give the reserved blocks back; the table never changed."""
+        m = self.active.pop(request_id, None)
+        if m is None:
+            return
+        home = self.instances[m.request.home].rmanager
+        home.unreserve(request_id, m.target, m.reserved, target_alive=m.target not in dead)
+        self.aborted += 1
+
+    def reserved(self) -> list[tuple[int, list[int]]]:
+        """(target, ids) of every reservation in flight, for the integrity check."""
+        return [(m.target, m.reserved) for m in self.active.values()]
