@@ -291,3 +291,32 @@ def test_survivors_with_a_gap_in_their_ids_still_exchange(tiny_llama_dir, local_
         assert engine.runner.exchange_latency(64, repeats=3) > 0  # the survivors' group
     finally:
         engine.runner.shutdown()
+
+
+def test_blocks_migrate_between_actors_mid_decode_and_tokens_do_not_change(
+    tiny_llama_dir, local_ray, alone_tokens
+):
+    """A run of blocks moves from one actor to another while its request decodes (the
+    blocks cross over the tensor group): the in-process tokens, pools full after."""
+    llm = LLM(
+        str(tiny_llama_dir), dtype="float32", kv_cache_memory=12 * TINY_BLOCK_BYTES,
+        block_size=BLOCK, instances=3, backend="ray", max_lend_fraction=1.0,
+        max_num_batched_tokens=32, migration_tokens_per_step=4,
+    )
+    engine = llm.engine
+    try:
+        prompt = random_prompts(1, 56, 57, 320, seed=5)[0]
+        request = engine.add_request(prompt, SamplingParams(max_tokens=24, **GREEDY))
+        while request.num_computed_tokens < 56:
+            engine.step()
+        (run,) = [rb for rb in request.block_table.rblocks if rb.owner != request.home]
+        target = 3 - run.owner
+        assert engine.cluster.migrate(request.request_id, run.first_block, run.num_blocks, target)
+        while engine.has_unfinished_requests():
+            engine.step()
+            engine.check_integrity()
+        assert engine.cluster.migrator.moved_blocks == run.num_blocks
+        assert request.output_token_ids == alone_tokens([prompt], 24)[0]
+        assert engine.snapshot().pools_full
+    finally:
+        llm.shutdown()

@@ -46,6 +46,25 @@ class KVCache:
         k_cache.view(-1, *k.shape[1:]).index_copy_(0, slots, k)
         v_cache.view(-1, *v.shape[1:]).index_copy_(0, slots, v)
 
+    def read_blocks(self, ids: list[int]) -> torch.Tensor:
+        """K then V of blocks ``ids`` over every layer, flat float32: what a migration
+        sends to another process."""
+        index = torch.tensor(ids, dtype=torch.int64, device=self.k.device)
+        return torch.cat([self.k.index_select(1, index).reshape(-1).float(),
+                          self.v.index_select(1, index).reshape(-1).float()])
+
+    def write_blocks(self, ids: list[int], flat: torch.Tensor) -> None:
+        """The inverse of ``read_blocks``: blocks ``ids`` from a flat buffer."""
+        index = torch.tensor(ids, dtype=torch.int64, device=self.k.device)
+        k, v = flat.to(self.k.device).view(2, self.k.shape[0], len(ids), *self.k.shape[2:])
+        self.k.index_copy_(1, index, k.to(self.k.dtype))
+        self.v.index_copy_(1, index, v.to(self.v.dtype))
+
+    def floats_per_block(self) -> int:
+        """Floats one block takes in ``read_blocks``' layout (K and V, every layer)."""
+        layers, _, block_size, heads, dim = self.k.shape
+        return 2 * layers * block_size * heads * dim
+
     def copy_blocks(self, source: KVCache, src_ids: list[int], dst_ids: list[int]) -> None:
         """Blocks ``src_ids`` of ``source`` (every layer, K and V) into ``dst_ids`` here:
         a live migration's copy between two pools of this process."""

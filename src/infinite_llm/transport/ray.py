@@ -47,7 +47,14 @@ from infinite_llm.attention.kv_cache import KVCache
 from infinite_llm.attention.plan import NO_ATTENTION, KVLayout
 from infinite_llm.attention.tables import KVTables
 from infinite_llm.config import EngineConfig, PoolingConfig, RayConfig
-from infinite_llm.core.step import InstanceFailure, StepPlan, StepResult, decode_plan, encode_plan
+from infinite_llm.core.step import (
+    BlockMove,
+    InstanceFailure,
+    StepPlan,
+    StepResult,
+    decode_plan,
+    encode_plan,
+)
 from infinite_llm.engine.builder import assemble, blocks_per_instance
 from infinite_llm.engine.device import torch_dtype
 from infinite_llm.engine.engine import LLMEngine
@@ -143,6 +150,8 @@ class InstanceActor:
         sample (in plan order)."""
         plan = decode_plan(encoded)
         self.tables.apply(plan)
+        if plan.moves:
+            self._move(plan.moves)
         mine = [c for c in plan.chunks if c.home == self.rank]
         crosses = any(
             owner != c.home for c in plan.chunks for owner in self.tables[c.request_id].by_owner
@@ -171,6 +180,30 @@ class InstanceActor:
             return None
         own = inputs[self.rank]
         return self._logits(self.model(own.input_ids, own.positions, attend), mine)
+
+    def _move(self, moves: tuple[BlockMove, ...]) -> None:
+        """A step's migration copies, before it computes anything: every actor sends the
+        blocks it is the source of to their targets in one all-to-all over the tensor
+        group (sizes known to all from the plan), and writes what it receives."""
+        position = {peer: n for n, peer in enumerate(self.alive)}
+        width = self.kv_cache.floats_per_block()
+        send: list[list[torch.Tensor]] = [[] for _ in self.alive]
+        sizes = [0] * len(self.alive)
+        for move in moves:
+            if move.src == self.rank:
+                send[position[move.dst]].append(self.kv_cache.read_blocks(list(move.src_blocks)))
+            if move.dst == self.rank:
+                sizes[position[move.src]] += width * len(move.dst_blocks)
+        received = self.exchange(
+            [torch.cat(parts) if parts else torch.empty(0) for parts in send], sizes
+        )
+        offsets = [0] * len(self.alive)
+        for move in moves:
+            if move.dst == self.rank:
+                n, buf = width * len(move.dst_blocks), received[position[move.src]]
+                start = offsets[position[move.src]]
+                self.kv_cache.write_blocks(list(move.dst_blocks), buf[start : start + n])
+                offsets[position[move.src]] += n
 
     def _logits(self, hidden: torch.Tensor, chunks) -> torch.Tensor | None:
         """The sampling chunks' logits, on the CPU: the driver samples and may have no GPU."""
@@ -263,10 +296,8 @@ class RayRunner:
         return InstanceFailure(dead)
 
     def execute(self, plan: StepPlan) -> StepResult:
-        if plan.moves:
-            raise NotImplementedError("the Ray runner cannot move KV blocks yet")
         self.sampler.apply(plan)  # in the driver: kept whatever becomes of the actors
-        if not (plan.chunks or plan.tables or plan.finished or plan.preempted):
+        if not (plan.chunks or plan.tables or plan.finished or plan.preempted or plan.moves):
             return StepResult()
         try:
             stuck = self._unresponsive()
