@@ -1,8 +1,9 @@
 """Random traffic on a small cluster: no block is ever lost or double-owned, debts balance.
 
 A hypothesis state machine drives 2-4 instances with pools of 3-12 blocks through
-allocations (new requests and growth), finishes, aborts, heartbeats and re-sorts, and
-checks the memory invariants after every step. Heartbeats are sent at random, so the
+allocations (new requests and growth), finishes, aborts, live migrations (reserve on a
+target, switch, abort or expire), heartbeats and re-sorts, and checks the memory
+invariants after every step. Heartbeats are sent at random, so the
 gManager's view is as stale as it is in a real cluster.
 """
 
@@ -45,6 +46,8 @@ class PooledCluster(RuleBasedStateMachine):
             self.gm.register(iid, capacity)
             self.managers[iid] = RManager(iid, BlockPool(capacity), config, self.gm, call)
         self.requests: dict[str, tuple[int, BlockTable]] = {}
+        # request -> (first block, target, reserved ids) of its migration in flight
+        self.migrations: dict[str, tuple[int, int, list[int]]] = {}
         self.next_id = 0
 
     def _counts(self):
@@ -78,9 +81,57 @@ class PooledCluster(RuleBasedStateMachine):
     @rule(pick=st.integers(0, 99))
     def finish(self, pick):
         request_id = self._pick(pick)
+        self._drop_migration(request_id)
         home, table = self.requests.pop(request_id)
         self.managers[home].release(request_id, table)
         assert table.num_blocks == 0
+
+    @precondition(lambda self: self.requests)
+    @rule(pick=st.integers(0, 99), run=st.integers(0, 9), to=st.integers(0, 3),
+          first=st.integers(0, 12), count=st.integers(1, 6))
+    def reserve(self, pick, run, to, first, count):
+        """Start a migration of part of one run of a request to another instance."""
+        request_id = self._pick(pick)
+        home, table = self.requests[request_id]
+        runs = table.rblocks
+        if request_id in self.migrations or not runs:
+            return
+        rb = runs[run % len(runs)]
+        target = to % len(self.managers)
+        first = rb.first_block + first % rb.num_blocks
+        count = min(count, rb.end_block - first)
+        if target == rb.owner:
+            return
+        before = self._counts()
+        ids = self.managers[home].reserve(request_id, target, count)
+        if ids is None:
+            assert self._counts() == before  # refused: nothing changed
+        else:
+            assert len(ids) == count
+            self.migrations[request_id] = (first, target, ids)
+
+    @precondition(lambda self: self.migrations)
+    @rule(pick=st.integers(0, 99))
+    def switch(self, pick):
+        """The copies are done: the table switches, the blocks it left go back."""
+        request_id = sorted(self.migrations)[pick % len(self.migrations)]
+        first, target, ids = self.migrations.pop(request_id)
+        home, table = self.requests[request_id]
+        left = table.replace(first, target, ids)
+        assert sum(rb.num_blocks for rb in left) == len(ids)
+        self.managers[home].free_moved(request_id, left)
+
+    @precondition(lambda self: self.migrations)
+    @rule(pick=st.integers(0, 99))
+    def abort_or_expire(self, pick):
+        """Either side gives up, or the lease runs out: the reservation goes back."""
+        self._drop_migration(sorted(self.migrations)[pick % len(self.migrations)])
+
+    def _drop_migration(self, request_id: str) -> None:
+        if request_id in self.migrations:
+            _, target, ids = self.migrations.pop(request_id)
+            home, _ = self.requests[request_id]
+            self.managers[home].unreserve(request_id, target, ids)
 
     @rule(home=st.integers(0, 3), n=st.integers(1, 30))
     def abort(self, home, n):
@@ -115,6 +166,8 @@ class PooledCluster(RuleBasedStateMachine):
         places = Counter((iid, b) for iid, m in self.managers.items() for b in free_ids(m.pool))
         for _, table in self.requests.values():
             places.update((rb.owner, b) for rb in table.rblocks for b in rb.block_ids)
+        for _, target, ids in self.migrations.values():
+            places.update((target, b) for b in ids)
         expected = {(iid, b) for iid, m in self.managers.items() for b in range(m.capacity)}
         assert set(places) == expected and set(places.values()) == {1}
 
@@ -124,6 +177,8 @@ class PooledCluster(RuleBasedStateMachine):
         for home, table in self.requests.values():
             for rb in table.rblocks:
                 held[rb.owner, home] += rb.num_blocks
+        for request_id, (_, target, ids) in self.migrations.items():
+            held[target, self.requests[request_id][0]] += len(ids)
         for iid, m in self.managers.items():
             m.check_integrity()
             assert m.num_used == held[iid, iid]
@@ -136,6 +191,8 @@ class PooledCluster(RuleBasedStateMachine):
     def teardown(self):
         if not hasattr(self, "managers"):
             return
+        for request_id in list(self.migrations):
+            self._drop_migration(request_id)
         for request_id, (home, table) in self.requests.items():
             self.managers[home].release(request_id, table)
         self.requests.clear()
