@@ -46,29 +46,29 @@ class KVCache:
         k_cache.view(-1, *k.shape[1:]).index_copy_(0, slots, k)
         v_cache.view(-1, *v.shape[1:]).index_copy_(0, slots, v)
 
-    def read_blocks(self, ids: list[int]) -> torch.Tensor:
-        """K then V of blocks ``ids`` over every layer, flat float32: what a migration
-        sends to another process."""
-        index = torch.tensor(ids, dtype=torch.int64, device=self.k.device)
-        return torch.cat([self.k.index_select(1, index).reshape(-1).float(),
-                          self.v.index_select(1, index).reshape(-1).float()])
+    def gather(self, ids: tuple[int, ...] | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of K and V of blocks ``ids``, every layer: (layers, len(ids), ...) each."""
+        index = torch.tensor(list(ids), dtype=torch.int64, device=self.k.device)
+        return self.k.index_select(1, index), self.v.index_select(1, index)
 
-    def write_blocks(self, ids: list[int], flat: torch.Tensor) -> None:
-        """The inverse of ``read_blocks``: blocks ``ids`` from a flat buffer."""
-        index = torch.tensor(ids, dtype=torch.int64, device=self.k.device)
-        k, v = flat.to(self.k.device).view(2, self.k.shape[0], len(ids), *self.k.shape[2:])
-        self.k.index_copy_(1, index, k.to(self.k.dtype))
-        self.v.index_copy_(1, index, v.to(self.v.dtype))
+    def scatter(self, ids: tuple[int, ...] | list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """K and V of blocks ``ids`` from ``gather``'s shapes (any device or dtype)."""
+        index = torch.tensor(list(ids), dtype=torch.int64, device=self.k.device)
+        self.k.index_copy_(1, index, k.to(self.k.device, self.k.dtype))
+        self.v.index_copy_(1, index, v.to(self.v.device, self.v.dtype))
+
+    def read_blocks(self, ids: tuple[int, ...] | list[int]) -> torch.Tensor:
+        """``gather`` as one flat float32 buffer, K then V: what a migration sends to
+        another process."""
+        k, v = self.gather(ids)
+        return torch.cat([k.reshape(-1).float(), v.reshape(-1).float()])
+
+    def write_blocks(self, ids: tuple[int, ...] | list[int], flat: torch.Tensor) -> None:
+        """The inverse of ``read_blocks``."""
+        k, v = flat.view(2, self.k.shape[0], len(ids), *self.k.shape[2:])
+        self.scatter(ids, k, v)
 
     def floats_per_block(self) -> int:
         """Floats one block takes in ``read_blocks``' layout (K and V, every layer)."""
         layers, _, block_size, heads, dim = self.k.shape
         return 2 * layers * block_size * heads * dim
-
-    def copy_blocks(self, source: KVCache, src_ids: list[int], dst_ids: list[int]) -> None:
-        """Blocks ``src_ids`` of ``source`` (every layer, K and V) into ``dst_ids`` here:
-        a live migration's copy between two pools of this process."""
-        src = torch.tensor(src_ids, dtype=torch.int64, device=source.k.device)
-        dst = torch.tensor(dst_ids, dtype=torch.int64, device=self.k.device)
-        self.k.index_copy_(1, dst, source.k.index_select(1, src).to(self.k.device))
-        self.v.index_copy_(1, dst, source.v.index_select(1, src).to(self.v.device))

@@ -19,6 +19,7 @@ from typing import Any
 
 from infinite_llm.config import CacheConfig, PoolingConfig, SchedulerConfig
 from infinite_llm.core.instance import Instance
+from infinite_llm.core.dgfm import debt_graph, plan_cancellation, plan_recalls
 from infinite_llm.core.load import KVLoad
 from infinite_llm.core.migration import Migrator
 from infinite_llm.core.placement import LeastLoaded, Placement
@@ -194,6 +195,29 @@ class Cluster:
         if target in self.dead or not 0 <= target < len(self.instances):
             raise ValueError(f"instance {target} is not a live instance")
         return self.migrator.start(request, first_block, count, target)
+
+    def defragment(self) -> tuple[int, int]:
+        """One DGFM pass (``core/dgfm.py``): debtors with free blocks start taking their
+        blocks home, then one debt cycle is cancelled in the next plan. Returns (recalls
+        started, cycles planned)."""
+        busy = set(self.migrator.active)
+        running = [r for r in self.requests.values() if r.status is RequestStatus.RUNNING]
+        # Room a debtor may use: its free blocks, less one of headroom per running request.
+        free = {
+            inst.instance_id: inst.rmanager.num_free - len(inst.scheduler.running)
+            for inst in self.alive_instances
+        }
+        recalls = 0
+        for recall in plan_recalls(running, free, busy):
+            if self.migrator.start(recall.request, recall.first_block, recall.count,
+                                   recall.request.home):
+                recalls += 1
+                busy.add(recall.request.request_id)
+        self.heartbeat()
+        legs = plan_cancellation(debt_graph(self.ledger()), running, busy)
+        if legs:
+            self.migrator.cancel_cycle(legs)
+        return recalls, int(bool(legs))
 
     def _preempt_elsewhere(self, request: Request) -> None:
         """Preempt ``request`` for an older one on another instance, and tell the gManager

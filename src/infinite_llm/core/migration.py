@@ -20,8 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from infinite_llm.core.dgfm import Leg
 from infinite_llm.core.instance import Instance
-from infinite_llm.core.request import Request
+from infinite_llm.core.request import Request, RequestStatus
 from infinite_llm.core.step import BlockMove
 
 
@@ -56,9 +57,11 @@ class Migrator:
         self.blocks_per_step = max(1, tokens_per_step // block_size)
         self.lease_steps = lease_steps
         self.active: dict[str, Migration] = {}  # by request id: one at a time per request
+        self.cycles: list[list[Leg]] = []  # debt cycles to cancel in the next plan
         self.step = 0
         self.moved_blocks = 0  # switched into place, since the start
         self.aborted = 0
+        self.cancelled_cycles = 0
 
     def start(self, request: Request, first_block: int, count: int, target: int) -> bool:
         """Reserve ``count`` blocks on ``target`` for blocks ``first_block ..`` of
@@ -92,7 +95,8 @@ class Migrator:
         """This step's copies, switching every migration whose rest fits the budget; runs
         after the instances scheduled (so a switch is seen by this step's chunks)."""
         self.step += 1
-        moves = []
+        moves = [move for legs in self.cycles for move in self._cancel(legs)]
+        self.cycles = []
         budget = self.blocks_per_step
         for m in list(self.active.values()):
             if self.step > m.deadline:
@@ -128,6 +132,37 @@ class Migrator:
         self.instances[m.request.home].rmanager.free_moved(m.request.request_id, left)
         self.moved_blocks += m.count
         del self.active[m.request.request_id]
+
+    def cancel_cycle(self, legs: list[Leg]) -> None:
+        """Cancel a debt cycle in the next plan (``dgfm.plan_cancellation``'s legs)."""
+        self.cycles.append(legs)
+
+    def _cancel(self, legs: list[Leg]) -> list[BlockMove]:
+        """Leg i's blocks on its creditor come home into the blocks there that held the
+        previous leg's request: copies, table switches and the rManagers' counts, all at
+        once. A leg that changed since it was planned drops the whole cycle."""
+        for leg in legs:
+            runs = leg.request.block_table.rblocks_between(
+                leg.first_block, leg.first_block + len(leg.blocks)
+            )
+            if (leg.request.status is not RequestStatus.RUNNING
+                    or leg.request.request_id in self.active
+                    or [(rb.owner, rb.block_ids) for rb in runs] != [(leg.creditor, leg.blocks)]):
+                return []
+        moves = []
+        for i, leg in enumerate(legs):
+            before = legs[i - 1]  # its blocks are on this leg's debtor
+            home = self.instances[leg.debtor].rmanager
+            moves.append(BlockMove(
+                leg.request.request_id, leg.creditor, leg.blocks, leg.debtor, before.blocks
+            ))
+            home.take_over(before.debtor, before.request.request_id, list(before.blocks))
+            home.settle(leg.creditor, len(leg.blocks))
+        for leg, before in zip(legs, [legs[-1], *legs[:-1]]):
+            leg.request.block_table.replace(leg.first_block, leg.debtor, before.blocks)
+        self.moved_blocks += sum(len(leg.blocks) for leg in legs)
+        self.cancelled_cycles += 1
+        return moves
 
     def abort(self, request_id: str, dead: frozenset[int] = frozenset()) -> None:
         """Give the reserved blocks back; the table never changed."""

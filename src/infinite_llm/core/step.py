@@ -48,7 +48,8 @@ class NewRequest:
 @dataclass(frozen=True)
 class BlockMove:
     """Copy the KV of blocks ``src_blocks`` on instance ``src`` into ``dst_blocks`` on
-    ``dst`` before the step runs (live migration; planned by the cluster planner)."""
+    ``dst`` before the step computes (live migration, cancelled debt cycles). A plan's
+    moves read every source before writing any destination: they may permute blocks."""
 
     request_id: str
     src: int

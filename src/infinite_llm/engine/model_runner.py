@@ -53,10 +53,11 @@ class ModelRunner:
         reaches its request's end."""
         self.sampler.apply(plan)
         self.tables.apply(plan)
-        for move in plan.moves:  # before the step writes anything: see core/migration.py
-            self.kv_caches[move.dst].copy_blocks(
-                self.kv_caches[move.src], list(move.src_blocks), list(move.dst_blocks)
-            )
+        # Moves before the step writes anything, every source read before any block is
+        # written (a cancelled debt cycle is a permutation): see core/migration.py.
+        copies = [(move, self.kv_caches[move.src].gather(move.src_blocks)) for move in plan.moves]
+        for move, (k, v) in copies:
+            self.kv_caches[move.dst].scatter(move.dst_blocks, k, v)
         if not plan.chunks:
             return StepResult()
         hidden = self.forward(plan.chunks)

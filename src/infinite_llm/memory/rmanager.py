@@ -271,6 +271,26 @@ class RManager:
 
     def reclaim(self, debtor_id: int, request_id: str, ids: list[int]) -> None:
         """Take back blocks lent to ``debtor_id`` for ``request_id``; a mismatch is a bug."""
+        self._unlend(debtor_id, request_id, ids)
+        self.pool.free(list(ids))
+
+    def take_over(self, debtor_id: int, request_id: str, ids: list[int]) -> None:
+        """Blocks lent to ``debtor_id`` for ``request_id`` now hold one of this
+        instance's own requests (a cancelled debt cycle): lent -> used, nothing freed."""
+        self._unlend(debtor_id, request_id, ids)
+        self._own.update(ids)
+
+    def settle(self, creditor_id: int, n: int) -> None:
+        """n blocks borrowed from ``creditor_id`` were taken over by it (a cancelled debt
+        cycle): this instance no longer owes them."""
+        if not 0 < n <= self._borrowed[creditor_id]:
+            raise ValueError(
+                f"instance {self.instance_id} cannot settle {n} blocks with {creditor_id}, "
+                f"it borrowed {self._borrowed[creditor_id]}"
+            )
+        self._borrowed[creditor_id] -= n
+
+    def _unlend(self, debtor_id: int, request_id: str, ids: list[int]) -> None:
         wrong = [b for b in ids if self._lent.get(b) != (debtor_id, request_id)]
         if wrong or len(set(ids)) != len(ids):
             raise ValueError(
@@ -280,7 +300,6 @@ class RManager:
         for block in ids:
             del self._lent[block]
         self._lent_to[debtor_id] -= len(ids)
-        self.pool.free(list(ids))
 
     # -- reporting --------------------------------------------------------------------
 

@@ -191,7 +191,7 @@ class InstanceActor:
         sizes = [0] * len(self.alive)
         for move in moves:
             if move.src == self.rank:
-                send[position[move.dst]].append(self.kv_cache.read_blocks(list(move.src_blocks)))
+                send[position[move.dst]].append(self.kv_cache.read_blocks(move.src_blocks))
             if move.dst == self.rank:
                 sizes[position[move.src]] += width * len(move.dst_blocks)
         received = self.exchange(
@@ -202,7 +202,7 @@ class InstanceActor:
             if move.dst == self.rank:
                 n, buf = width * len(move.dst_blocks), received[position[move.src]]
                 start = offsets[position[move.src]]
-                self.kv_cache.write_blocks(list(move.dst_blocks), buf[start : start + n])
+                self.kv_cache.write_blocks(move.dst_blocks, buf[start : start + n])
                 offsets[position[move.src]] += n
 
     def _logits(self, hidden: torch.Tensor, chunks) -> torch.Tensor | None:
