@@ -18,11 +18,11 @@ def test_cycles_are_found_and_chains_are_not():
     assert find_cycle({}) is None
 
 
-def ring(instances: int):
+def ring(instances: int, dgfm_period: int = 0):
     """Each instance's request moves its first block to the next instance: a debt cycle
     0 -> 1 -> ... -> 0 of weight 1. Pools of 4 blocks: 2 of its own request's, a guest,
     and the one its request left, kept as headroom for its growth: no room to recall."""
-    c = cluster(instances=instances, blocks=4, tokens_per_step=64)
+    c = cluster(instances=instances, blocks=4, tokens_per_step=64, dgfm_period=dgfm_period)
     requests = [add(c, f"r{i}", 9, max_tokens=6) for i in range(instances)]
     step(c)
     assert [r.home for r in requests] == list(range(instances))
@@ -84,3 +84,12 @@ def test_a_debtor_with_room_takes_its_blocks_home():
     while c.has_work():
         step(c)
     assert c.snapshot().pools_full
+
+
+def test_dgfm_runs_every_period_and_the_snapshot_counts_what_it_did():
+    c, requests = ring(3, dgfm_period=1)  # the ring formed; the next step's pass cancels it
+    step(c)
+    assert all(r.block_table.owners() == {r.home} for r in requests)
+    migration = c.snapshot().migration
+    assert (migration.cancelled_cycles, migration.moved_blocks) == (1, 6)  # 3 moves + 3 back
+    assert (migration.in_flight, migration.aborted, migration.recalls) == (0, 0, 0)

@@ -13,10 +13,10 @@ from infinite_llm.core.step import BlockMove, SampledToken, StepResult
 BLOCK = 4
 
 
-def cluster(instances=3, blocks=8, tokens_per_step=4, lease=64) -> Cluster:
+def cluster(instances=3, blocks=8, tokens_per_step=4, lease=64, dgfm_period=0) -> Cluster:
     pooling = PoolingConfig(
         max_lend_fraction=1.0, migration_tokens_per_step=tokens_per_step,
-        migration_lease_steps=lease,
+        migration_lease_steps=lease, dgfm_period=dgfm_period,
     )
     return Cluster(blocks, CacheConfig(1, BLOCK), SchedulerConfig(64, 8, 4096), pooling, instances)
 

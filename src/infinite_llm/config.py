@@ -146,6 +146,8 @@ class PoolingConfig:
     # one), and how many steps a reservation on the target lives before it is let go.
     migration_tokens_per_step: int = 16
     migration_lease_steps: int = 64
+    # DGFM (recalls, debt cycles cancelled) every this many steps; 0: off.
+    dgfm_period: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
@@ -158,10 +160,11 @@ class PoolingConfig:
             raise ValueError(f"reserve_blocks must be an int, got {self.reserve_blocks!r}")
         if self.reserve_blocks < 0:
             raise ValueError(f"reserve_blocks must be >= 0, got {self.reserve_blocks}")
-        for name in ("migration_tokens_per_step", "migration_lease_steps"):
+        for name in ("migration_tokens_per_step", "migration_lease_steps", "dgfm_period"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            least = 0 if name == "dgfm_period" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -307,6 +310,7 @@ OPTIONS = {
     "kv_pooling": "pooling.enabled",
     "max_lend_fraction": "pooling.max_lend_fraction",
     "migration_tokens_per_step": "pooling.migration_tokens_per_step",
+    "dgfm_period": "pooling.dgfm_period",
     "check_integrity": "check_integrity",
 }
 

@@ -26,7 +26,12 @@ from infinite_llm.core.placement import LeastLoaded, Placement
 from infinite_llm.core.preemption import OldestFirst
 from infinite_llm.core.request import Request, RequestStatus
 from infinite_llm.core.scheduler import Scheduler
-from infinite_llm.core.snapshot import ClusterSnapshot, InstanceSnapshot, RequestSnapshot
+from infinite_llm.core.snapshot import (
+    ClusterSnapshot,
+    InstanceSnapshot,
+    MigrationSnapshot,
+    RequestSnapshot,
+)
 from infinite_llm.core.step import NewRequest, SampledToken, StepPlan, StepResult
 from infinite_llm.memory.block_pool import BlockPool
 from infinite_llm.memory.gmanager import GManager, Ledger
@@ -80,6 +85,7 @@ class Cluster:
         self.dead: set[int] = set()
         self.requests: dict[str, Request] = {}  # every unfinished request
         self._arrivals = 0
+        self._steps = 0
         # What the runners have not heard yet: requests added, requests ended, requests
         # preempted on another instance's behalf during this step's scheduling.
         self._new: dict[str, NewRequest] = {}
@@ -167,6 +173,9 @@ class Cluster:
         chunks = [c for c in chunks if c.request_id not in gone]
         for request_id in gone:
             self.migrator.abort(request_id)
+        self._steps += 1
+        if self.pooling.dgfm_period and self._steps % self.pooling.dgfm_period == 0:
+            self.defragment()
         moves = self.migrator.advance()
         tables = []
         for chunk in chunks:
@@ -212,6 +221,7 @@ class Cluster:
             if self.migrator.start(recall.request, recall.first_block, recall.count,
                                    recall.request.home):
                 recalls += 1
+                self.migrator.recalls += 1
                 busy.add(recall.request.request_id)
         self.heartbeat()
         legs = plan_cancellation(debt_graph(self.ledger()), running, busy)
@@ -355,8 +365,13 @@ class Cluster:
             )
             for r in self.requests.values()
         )
+        m = self.migrator
+        migration = MigrationSnapshot(
+            len(m.active), m.moved_blocks, m.aborted, m.recalls, m.cancelled_cycles
+        )
         return ClusterSnapshot(
-            self.block_size, self.max_request_tokens, instances, requests, self.ledger()
+            self.block_size, self.max_request_tokens, instances, requests, self.ledger(),
+            migration,
         )
 
     def check_integrity(self) -> None:

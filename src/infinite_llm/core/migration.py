@@ -61,6 +61,7 @@ class Migrator:
         self.step = 0
         self.moved_blocks = 0  # switched into place, since the start
         self.aborted = 0
+        self.recalls = 0  # migrations started by DGFM to bring blocks home
         self.cancelled_cycles = 0
 
     def start(self, request: Request, first_block: int, count: int, target: int) -> bool:

@@ -1,6 +1,6 @@
 """What the cluster looks like from outside, as immutable values: every instance's
-blocks, the gManager's debt ledger, and per request its home and how many blocks each
-owner holds. The server, metrics and benchmarks read these, never the internals. No torch.
+blocks, the gManager's debt ledger, per request its home and how many blocks each
+owner holds, and what live migration and DGFM have done. The server, metrics and benchmarks read these, never the internals. No torch.
 """
 
 from __future__ import annotations
@@ -39,12 +39,24 @@ class RequestSnapshot:
 
 
 @dataclass(frozen=True)
+class MigrationSnapshot:
+    """Live migration and DGFM since the start (blocks, not bytes: the runners move them)."""
+
+    in_flight: int  # migrations reserved and not yet switched
+    moved_blocks: int  # switched into place (migrations and cancelled cycles)
+    aborted: int  # migrations given up (request ended, lease ran out, instance died)
+    recalls: int  # migrations DGFM started to bring blocks home
+    cancelled_cycles: int
+
+
+@dataclass(frozen=True)
 class ClusterSnapshot:
     block_size: int
     max_request_tokens: int
     instances: tuple[InstanceSnapshot, ...]
     requests: tuple[RequestSnapshot, ...]  # every unfinished request
     ledger: Ledger  # the gManager's view, as of the last heartbeat
+    migration: MigrationSnapshot
 
     @property
     def running(self) -> int:

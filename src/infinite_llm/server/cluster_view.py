@@ -23,6 +23,7 @@ def cluster_json(view: ClusterSnapshot) -> dict[str, Any]:
         "num_preemptions": view.num_preemptions,
         "kv_cache_usage": view.kv_cache_usage,
         "instances": [asdict(i) for i in view.instances],
+        "migration": asdict(view.migration),
         "requests": [
             {
                 "request_id": r.request_id,

@@ -111,6 +111,23 @@ class _ClusterCollector:
         )
         preemptions.add_metric(model, view.num_preemptions)
         yield preemptions
+        for name, doc in (
+            ("moved_blocks", "KV blocks switched into place by live migration and DGFM."),
+            ("aborted", "Live migrations given up."),
+            ("recalls", "Migrations DGFM started to bring blocks home."),
+            ("cancelled_cycles", "Debt cycles DGFM cancelled."),
+        ):
+            counter = CounterMetricFamily(
+                f"{PREFIX}migration_{name}", doc, labels=["model_name"]
+            )
+            counter.add_metric(model, getattr(view.migration, name))
+            yield counter
+        in_flight = GaugeMetricFamily(
+            PREFIX + "migrations_in_flight", "Live migrations not yet switched.",
+            labels=["model_name"],
+        )
+        in_flight.add_metric(model, view.migration.in_flight)
+        yield in_flight
         alive = GaugeMetricFamily(PREFIX + "instance_alive", "1 while an instance is alive.",
                                   labels=["model_name", "instance"])
         for inst in view.instances:
