@@ -126,20 +126,15 @@ def test_a_target_without_room_refuses_and_nothing_changes(tiny_llama_dir):
     assert_all_pools_full(engine)
 
 
-def test_a_cancelled_debt_cycle_changes_no_token(tiny_llama_dir):
-    """Three requests each lend the next instance a block (a 3-cycle of debts, no room
-    to recall); DGFM cancels the cycle mid-decode in one plan whose copies permute
-    blocks: every request's tokens and log-probabilities are those it gets alone."""
-    params = SamplingParams(max_tokens=6, logprobs=0, **GREEDY)
-    prompts = random_prompts(3, 9, 10, 320, seed=21)
-    alone = tiny_cluster(tiny_llama_dir, 1, 400).generate(prompts, params, use_tqdm=False)
-    llm = tiny_cluster(tiny_llama_dir, 3, 4, max_lend_fraction=1.0, migration_tokens_per_step=64)
-    engine = llm.engine
+def run_a_cancelled_ring(llm, prompts, params):
+    """Request i (home i) lends instance i+1 its first block, making a debt cycle of
+    weight 1 with no room to recall; DGFM cancels it mid-decode. The final outputs."""
+    engine, n = llm.engine, len(prompts)
     requests = [engine.add_request(p, params) for p in prompts]
     engine.step()
-    assert [r.home for r in requests] == [0, 1, 2]
+    assert [r.home for r in requests] == list(range(n))
     for i, r in enumerate(requests):
-        assert engine.cluster.migrate(r.request_id, 0, 1, target=(i + 1) % 3)
+        assert engine.cluster.migrate(r.request_id, 0, 1, target=(i + 1) % n)
     engine.step()
     assert all(len(r.block_table.owners()) == 2 for r in requests)
     assert engine.cluster.defragment() == (0, 1)
@@ -147,11 +142,24 @@ def test_a_cancelled_debt_cycle_changes_no_token(tiny_llama_dir):
     assert all(r.block_table.owners() == {r.home} for r in requests)
     while engine.has_unfinished_requests():
         outputs.update({out.request_id: out for out in engine.step()})
-    for request, want in zip(requests, alone):
-        got = outputs[request.request_id].outputs[0]
-        assert got.token_ids == want.outputs[0].token_ids
-        for step_got, step_want in zip(got.logprobs, want.outputs[0].logprobs):
+    assert engine.cluster.migrator.cancelled_cycles == 1
+    assert engine.snapshot().pools_full
+    return [outputs[r.request_id].outputs[0] for r in requests]
+
+
+def assert_same_tokens_and_logprobs(got, want):
+    for g, w in zip(got, want):
+        assert g.token_ids == w.outputs[0].token_ids
+        for step_got, step_want in zip(g.logprobs, w.outputs[0].logprobs):
             (token, logprob), = step_want.items()
             assert abs(step_got[token] - logprob) < 1e-4
-    assert engine.cluster.migrator.cancelled_cycles == 1
-    assert_all_pools_full(engine)
+
+
+def test_a_cancelled_debt_cycle_changes_no_token(tiny_llama_dir):
+    """A 3-cycle cancelled in one plan whose copies permute blocks: every request's
+    tokens and log-probabilities are those it gets alone."""
+    params = SamplingParams(max_tokens=6, logprobs=0, **GREEDY)
+    prompts = random_prompts(3, 9, 10, 320, seed=21)
+    alone = tiny_cluster(tiny_llama_dir, 1, 400).generate(prompts, params, use_tqdm=False)
+    llm = tiny_cluster(tiny_llama_dir, 3, 4, max_lend_fraction=1.0, migration_tokens_per_step=64)
+    assert_same_tokens_and_logprobs(run_a_cancelled_ring(llm, prompts, params), alone)
