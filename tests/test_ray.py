@@ -325,9 +325,8 @@ def test_blocks_migrate_between_actors_mid_decode_and_tokens_do_not_change(
 def test_a_debt_cycle_cancelled_across_actors_changes_no_token(tiny_llama_dir, local_ray):
     """Two actors each hold a block of the other's request; DGFM swaps them back in one
     step (each sends before it writes): tokens and log-probabilities as alone."""
-    from test_migration import assert_same_tokens_and_logprobs, run_a_cancelled_ring
-
     from test_cluster import tiny_cluster
+    from test_migration import assert_same_tokens_and_logprobs, run_a_cancelled_ring
 
     params = SamplingParams(max_tokens=6, logprobs=0, **GREEDY)
     prompts = random_prompts(2, 9, 10, 320, seed=22)
