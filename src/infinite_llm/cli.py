@@ -172,6 +172,29 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("model", help=_MODEL_HELP)
     _add_engine_flags(serve)
     _add_server_flags(serve)
+
+    profile = commands.add_parser(
+        "profile", help="measure what a step costs here and write the cost model",
+        description="Time decode steps over a grid of batch sizes and context lengths on "
+        "one instance and fit T = fixed + per_token * b + per_context_token * S; the "
+        "JSON file is what the planner and the simulator load.",
+    )
+    profile.add_argument(
+        "--model", default="smollm2", help=f"{_MODEL_HELP} (default: %(default)s)"
+    )
+    profile.add_argument("--out", required=True, help="where to write the fit (JSON)")
+    profile.add_argument(
+        "--batches", type=int, nargs="+", default=[1, 4, 16],
+        help="requests decoding at once (default: %(default)s)",
+    )
+    profile.add_argument(
+        "--contexts", type=int, nargs="+", default=[64, 512, 2048],
+        help="prompt tokens of each request (default: %(default)s)",
+    )
+    profile.add_argument(
+        "--steps", type=int, default=8, help="decode steps timed per point (default: %(default)s)"
+    )
+    _add_engine_flags(profile)
     return parser
 
 
@@ -238,6 +261,26 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile(args: argparse.Namespace) -> int:
+    from infinite_llm.engine.profile import profile
+
+    if min(args.batches) < 1 or min(args.contexts) < 1 or args.steps < 1:
+        raise ValueError("--batches, --contexts and --steps must be positive")
+    llm = _build_llm(args)
+    try:
+        model = profile(llm.engine, args.batches, args.contexts, args.steps, model=args.model)
+    finally:
+        llm.shutdown()
+    model.save(args.out)
+    print(f"{'batch':>6} {'context tokens':>15} {'step ms':>9} {'fit ms':>9}")
+    for p in model.points:
+        fit = model.step_time(p.batch, p.context_tokens) * 1e3
+        print(f"{p.batch:>6} {p.context_tokens:>15} {p.step_s * 1e3:>9.2f} {fit:>9.2f}")
+    print(f"T = {model.fixed_s * 1e3:.3f} ms + {model.per_token_s * 1e3:.4f} ms/token "
+          f"+ {model.per_context_token_s * 1e6:.4f} us/context token -> {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -247,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "profile":
+            return _profile(args)
     except ValueError as error:
         parser.exit(2, f"infinite-llm: error: {error}\n")
     return 1

@@ -148,6 +148,10 @@ class PoolingConfig:
     migration_lease_steps: int = 64
     # DGFM (recalls, debt cycles cancelled) every this many steps; 0: off.
     dgfm_period: int = 0
+    # The greedy planner every this many steps (0: off), predicting with the cost model
+    # that `infinite-llm profile` wrote to this file.
+    planner_period: int = 0
+    cost_model: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
@@ -160,11 +164,17 @@ class PoolingConfig:
             raise ValueError(f"reserve_blocks must be an int, got {self.reserve_blocks!r}")
         if self.reserve_blocks < 0:
             raise ValueError(f"reserve_blocks must be >= 0, got {self.reserve_blocks}")
-        for name in ("migration_tokens_per_step", "migration_lease_steps", "dgfm_period"):
+        for name in ("migration_tokens_per_step", "migration_lease_steps", "dgfm_period",
+                     "planner_period"):
             value = getattr(self, name)
-            least = 0 if name == "dgfm_period" else 1
+            least = 0 if name in ("dgfm_period", "planner_period") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+        if self.planner_period and not self.cost_model:
+            raise ValueError(
+                "the planner predicts with a cost model: pass cost_model, the file that "
+                "`infinite-llm profile` writes"
+            )
 
 
 @dataclass(frozen=True)
@@ -311,6 +321,8 @@ OPTIONS = {
     "max_lend_fraction": "pooling.max_lend_fraction",
     "migration_tokens_per_step": "pooling.migration_tokens_per_step",
     "dgfm_period": "pooling.dgfm_period",
+    "planner_period": "pooling.planner_period",
+    "cost_model": "pooling.cost_model",
     "check_integrity": "check_integrity",
 }
 

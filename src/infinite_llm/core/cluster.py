@@ -19,10 +19,12 @@ from typing import Any
 
 from infinite_llm.config import CacheConfig, PoolingConfig, SchedulerConfig
 from infinite_llm.core.instance import Instance
+from infinite_llm.core.cost_model import CostModel
 from infinite_llm.core.dgfm import debt_graph, plan_cancellation, plan_recalls
 from infinite_llm.core.load import KVLoad
 from infinite_llm.core.migration import Migrator
 from infinite_llm.core.placement import LeastLoaded, Placement
+from infinite_llm.core.planner import Candidate, GreedyPlanner, InstanceLoad, MoveOrder
 from infinite_llm.core.preemption import OldestFirst
 from infinite_llm.core.request import Request, RequestStatus
 from infinite_llm.core.scheduler import Scheduler
@@ -35,7 +37,7 @@ from infinite_llm.core.snapshot import (
 from infinite_llm.core.step import NewRequest, SampledToken, StepPlan, StepResult
 from infinite_llm.memory.block_pool import BlockPool
 from infinite_llm.memory.gmanager import GManager, Ledger
-from infinite_llm.memory.rmanager import RManager
+from infinite_llm.memory.rmanager import RManager, lendable
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +81,10 @@ class Cluster:
         self.migrator = Migrator(
             self.instances, cache.block_size, pooling.migration_tokens_per_step,
             pooling.migration_lease_steps,
+        )
+        self.planner = (
+            GreedyPlanner(CostModel.load(pooling.cost_model), cache.block_size)
+            if pooling.planner_period else None
         )
         # Depends only on which instances are registered: asked again when one leaves.
         self._max_request_blocks = self.gmanager.max_request_blocks()
@@ -176,6 +182,8 @@ class Cluster:
         self._steps += 1
         if self.pooling.dgfm_period and self._steps % self.pooling.dgfm_period == 0:
             self.defragment()
+        if self.planner is not None and self._steps % self.pooling.planner_period == 0:
+            self.replan()
         moves = self.migrator.advance()
         tables = []
         for chunk in chunks:
@@ -204,6 +212,45 @@ class Cluster:
         if target in self.dead or not 0 <= target < len(self.instances):
             raise ValueError(f"instance {target} is not a live instance")
         return self.migrator.start(request, first_block, count, target)
+
+    def replan(self) -> list[MoveOrder]:
+        """One pass of the greedy planner (``core/planner.py``) over the ledger's view;
+        the moves it orders start as live migrations. A target that refuses is left for
+        the next pass. Returns the orders that started."""
+        assert self.planner is not None, "the planner is off (planner_period = 0)"
+        self.heartbeat()
+        ledger = self.ledger()
+        loads, candidates = [], []
+        busy = set(self.migrator.active)
+        for inst in self.alive_instances:
+            running = inst.scheduler.running
+            entry = ledger.instances[inst.instance_id]
+            loads.append(InstanceLoad(
+                inst.instance_id,
+                free=entry.free,
+                lendable=lendable(self.pooling, entry.capacity, entry.free,
+                                  sum(entry.lent_to.values())),
+                running=len(running),
+                context_tokens=sum(r.num_tokens for r in running),
+                waiting_blocks=tuple(
+                    -(-r.num_tokens // self.block_size) for r in inst.scheduler.waiting
+                ),
+                remote_pairs=sum(len(r.block_table.owners()) - 1 for r in running),
+            ))
+            for r in running:
+                if r.request_id in busy:
+                    continue
+                for rb in r.block_table.rblocks_between(0, r.block_table.num_blocks):
+                    if rb.owner == r.home:
+                        candidates.append(Candidate(r.request_id, r.home, rb.first_block,
+                                                    rb.num_blocks))
+                        break
+        started = []
+        for order in self.planner.plan(loads, candidates):
+            if self.migrator.start(self.requests[order.request_id], order.first_block,
+                                   order.count, order.target):
+                started.append(order)
+        return started
 
     def defragment(self) -> tuple[int, int]:
         """One DGFM pass (``core/dgfm.py``): debtors with free blocks start taking their

@@ -1,0 +1,101 @@
+"""What one instance's step costs, as measured by ``infinite-llm profile``: the model the
+planner and the simulator predict with. Never guessed constants: a ``CostModel`` is
+loaded from the file a profile wrote. No torch.
+
+    T(b, S, x) = fixed + per_token * b + per_context_token * S + per_remote * x
+
+b: tokens computed in the step (the non-attention work, W(b) / f(b) with throughput
+f(b) = b / (fixed + per_token * b), which grows with the batch), S: tokens of KV the
+step's queries attend to (attention, at throughput g = 1 / per_context_token), x:
+(sequence, remote owner) pairs whose partials cross between instances each layer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ProfilePoint:
+    """One measured configuration: the median decode step of ``batch`` requests whose
+    contexts sum to ``context_tokens``."""
+
+    batch: int
+    context_tokens: int
+    step_s: float
+
+
+@dataclass(frozen=True)
+class CostModel:
+    fixed_s: float
+    per_token_s: float
+    per_context_token_s: float
+    per_remote_s: float = 0.0
+    # Where it was measured, and on what: kept with the fit so a file says what it is.
+    source: dict[str, object] = field(default_factory=dict)
+    points: tuple[ProfilePoint, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("fixed_s", "per_token_s", "per_context_token_s", "per_remote_s"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+
+    def step_time(self, tokens: int, context_tokens: int, remote_pairs: int = 0) -> float:
+        """Seconds of one step computing ``tokens`` tokens over ``context_tokens`` of KV."""
+        return (self.fixed_s + self.per_token_s * tokens
+                + self.per_context_token_s * context_tokens + self.per_remote_s * remote_pairs)
+
+    def decode_rate(self, batch: int, context_tokens: int, remote_pairs: int = 0) -> float:
+        """Output tokens per second of a decode step of ``batch`` requests (0 when idle)."""
+        if batch <= 0:
+            return 0.0
+        return batch / self.step_time(batch, context_tokens, remote_pairs)
+
+    @staticmethod
+    def fit(points: list[ProfilePoint], source: dict[str, object] | None = None) -> CostModel:
+        """Least squares of step time on (1, batch, context tokens), coefficients kept
+        non-negative (a negative one is dropped and the rest refitted)."""
+        if len(points) < 3:
+            raise ValueError(f"a fit needs at least 3 measured points, got {len(points)}")
+        columns = [0, 1, 2]
+        while True:
+            coef = _least_squares(
+                [[(1.0, float(p.batch), float(p.context_tokens))[c] for c in columns] for p in points],
+                [p.step_s for p in points],
+            )
+            negative = [c for c, v in zip(columns, coef) if v < 0]
+            if not negative:
+                break
+            columns.remove(negative[0])
+        full = dict.fromkeys([0, 1, 2], 0.0)
+        full.update(zip(columns, coef))
+        return CostModel(full[0], full[1], full[2], source=dict(source or {}), points=tuple(points))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @staticmethod
+    def load(path: str | Path) -> CostModel:
+        data = json.loads(Path(path).read_text())
+        points = tuple(ProfilePoint(**p) for p in data.pop("points", ()))
+        return CostModel(**data, points=points)
+
+
+def _least_squares(rows: list[list[float]], y: list[float]) -> list[float]:
+    """Solve the normal equations (a handful of columns) by Gauss-Jordan elimination."""
+    n = len(rows[0])
+    a = [[sum(r[i] * r[j] for r in rows) for j in range(n)] for i in range(n)]
+    b = [sum(r[i] * v for r, v in zip(rows, y)) for i in range(n)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda k: abs(a[k][col]))
+        if abs(a[pivot][col]) < 1e-30:
+            raise ValueError("the measured points do not determine the fit")
+        a[col], a[pivot], b[col], b[pivot] = a[pivot], a[col], b[pivot], b[col]
+        for k in range(n):
+            if k != col:
+                factor = a[k][col] / a[col][col]
+                a[k] = [x - factor * z for x, z in zip(a[k], a[col])]
+                b[k] -= factor * b[col]
+    return [b[i] / a[i][i] for i in range(n)]

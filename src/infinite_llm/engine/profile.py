@@ -1,0 +1,64 @@
+"""Measure what a step costs on this machine: ``infinite-llm profile``.
+
+For each (batch, context) of a grid, ``batch`` requests of ``context`` prompt tokens are
+prefilled (not timed), then ``steps`` decode steps of the engine are timed one by one;
+the median is the point. The fit (``core.cost_model.CostModel``) is what the planner
+and the simulator load.
+"""
+
+from __future__ import annotations
+
+import platform
+import random
+import statistics
+import time
+from collections.abc import Sequence
+
+import torch
+
+from infinite_llm.core.cost_model import CostModel, ProfilePoint
+from infinite_llm.core.sampling_params import SamplingParams
+from infinite_llm.engine.engine import LLMEngine
+
+
+def measure(engine: LLMEngine, batch: int, context: int, steps: int, seed: int = 0) -> ProfilePoint:
+    """The median decode step of ``batch`` requests with ``context``-token prompts."""
+    rng = random.Random(seed)
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True)
+    requests = [
+        engine.add_request([rng.randrange(vocab) for _ in range(context)], params)
+        for _ in range(batch)
+    ]
+    try:
+        while any(r.num_computed_tokens < context for r in requests):
+            engine.step()
+        engine.step()  # the first decode step (warm)
+        times, contexts = [], []
+        for _ in range(steps):
+            contexts.append(sum(r.num_tokens for r in requests))
+            start = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - start)
+        return ProfilePoint(batch, int(statistics.median(contexts)), statistics.median(times))
+    finally:
+        for request in requests:
+            engine.abort_request(request.request_id)
+
+
+def profile(
+    engine: LLMEngine, batches: Sequence[int], contexts: Sequence[int], steps: int,
+    model: str = "",
+) -> CostModel:
+    """Every (batch, context) of the grid measured, then fitted."""
+    points = [measure(engine, b, s, steps) for b in batches for s in contexts]
+    source = {
+        "model": model,
+        "dtype": engine.config.dtype,
+        "device": engine.config.device,
+        "backend": engine.config.parallel.backend,
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "steps_per_point": steps,
+    }
+    return CostModel.fit(points, source)

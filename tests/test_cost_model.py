@@ -1,0 +1,61 @@
+"""The step cost model: the fit on hand-made points, its file, and `infinite-llm profile`
+measuring a tiny model end to end (the numbers it measures are not asserted: timings)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from infinite_llm.core.cost_model import CostModel, ProfilePoint
+
+
+def test_the_fit_recovers_the_coefficients_of_exact_points():
+    truth = CostModel(0.002, 0.0005, 1e-7)
+    points = [ProfilePoint(b, s, truth.step_time(b, s)) for b in (1, 4, 16) for s in (100, 5000)]
+    fit = CostModel.fit(points, {"model": "made up"})
+    assert fit.fixed_s == pytest.approx(0.002, rel=1e-6)
+    assert fit.per_token_s == pytest.approx(0.0005, rel=1e-6)
+    assert fit.per_context_token_s == pytest.approx(1e-7, rel=1e-6)
+    # Throughput grows with the batch (f(b)) and falls with the context (g).
+    assert fit.decode_rate(16, 1000) > fit.decode_rate(4, 1000) > fit.decode_rate(1, 1000)
+    assert fit.decode_rate(16, 100_000) < fit.decode_rate(16, 1000)
+    assert fit.decode_rate(0, 0) == 0.0
+
+
+def test_a_negative_coefficient_is_dropped_not_kept():
+    # Attention cost lost in noise: the context column would come out negative.
+    points = [ProfilePoint(1, 100, 0.010), ProfilePoint(1, 9000, 0.0099),
+              ProfilePoint(8, 100, 0.020), ProfilePoint(8, 9000, 0.0199)]
+    fit = CostModel.fit(points)
+    assert fit.per_context_token_s == 0.0 and fit.per_token_s > 0 and fit.fixed_s > 0
+
+
+def test_the_file_round_trips(tmp_path):
+    model = CostModel.fit(
+        [ProfilePoint(1, 10, 0.01), ProfilePoint(2, 50, 0.02), ProfilePoint(4, 90, 0.035)],
+        {"model": "x"},
+    )
+    model.save(tmp_path / "fit.json")
+    assert CostModel.load(tmp_path / "fit.json") == model
+    with pytest.raises(ValueError, match="at least 3"):
+        CostModel.fit(model.points[:2])
+
+
+def test_profile_measures_a_model_and_writes_the_fit(tiny_llama_dir, tmp_path):
+    out = tmp_path / "profile.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "infinite_llm.cli", "profile", "--model", str(tiny_llama_dir),
+         "--out", str(out), "--batches", "1", "4", "--contexts", "16", "128", "--steps", "3",
+         "--kv-cache-memory", "8MiB", "--dtype", "float32", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    model = CostModel.load(out)
+    assert [(p.batch, p.context_tokens > 0, p.step_s > 0) for p in model.points] == [
+        (1, True, True), (1, True, True), (4, True, True), (4, True, True)]
+    assert model.source["model"] == str(tiny_llama_dir) and model.source["dtype"] == "float32"
+    assert model.step_time(4, 500) > 0
+    assert "T = " in done.stdout and json.loads(out.read_text())["points"]

@@ -1,0 +1,108 @@
+"""The greedy planner on hand-made loads with exact expected moves, and through the
+cluster: orders become live migrations, a stale view's refusal is planned again."""
+
+from __future__ import annotations
+
+import pytest
+
+from infinite_llm.config import PoolingConfig
+from infinite_llm.core.cost_model import CostModel
+from infinite_llm.core.planner import (
+    Candidate,
+    GreedyPlanner,
+    InstanceLoad,
+    MoveOrder,
+    admitted,
+    predicted_rate,
+)
+
+from test_migration_protocol import add, step
+
+BLOCK = 4
+# 10 ms a step, 1 ms per token, 1 us per token of context: batch is what pays.
+COST = CostModel(0.010, 0.001, 1e-6)
+
+
+def planner():
+    return GreedyPlanner(COST, BLOCK)
+
+
+def test_admission_room_counts_headroom_and_order():
+    load = InstanceLoad(0, free=0, lendable=0, running=2, context_tokens=100,
+                        waiting_blocks=(4, 4, 9))
+    assert [admitted(load, room) for room in (5, 6, 10, 18, 19)] == [0, 1, 2, 2, 3]
+
+
+def test_a_debtor_held_down_by_memory_moves_its_longest_request_to_the_most_free():
+    loads = [
+        InstanceLoad(0, free=0, lendable=0, running=2, context_tokens=160, waiting_blocks=(4, 4)),
+        InstanceLoad(1, free=20, lendable=20, running=1, context_tokens=40),
+        InstanceLoad(2, free=30, lendable=30, running=1, context_tokens=40),
+    ]
+    candidates = [Candidate("short", 0, 0, 8), Candidate("long", 0, 0, 16)]
+    orders = planner().plan(loads, candidates)
+    # Moving all 16 blocks of the longest admits both waiting requests: the best of
+    # 4 / 8 / 16; the creditor is the one with most free blocks.
+    assert orders[0] == MoveOrder("long", 0, 16, 2)
+    before = predicted_rate(COST, loads, BLOCK)
+    assert before < predicted_rate(COST, [
+        InstanceLoad(0, free=16, lendable=0, running=2, context_tokens=96,
+                     waiting_blocks=(4, 4), remote_pairs=1),
+        loads[1],
+        InstanceLoad(2, free=14, lendable=14, running=1, context_tokens=104),
+    ], BLOCK)
+    # A creditor that may lend only 3 blocks is passed over for one that may lend more.
+    capped = [loads[0], loads[1], InstanceLoad(2, free=30, lendable=3, running=1,
+                                               context_tokens=40)]
+    assert planner().plan(capped, candidates)[0] == MoveOrder("long", 0, 16, 1)
+
+
+def test_nothing_moves_without_a_creditor_or_a_gain():
+    full = [
+        InstanceLoad(0, free=0, lendable=0, running=2, context_tokens=160, waiting_blocks=(4,)),
+        InstanceLoad(1, free=1, lendable=1, running=1, context_tokens=40, waiting_blocks=(4,)),
+    ]
+    assert planner().plan(full, [Candidate("a", 0, 0, 16)]) == []
+    # Room to spare but nobody waiting: moving only shifts attention, no gain.
+    idle = [
+        InstanceLoad(0, free=0, lendable=0, running=2, context_tokens=160),
+        InstanceLoad(1, free=20, lendable=20, running=1, context_tokens=40),
+    ]
+    assert planner().plan(idle, [Candidate("a", 0, 0, 16)]) == []
+
+
+def test_the_cluster_runs_the_planner_and_a_refused_reservation_is_planned_again(tmp_path):
+    from infinite_llm.config import CacheConfig, SchedulerConfig
+    from infinite_llm.core.cluster import Cluster
+
+    path = tmp_path / "cost.json"
+    COST.save(path)
+    pooling = PoolingConfig(
+        enabled=True, max_lend_fraction=0.5, planner_period=1, cost_model=str(path),
+        migration_tokens_per_step=64,
+    )
+    c = Cluster(8, CacheConfig(1, BLOCK), SchedulerConfig(64, 8, 4096), pooling, 2)
+    big = add(c, "big", 28, max_tokens=4)  # 7 blocks of home 0's 8
+    add(c, "idle", 4, max_tokens=30)  # home 1: 7 blocks free there
+    step(c)
+    add(c, "late", 12, max_tokens=4)  # home 0 again (least committed KV): must wait
+    assert c.requests["late"].home == 0
+    # The view goes stale: instance 1's pool fills behind the gManager's back.
+    taken = c.instances[1].rmanager.pool.allocate(6)
+    assert c.replan() == []  # ordered, refused by instance 1, nothing reserved
+    assert not c.migrator.active
+    c.instances[1].rmanager.pool.free(taken)
+    c.heartbeat()
+    orders = c.replan()
+    assert orders and orders[0].request_id == "big" and orders[0].target == 1
+    while c.migrator.active:
+        step(c)
+    assert 1 in big.block_table.owners()
+    while c.has_work():
+        step(c)
+    assert c.snapshot().pools_full
+
+
+def test_the_planner_needs_a_cost_model():
+    with pytest.raises(ValueError, match="cost model"):
+        PoolingConfig(planner_period=4)
