@@ -1,11 +1,14 @@
 """Mixed-length work on 4 instances: many short requests plus a few whose KV exceeds
-one instance, pooled against isolated instances, in one run.
+one instance, in one run: isolated instances, pooling with on-demand borrowing, and
+(with ``--cost-model``, the file ``infinite-llm profile`` writes) pooling with the
+greedy planner, live migration and DGFM.
 
 Isolated instances (``kv_pooling=False``) refuse what no single instance can hold and
 the benchmark reports it; pooled ones serve it by borrowing. Throughput counts the
 output tokens of completed requests over the wall time of the whole submission.
 
     . .venv/bin/activate && python benchmarks/mixed.py
+    infinite-llm profile --model smollm2 --out cost.json && python benchmarks/mixed.py --cost-model cost.json
 """
 
 from __future__ import annotations
@@ -39,26 +42,43 @@ def main() -> None:
     parser.add_argument("--long-len", type=int, default=1500)
     parser.add_argument("--output-tokens", type=int, default=32)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--cost-model", default=None,
+                        help="a profile's fit: adds the run with the planner, migration and DGFM")
+    parser.add_argument("--planner-period", type=int, default=4)
+    parser.add_argument("--dgfm-period", type=int, default=8)
+    parser.add_argument("--migration-tokens", type=int, default=16)
     args = parser.parse_args()
 
     prompts, max_tokens = workload(args.short, args.long, args.long_len, args.output_tokens)
+    modes = {"isolated": dict(pooling=False), "pooled": dict(pooling=True)}
+    if args.cost_model:
+        modes["planned"] = dict(
+            pooling=True, planner_period=args.planner_period, cost_model=args.cost_model,
+            dgfm_period=args.dgfm_period, migration_tokens_per_step=args.migration_tokens,
+        )
     rows, results = [], {}
-    for pooled in (False, True):
-        llm = smollm2(args.instances, args.tokens_each, pooled, args.dtype)
+    for mode, options in modes.items():
+        llm = smollm2(args.instances, args.tokens_each, dtype=args.dtype, **options)
         run(llm.engine, [prompts[0]], [2])  # warm-up
         result = run(llm.engine, prompts, max_tokens)
-        results[pooled] = result
+        results[mode] = result
         done = len(result.outputs)
         out_tokens = sum(len(t) for t in result.outputs.values())
         prompt_tokens = sum(len(prompts[i]) for i in result.outputs)
+        snap = llm.engine.snapshot()
         rows.append([
-            "pooled" if pooled else "isolated", len(prompts), done, len(result.refused),
-            result.most_owners, llm.engine.snapshot().num_preemptions, prompt_tokens, out_tokens,
+            mode, len(prompts), done, len(result.refused),
+            result.most_owners, snap.num_preemptions, snap.migration.moved_blocks,
+            snap.migration.cancelled_cycles, prompt_tokens, out_tokens,
             f"{result.seconds:.1f}", f"{out_tokens / result.seconds:.1f}",
             f"{(prompt_tokens + out_tokens) / result.seconds:.1f}",
         ])
-    # Requests both served must agree token for token.
-    iso, pooled = results[False], results[True]
+    # Requests served by several modes must agree token for token.
+    iso, pooled = results["isolated"], results["pooled"]
+    if "planned" in results:
+        planned = results["planned"]
+        same = planned.outputs.keys() & pooled.outputs.keys()
+        assert all(planned.outputs[k] == pooled.outputs[k] for k in same), "planned differs"
     common = iso.outputs.keys() & pooled.outputs.keys()
     agree = all(iso.outputs[k] == pooled.outputs[k] for k in common)
 
@@ -68,7 +88,8 @@ def main() -> None:
           f"{args.output_tokens} output tokens each")
     print_table(
         ["mode", "requests", "completed", "refused", "most owners", "preemptions",
-         "prompt tokens served", "output tokens", "seconds", "output tok/s", "total tok/s"],
+         "blocks moved", "cycles", "prompt tokens served", "output tokens", "seconds",
+         "output tok/s", "total tok/s"],
         rows,
     )
     print(f"outputs of requests served by both: {len(common)}, identical: {'yes' if agree else 'NO'}")

@@ -288,16 +288,21 @@ class EngineConfig:
             )
         if "kv_cache_memory" in options:
             options["kv_cache_memory"] = parse_memory_size(options["kv_cache_memory"])
-        config = EngineConfig(model)
+        changes: dict[str, Any] = {}  # nested by section, so each is validated whole
         for name, value in options.items():
-            config = _replace_path(config, OPTIONS[name].split("."), value)
-        return config
+            *sections, leaf = OPTIONS[name].split(".")
+            node = changes
+            for section in sections:
+                node = node.setdefault(section, {})
+            node[leaf] = value
+        return _replace_nested(EngineConfig(model), changes)
 
 
-def _replace_path(obj: Any, path: list[str], value: Any) -> Any:
-    if len(path) == 1:
-        return replace(obj, **{path[0]: value})
-    return replace(obj, **{path[0]: _replace_path(getattr(obj, path[0]), path[1:], value)})
+def _replace_nested(obj: Any, changes: dict[str, Any]) -> Any:
+    return replace(obj, **{
+        name: _replace_nested(getattr(obj, name), value) if isinstance(value, dict) else value
+        for name, value in changes.items()
+    })
 
 
 # The flat option names users write (LLM keyword arguments, command-line flags) and
