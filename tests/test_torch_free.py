@@ -20,6 +20,7 @@ def test_the_bookkeeping_runs_a_whole_workload_where_torch_cannot_be_imported():
     assert summary["stop_kinds"] == ["eos", "string", "token"]
     assert summary["most_debt"] > 0  # requests borrowed blocks from other instances
     assert summary["preemptions"] > 0
+    assert summary["moved_blocks"] > 0  # live migrations switched (DGFM's included)
     assert summary["pools_full"]
     # The runner's copies were let go through the plans alone.
     assert summary["runner_tables"] == 0 and summary["runner_known"] == 0

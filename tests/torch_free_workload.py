@@ -1,6 +1,7 @@
 """The real bookkeeping (cluster, schedulers, rManagers, gManager) through a workload
-with borrowing, preemption, aborts and every kind of stop, driven by a fake runner,
-with torch unimportable. Run as a script by ``test_torch_free.py``; prints a summary."""
+with borrowing, preemption, aborts, every kind of stop, live migrations and DGFM,
+driven by a fake runner, with torch unimportable. Run as a script by
+``test_torch_free.py``; prints a summary."""
 
 from __future__ import annotations
 
@@ -69,7 +70,8 @@ def main() -> None:
     rng = random.Random(0)
     cluster = Cluster(
         24, CacheConfig(1, BLOCK), SchedulerConfig(32, 8, 4096),
-        PoolingConfig(max_lend_fraction=1.0), 3, eos_token_ids=(EOS,),
+        PoolingConfig(max_lend_fraction=1.0, migration_tokens_per_step=8, dgfm_period=5),
+        3, eos_token_ids=(EOS,),
     )
     runner = FakeRunner(cluster)
     ids = []
@@ -94,6 +96,15 @@ def main() -> None:
         if steps % 7 == 0 and cluster.requests:  # a client goes away
             victim = rng.choice(sorted(cluster.requests))
             reasons[victim] = cluster.abort(victim).finish_reason
+        if steps % 3 == 0:  # a run of some running request moves (or is refused)
+            movable = [r for r in cluster.requests.values()
+                       if r.status.value == "running" and r.request_id not in cluster.migrator.active
+                       and r.block_table.num_blocks]
+            if movable:
+                request = rng.choice(movable)
+                run = rng.choice(request.block_table.rblocks)
+                target = rng.choice([i for i in range(3) if i != run.owner])
+                cluster.migrate(request.request_id, run.first_block, run.num_blocks, target)
         cluster.check_integrity()
         most_debt = max(most_debt, cluster.ledger().total_debt)
     # The last plan tells the runners to forget whatever ended after it was made.
@@ -107,6 +118,8 @@ def main() -> None:
         "stop_kinds": sorted(kinds),
         "most_debt": most_debt,
         "preemptions": snapshot.num_preemptions,
+        "moved_blocks": snapshot.migration.moved_blocks,
+        "migrations_aborted": snapshot.migration.aborted,
         "pools_full": snapshot.pools_full,
         "runner_tables": len(runner.tables),
         "runner_known": len(runner.known),
