@@ -92,6 +92,8 @@ class Cluster:
         self.requests: dict[str, Request] = {}  # every unfinished request
         self._arrivals = 0
         self._steps = 0
+        self._attended_block_steps = 0  # locality, summed over steps (see the snapshot)
+        self._remote_block_steps = 0
         # What the runners have not heard yet: requests added, requests ended, requests
         # preempted on another instance's behalf during this step's scheduling.
         self._new: dict[str, NewRequest] = {}
@@ -187,9 +189,14 @@ class Cluster:
         moves = self.migrator.advance()
         tables = []
         for chunk in chunks:
-            update = self.requests[chunk.request_id].block_table.take_update(chunk.request_id)
+            request = self.requests[chunk.request_id]
+            update = request.block_table.take_update(chunk.request_id)
             if update is not None:
                 tables.append(update)
+            blocks = request.block_table.blocks_by_owner()
+            total = sum(blocks.values())
+            self._attended_block_steps += total
+            self._remote_block_steps += total - blocks.get(request.home, 0)
         plan = StepPlan(
             chunks=tuple(chunks),
             tables=tuple(tables),
@@ -418,7 +425,7 @@ class Cluster:
         )
         return ClusterSnapshot(
             self.block_size, self.max_request_tokens, instances, requests, self.ledger(),
-            migration,
+            migration, self._attended_block_steps, self._remote_block_steps,
         )
 
     def check_integrity(self) -> None:

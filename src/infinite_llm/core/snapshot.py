@@ -57,6 +57,15 @@ class ClusterSnapshot:
     requests: tuple[RequestSnapshot, ...]  # every unfinished request
     ledger: Ledger  # the gManager's view, as of the last heartbeat
     migration: MigrationSnapshot
+    # Locality, summed over steps: blocks of KV the scheduled requests attended, and of
+    # those the ones on an instance other than the request's home.
+    attended_block_steps: int = 0
+    remote_block_steps: int = 0
+
+    @property
+    def remote_share(self) -> float:
+        """Share of attended KV that lived away from its request's home (0 to 1)."""
+        return self.remote_block_steps / self.attended_block_steps if self.attended_block_steps else 0.0
 
     @property
     def running(self) -> int:

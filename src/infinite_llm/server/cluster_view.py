@@ -24,6 +24,7 @@ def cluster_json(view: ClusterSnapshot) -> dict[str, Any]:
         "kv_cache_usage": view.kv_cache_usage,
         "instances": [asdict(i) for i in view.instances],
         "migration": asdict(view.migration),
+        "remote_share": view.remote_share,
         "requests": [
             {
                 "request_id": r.request_id,

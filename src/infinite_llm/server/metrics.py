@@ -128,6 +128,13 @@ class _ClusterCollector:
         )
         in_flight.add_metric(model, view.migration.in_flight)
         yield in_flight
+        remote = GaugeMetricFamily(
+            PREFIX + "kv_remote_share",
+            "Share of attended KV blocks (summed over steps) that lived away from their "
+            "request's home.", labels=["model_name"],
+        )
+        remote.add_metric(model, view.remote_share)
+        yield remote
         alive = GaugeMetricFamily(PREFIX + "instance_alive", "1 while an instance is alive.",
                                   labels=["model_name", "instance"])
         for inst in view.instances:
