@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--planner-period", type=int, default=4)
     parser.add_argument("--dgfm-period", type=int, default=8)
     parser.add_argument("--migration-tokens", type=int, default=16)
+    parser.add_argument("--backend", default="local", choices=["local", "ray"],
+                        help="ray: one actor per instance (each gets cores / instances threads)")
     args = parser.parse_args()
 
     prompts, max_tokens = workload(args.short, args.long, args.long_len, args.output_tokens)
@@ -58,14 +60,18 @@ def main() -> None:
         )
     rows, results = [], {}
     for mode, options in modes.items():
-        llm = smollm2(args.instances, args.tokens_each, dtype=args.dtype, **options)
-        run(llm.engine, [prompts[0]], [2])  # warm-up
-        result = run(llm.engine, prompts, max_tokens)
+        llm = smollm2(args.instances, args.tokens_each, dtype=args.dtype,
+                      backend=args.backend, **options)
+        try:
+            run(llm.engine, [prompts[0]], [2])  # warm-up
+            result = run(llm.engine, prompts, max_tokens)
+            snap = llm.engine.snapshot()
+        finally:
+            llm.shutdown()
         results[mode] = result
         done = len(result.outputs)
         out_tokens = sum(len(t) for t in result.outputs.values())
         prompt_tokens = sum(len(prompts[i]) for i in result.outputs)
-        snap = llm.engine.snapshot()
         rows.append([
             mode, len(prompts), done, len(result.refused),
             result.most_owners, snap.num_preemptions, snap.migration.moved_blocks,
@@ -83,7 +89,8 @@ def main() -> None:
     agree = all(iso.outputs[k] == pooled.outputs[k] for k in common)
 
     print()
-    print(f"SmolLM2-135M {args.dtype}, {args.instances} instances x {args.tokens_each} KV tokens; "
+    print(f"SmolLM2-135M {args.dtype}, {args.instances} instances ({args.backend}) x "
+          f"{args.tokens_each} KV tokens; "
           f"{args.short} requests of 32-160 prompt tokens + {args.long} of {args.long_len}, "
           f"{args.output_tokens} output tokens each")
     print_table(
