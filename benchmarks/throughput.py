@@ -1,8 +1,8 @@
 """Main throughput benchmark: infinite-llm against transformers on W1, W2 and LAT.
 
-Each engine runs in a process of its own (WORKLOADS.md: "one untimed warm-up generate
-first in each process"), for each dtype, on the standard workloads of
-/work/shared/WORKLOADS.md, so that neither inherits the other's process-wide settings
+Each engine runs in a process of its own (docs/WORKLOADS.md: one untimed warm-up
+generate first in each process), for each dtype, on the standard workloads of
+docs/WORKLOADS.md, so that neither inherits the other's process-wide settings
 (threads, allocator tuning, caches). Each engine gets one untimed warm-up generate; then
 for each workload the timed runs alternate between engines (engine A, engine B, A, B,
 ...) so that drift or a noisy neighbour on this small machine hits both alike; the

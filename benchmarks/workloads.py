@@ -1,10 +1,10 @@
-"""Standard benchmark workloads W1, W2 and LAT, built exactly as /work/shared/WORKLOADS.md says.
+"""Standard benchmark workloads W1, W2 and LAT, built exactly as docs/WORKLOADS.md says.
 
 Every engine is benchmarked on these same random-token prompts so that figures compare
 across engines and over time; the order of the NumPy draws is therefore part of the
 definition and must not change.
 
-Check the totals against the table in WORKLOADS.md:
+Check the totals against the table in docs/WORKLOADS.md:
 
     . .venv/bin/activate && PYTHONPATH=src python benchmarks/workloads.py
 """
@@ -107,7 +107,7 @@ def _describe(workload: Workload) -> str:
 
 
 def _check_w1(workload: Workload) -> None:
-    """Assert W1 matches the totals in WORKLOADS.md, which proves the draw order is right."""
+    """Assert W1 matches the totals in docs/WORKLOADS.md, which proves the draw order is right."""
     lens = [len(p) for p in workload.prompts]
     assert workload.num_requests == 64, workload.num_requests
     assert workload.prompt_tokens == 18_715, workload.prompt_tokens
@@ -121,6 +121,6 @@ if __name__ == "__main__":
     _check_w1(build_w1())
     w2 = build_w2()
     assert (w2.num_requests, w2.prompt_tokens, w2.output_tokens) == (8, 32_768, 512)
-    print("W1 and W2 totals match WORKLOADS.md")
+    print("W1 and W2 totals match docs/WORKLOADS.md")
     for name in BUILDERS:
         print("  quick slice ->", _describe(get_workload(name, quick=True)))
