@@ -61,11 +61,15 @@ class Exchanged:
         self.shapes = shapes
         self.scale = scale
         self.peers = sorted(plans)  # buffers go in rank order: the live ids, sorted
+        self.position = {peer: n for n, peer in enumerate(self.peers)}
+        # What each exchange carries is the same for every layer of the step: work it
+        # out once. to_owner[j]: my parts on j, in send order; from_debtor[d]: d's on me.
         mine = plans[rank]
-        # What each exchange carries is the same for every layer of the step: size it once.
+        self.to_owner = {j: _remote_parts(mine, j) for j in self.peers if j != rank}
+        self.from_debtor = {d: _remote_parts(plans[d], rank) for d in self.peers if d != rank}
         self.inbound_sizes = [0 if d == rank else self._inbound(d) for d in self.peers]
         self.back_sizes = [
-            0 if j == rank else sum(self._partial_size(b) for _, b, _ in _remote_parts(mine, j))
+            0 if j == rank else sum(self._partial_size(b) for _, b, _ in self.to_owner[j])
             for j in self.peers
         ]
 
@@ -84,20 +88,18 @@ class Exchanged:
         plan = self.plans[debtor]
         writes = plan.writes.to(self.rank)
         size = 2 * self._kv_width(writes.num_tokens) if writes else 0
-        return size + sum(self._query_size(b) for _, b, _ in _remote_parts(plan, self.rank))
+        return size + sum(self._query_size(b) for _, b, _ in self.from_debtor[debtor])
 
     def trade(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, queries: list[torch.Tensor | None]
     ) -> dict[tuple[int, int], Partial]:
-        mine = self.plans[self.rank]
+        mine, position = self.plans[self.rank], self.position
         send: list[list[torch.Tensor]] = [[] for _ in self.peers]
-        position = {peer: n for n, peer in enumerate(self.peers)}
         for w in mine.writes.per_owner:
             if w.owner != self.rank:
                 send[position[w.owner]] += [k[w.index], v[w.index]]
-        for j in self.peers:
-            if j != self.rank:
-                send[position[j]] += [queries[i] for i, _, _ in _remote_parts(mine, j)]
+        for j, parts in self.to_owner.items():
+            send[position[j]] += [queries[i] for i, _, _ in parts]
         inbound = self.exchange(
             [torch.cat([t.reshape(-1).float() for t in parts]) if parts else torch.empty(0)
              for parts in send],
@@ -106,7 +108,7 @@ class Exchanged:
         back = self.exchange(
             [self._serve(layer, d, inbound[position[d]]) for d in self.peers], self.back_sizes
         )
-        return self._unpack(mine, back, position)
+        return self._unpack(back)
 
     def _serve(self, layer: int, debtor: int, buf: torch.Tensor) -> torch.Tensor:
         """Debtor's k, v into my pool, its queries over my blocks; the partials to send back."""
@@ -123,7 +125,7 @@ class Exchanged:
             self.pool.write(layer, writes.slots, kk.to(k_cache.dtype), vv.to(k_cache.dtype))
             offset += 2 * width
         outs = []
-        for _, b, part in _remote_parts(plan, self.rank):
+        for _, b, part in self.from_debtor[debtor]:
             size = self._query_size(b)
             qb = buf[offset : offset + size].view(*b.token_index.shape, s.num_heads, s.head_dim)
             offset += size
@@ -131,17 +133,13 @@ class Exchanged:
             outs += [o.float().reshape(-1), lse.reshape(-1)]
         return torch.cat(outs) if outs else torch.empty(0)
 
-    def _unpack(
-        self, mine: AttentionPlan, back: list[torch.Tensor], position: dict[int, int]
-    ) -> dict[tuple[int, int], Partial]:
+    def _unpack(self, back: list[torch.Tensor]) -> dict[tuple[int, int], Partial]:
         """My remote partials, by (owner, batch index), from the buffers sent back."""
         s = self.shapes
         partials: dict[tuple[int, int], Partial] = {}
-        for j in self.peers:
-            if j == self.rank:
-                continue
-            buf, offset = back[position[j]], 0
-            for i, b, _ in _remote_parts(mine, j):
+        for j, parts in self.to_owner.items():
+            buf, offset = back[self.position[j]], 0
+            for i, b, _ in parts:
                 shape = (*b.token_index.shape, s.num_heads)
                 count = b.token_index.numel() * s.num_heads
                 o = buf[offset : offset + count * s.head_dim].view(*shape, s.head_dim)

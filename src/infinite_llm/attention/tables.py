@@ -75,14 +75,17 @@ class KVTable:
         owners: list[int] = []
         ids: list[int] = []
         k = bisect_right(self.starts, lo) - 1
-        # Offset of each run's first id within its owner's list.
+        # Where each owner's list stands at run k: its ids of the runs before k.
+        before: dict[int, int] = {}
+        for owner, count in zip(self.owners[:k], self.counts[:k]):
+            before[owner] = before.get(owner, 0) + count
         while lo < hi:
             owner, first, count = self.owners[k], self.starts[k], self.counts[k]
-            before = sum(c for o, c in zip(self.owners[:k], self.counts[:k]) if o == owner)
             end = min(hi, first + count)
-            base = before + lo - first
+            base = before.get(owner, 0) + lo - first
             ids += self.by_owner[owner][base : base + end - lo]
             owners += [owner] * (end - lo)
+            before[owner] = before.get(owner, 0) + count
             lo, k = end, k + 1
         return owners, ids
 

@@ -247,7 +247,7 @@ class Cluster:
             for r in running:
                 if r.request_id in busy:
                     continue
-                for rb in r.block_table.rblocks_between(0, r.block_table.num_blocks):
+                for rb in r.block_table.rblocks:
                     if rb.owner == r.home:
                         candidates.append(Candidate(r.request_id, r.home, rb.first_block,
                                                     rb.num_blocks))

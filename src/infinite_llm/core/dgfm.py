@@ -76,7 +76,7 @@ def _leg(requests: list[Request], debtor: int, creditor: int, weight: int) -> Le
     for request in sorted(requests, key=lambda r: r.arrival):
         if request.home != debtor or request.status is not RequestStatus.RUNNING:
             continue
-        for rb in request.block_table.rblocks_between(0, request.block_table.num_blocks):
+        for rb in request.block_table.rblocks:
             if rb.owner == creditor and rb.num_blocks >= weight:
                 return Leg(request, creditor, rb.first_block, rb.block_ids[:weight])
     return None
@@ -118,10 +118,7 @@ def plan_recalls(requests: list[Request], free: dict[int, int], busy: set[str]) 
         home = request.home
         if request.request_id in busy or request.status is not RequestStatus.RUNNING:
             continue
-        runs: list[RBlock] = [
-            rb for rb in request.block_table.rblocks_between(0, request.block_table.num_blocks)
-            if rb.owner != home
-        ]
+        runs: list[RBlock] = [rb for rb in request.block_table.rblocks if rb.owner != home]
         if runs and room.get(home, 0) > 0:
             rb = runs[0]
             count = min(rb.num_blocks, room[home])

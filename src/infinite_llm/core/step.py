@@ -70,10 +70,6 @@ class StepPlan:
     finished: tuple[str, ...] = ()  # ended since the last plan: forget them
     moves: tuple[BlockMove, ...] = ()
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.chunks)
-
 
 def encode_plan(plan: StepPlan) -> bytes:
     """A plan as the instance processes receive it: without the sampling params (the

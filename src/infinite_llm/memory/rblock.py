@@ -146,12 +146,7 @@ class BlockTable:
         if start == self._num_blocks:
             return None
         self._synced = self._num_blocks
-        k = max(0, bisect_right(self._starts, start) - 1)
-        runs = []
-        for o, s, ids in zip(self._owners[k:], self._starts[k:], self._ids[k:]):
-            skip = max(0, start - s)
-            runs.append(RBlock(o, s + skip, tuple(ids[skip:])))
-        return TableUpdate(request_id, start, tuple(runs))
+        return TableUpdate(request_id, start, tuple(self.rblocks_between(start, self._num_blocks)))
 
     def resync(self) -> None:
         """The runners lost their copy: the next update carries the whole table."""
