@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--cost-model", default=None,
                         help="a profile's fit: adds the run with the planner, migration and DGFM")
-    parser.add_argument("--planner-period", type=int, default=4)
+    parser.add_argument("--planner-period", type=int, default=1)
     parser.add_argument("--dgfm-period", type=int, default=8)
     parser.add_argument("--migration-tokens", type=int, default=16)
     parser.add_argument("--backend", default="local", choices=["local", "ray"],
@@ -64,6 +64,7 @@ def main() -> None:
                       backend=args.backend, **options)
         try:
             run(llm.engine, [prompts[0]], [2])  # warm-up
+            before = llm.engine.snapshot().computed_tokens
             result = run(llm.engine, prompts, max_tokens)
             snap = llm.engine.snapshot()
         finally:
@@ -72,10 +73,16 @@ def main() -> None:
         done = len(result.outputs)
         out_tokens = sum(len(t) for t in result.outputs.values())
         prompt_tokens = sum(len(prompts[i]) for i in result.outputs)
+        m = snap.migration
         rows.append([
             mode, len(prompts), done, len(result.refused),
-            result.most_owners, snap.num_preemptions, snap.migration.moved_blocks,
-            snap.migration.cancelled_cycles, prompt_tokens, out_tokens,
+            result.most_owners, snap.num_preemptions,
+            # Tokens computed beyond each completed request's prompt and outputs (the
+            # last sampled token needs no compute): the recompute after preemption.
+            snap.computed_tokens - before - sum(
+                len(prompts[i]) + len(out) - 1 for i, out in result.outputs.items()),
+            m.rehomed, m.copied_blocks, m.cancelled_cycles, f"{m.stall_s:.2f}",
+            f"{100 * snap.remote_share:.1f}", prompt_tokens, out_tokens,
             f"{result.seconds:.1f}", f"{out_tokens / result.seconds:.1f}",
             f"{(prompt_tokens + out_tokens) / result.seconds:.1f}",
         ])
@@ -95,7 +102,8 @@ def main() -> None:
           f"{args.output_tokens} output tokens each")
     print_table(
         ["mode", "requests", "completed", "refused", "most owners", "preemptions",
-         "blocks moved", "cycles", "prompt tokens served", "output tokens", "seconds",
+         "recomputed tokens", "rehomed", "blocks copied", "cycles", "copy stall s",
+         "remote KV %", "prompt tokens served", "output tokens", "seconds",
          "output tok/s", "total tok/s"],
         rows,
     )

@@ -7,7 +7,7 @@ import pytest
 
 from infinite_llm import SamplingParams
 
-from test_cluster import GREEDY, assert_all_pools_full, tiny_cluster
+from test_cluster import GREEDY, TINY_BLOCK_BYTES, assert_all_pools_full, tiny_cluster
 from test_hf_equivalence import random_prompts
 
 
@@ -61,6 +61,14 @@ def test_blocks_move_to_a_third_instance_mid_decode_and_tokens_do_not_change(
     assert request.output_token_ids == alone_tokens([prompt], 24)[0]
     assert engine.cluster.migrator.moved_blocks == count
     assert_all_pools_full(engine)
+    # What it cost, in the snapshot: every block copied once, bytes as the cache holds them.
+    snap = engine.snapshot()
+    assert snap.migration.copied_blocks == count
+    assert snap.migration.moved_bytes == count * TINY_BLOCK_BYTES
+    assert snap.migration.stall_s > 0
+    assert [(i.migrated_out, i.migrated_in) for i in snap.instances] == [
+        (count if i == source else 0, count if i == target else 0) for i in range(3)
+    ]
 
 
 def test_blocks_come_home_when_room_frees(tiny_llama_dir, alone_tokens):

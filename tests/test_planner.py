@@ -12,6 +12,7 @@ from infinite_llm.core.planner import (
     GreedyPlanner,
     InstanceLoad,
     MoveOrder,
+    RehomeOrder,
     admitted,
     predicted_rate,
 )
@@ -93,16 +94,65 @@ def test_the_cluster_runs_the_planner_and_a_refused_reservation_is_planned_again
     assert not c.migrator.active
     c.instances[1].rmanager.pool.free(taken)
     c.heartbeat()
-    orders = c.replan()
-    assert orders and orders[0].request_id == "big" and orders[0].target == 1
-    while c.migrator.active:
-        step(c)
-    assert 1 in big.block_table.owners()
+    # Room again: the waiting request moves to it (free: it holds no KV yet), rather
+    # than blocks of the running one.
+    assert c.replan() == [RehomeOrder("late", 1)]
+    assert c.requests["late"].home == 1 and not c.migrator.active
+    step(c)
+    assert c.requests["late"].status.value == "running"
+    assert c.requests["late"].block_table.owners() == {1}
     while c.has_work():
         step(c)
     assert c.snapshot().pools_full
+    assert big.block_table.num_blocks == 0
+
+
+def test_waiting_requests_move_to_room_from_the_longest_queue_first():
+    loads = [
+        InstanceLoad(0, free=2, lendable=0, running=1, context_tokens=100,
+                     waiting_blocks=(4, 3), waiting_ids=("a", "b")),
+        InstanceLoad(1, free=1, lendable=0, running=1, context_tokens=100,
+                     waiting_blocks=(2, 2, 9), waiting_ids=("c", "d", "e")),
+        InstanceLoad(2, free=12, lendable=12, running=1, context_tokens=40),
+        InstanceLoad(3, free=6, lendable=6, running=0, context_tokens=0),
+    ]
+    # Room is free blocks less one per running request. Instance 1 admits none of its
+    # three, 0 none of its two: 1's "c" goes to the most room (2: 11 -> 8); queues even
+    # (2 each), 0's "a" to 2 again (8 > 6 on 3; 2 keeps 3); 1's "d" to 3 (6 > 3; 3 keeps
+    # 3); 0's "b" (3 blocks) to 2 (3 each, lower id); "e" (9 blocks) fits nowhere.
+    assert planner().rehome(loads) == [
+        RehomeOrder("c", 2), RehomeOrder("a", 2), RehomeOrder("d", 3), RehomeOrder("b", 2)
+    ]
+    # Nobody with room and an empty queue: nothing moves.
+    assert planner().rehome(loads[:2]) == []
 
 
 def test_the_planner_needs_a_cost_model():
     with pytest.raises(ValueError, match="cost model"):
         PoolingConfig(planner_period=4)
+
+
+def test_outputs_do_not_change_when_the_planner_rehomes_and_migrates(
+    tiny_llama_dir, alone_tokens, tmp_path
+):
+    """Mixed lengths on 3 small instances with the planner every step and DGFM: requests
+    change homes while waiting and blocks move while decoding; the greedy tokens are
+    those of one instance holding everything."""
+    from infinite_llm import SamplingParams
+
+    from test_cluster import GREEDY, assert_all_pools_full, tiny_cluster
+    from test_hf_equivalence import random_prompts
+
+    path = tmp_path / "cost.json"
+    COST.save(path)
+    llm = tiny_cluster(tiny_llama_dir, 3, 12, max_lend_fraction=1.0, planner_period=1,
+                       cost_model=str(path), dgfm_period=2, migration_tokens_per_step=8)
+    prompts = random_prompts(9, 4, 40, 320, seed=8)
+    prompts[0] = prompts[0] + random_prompts(1, 60, 61, 320, seed=9)[0]  # spans instances
+    params = SamplingParams(max_tokens=10, **GREEDY)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    expected = alone_tokens(prompts, 10)
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    snap = llm.engine.snapshot()
+    assert snap.migration.rehomed > 0
+    assert_all_pools_full(llm.engine)

@@ -339,3 +339,29 @@ def test_a_debt_cycle_cancelled_across_actors_changes_no_token(tiny_llama_dir, l
         assert_same_tokens_and_logprobs(run_a_cancelled_ring(llm, prompts, params), alone)
     finally:
         llm.shutdown()
+
+
+def test_profile_on_ray_times_the_exchange_and_host_blocks_come_up_exactly(
+    tiny_llama_dir, local_ray
+):
+    """On Ray the cost model gets its exchange term (per_remote_s) from a timed
+    all-to-all; and a recall from an actor's host tier into its device blocks (a move
+    whose source and target are one actor) changes no token."""
+    from infinite_llm.engine.profile import profile
+
+    remote = cluster(tiny_llama_dir, 2, "ray", host_kv_cache_memory=10 * TINY_BLOCK_BYTES)
+    engine = remote.engine
+    try:
+        model = profile(engine, [1, 2], [8, 24], steps=2)
+        assert model.per_remote_s > 0 and model.source["backend"] == "ray"
+        short = random_prompts(1, 20, 21, 320, seed=4)[0]
+        long = random_prompts(1, 70, 71, 320, seed=5)[0]
+        params = [SamplingParams(max_tokens=n, **GREEDY) for n in (4, 24)]
+        want = cluster(tiny_llama_dir, 2, "local", host_kv_cache_memory=10 * TINY_BLOCK_BYTES
+                       ).generate([short, long], params, use_tqdm=False)
+        got = remote.generate([short, long], params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+        assert engine.cluster.migrator.recalls >= 1
+        assert engine.snapshot().pools_full
+    finally:
+        engine.runner.shutdown()

@@ -36,6 +36,12 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
         help="KV cache budget of each instance, bytes or e.g. 256MiB (default: %(default)s)",
     )
     group.add_argument(
+        "--host-kv-cache-memory", default=option_default("host_kv_cache_memory"),
+        help="KV blocks each instance also keeps in host memory, used after every "
+        "instance's device memory and recalled first when it frees, bytes or e.g. 1GiB "
+        "(default: none)",
+    )
+    group.add_argument(
         "--block-size", type=int, default=option_default("block_size"),
         help="tokens per KV block (default: %(default)s)",
     )
@@ -68,6 +74,25 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
         help="share of its pool an instance may lend (default: %(default)s)",
     )
     group.add_argument(
+        "--planner-period", type=int, default=option_default("planner_period"),
+        help="run the greedy planner (live KV migration) every this many steps; needs "
+        "--cost-model (default: %(default)s, off)",
+    )
+    group.add_argument(
+        "--cost-model", default=option_default("cost_model"),
+        help="the fit `infinite-llm profile` wrote, for the planner",
+    )
+    group.add_argument(
+        "--dgfm-period", type=int, default=option_default("dgfm_period"),
+        help="defragment the debt graph (recalls, cycle cancellation) every this many "
+        "steps (default: %(default)s, off)",
+    )
+    group.add_argument(
+        "--migration-tokens-per-step", type=int,
+        default=option_default("migration_tokens_per_step"),
+        help="KV tokens live migration copies per step, cluster-wide (default: %(default)s)",
+    )
+    group.add_argument(
         "--backend", choices=list(BACKENDS), default=option_default("backend"),
         help="local: all instances in this process; ray: one Ray actor per instance "
         "(pip install infinite-llm[ray]; see docs/MULTINODE.md) (default: %(default)s)",
@@ -81,9 +106,10 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
 
 # The flags above, by the option each sets (LLM's keyword arguments).
 _ENGINE_FLAGS = (
-    "dtype", "device", "kv_cache_memory", "block_size", "max_model_len",
-    "max_num_batched_tokens", "max_num_seqs", "seed", "instances", "kv_pooling",
-    "max_lend_fraction", "backend", "ray_address",
+    "dtype", "device", "kv_cache_memory", "host_kv_cache_memory", "block_size",
+    "max_model_len", "max_num_batched_tokens", "max_num_seqs", "seed", "instances",
+    "kv_pooling", "max_lend_fraction", "planner_period", "cost_model", "dgfm_period",
+    "migration_tokens_per_step", "backend", "ray_address",
 )
 
 

@@ -22,7 +22,7 @@ _SIZE_UNITS = {
 }
 
 
-def parse_memory_size(value: int | str) -> int:
+def parse_memory_size(value: int | str, allow_zero: bool = False) -> int:
     """Bytes from an int or a string such as ``"256MiB"``, ``"1.5GiB"`` or ``"4096"``."""
     if isinstance(value, bool):
         raise ValueError(f"memory size must be an int or a string, got {value!r}")
@@ -39,7 +39,7 @@ def parse_memory_size(value: int | str) -> int:
         size = int(float(match.group(1)) * _SIZE_UNITS[unit])
     else:
         raise ValueError(f"memory size must be an int or a string, got {type(value).__name__}")
-    if size <= 0:
+    if size < 0 or (size == 0 and not allow_zero):
         raise ValueError(f"memory size must be positive, got {value!r}")
     return size
 
@@ -98,16 +98,21 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """The KV block pool of one instance."""
+    """The KV block pool of one instance: device memory, and optionally a tier in host
+    memory used after every instance's device memory (a separate budget on a CPU-only
+    machine)."""
 
     kv_cache_memory: int = 1 << 30  # bytes
     block_size: int = 16
+    host_kv_cache_memory: int = 0  # bytes; 0: no host tier
 
     def __post_init__(self) -> None:
-        for name in ("kv_cache_memory", "block_size"):
+        for name in ("kv_cache_memory", "block_size", "host_kv_cache_memory"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            least = 0 if name == "host_kv_cache_memory" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                kind = "an int >= 0" if least == 0 else "a positive int"
+                raise ValueError(f"{name} must be {kind}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -286,8 +291,12 @@ class EngineConfig:
             raise TypeError(
                 f"unknown option(s) {', '.join(unknown)}; the options are: {', '.join(OPTIONS)}"
             )
-        if "kv_cache_memory" in options:
-            options["kv_cache_memory"] = parse_memory_size(options["kv_cache_memory"])
+        for name in ("kv_cache_memory", "host_kv_cache_memory"):
+            if name in options:
+                try:
+                    options[name] = parse_memory_size(options[name], name.startswith("host"))
+                except ValueError as error:
+                    raise ValueError(f"{name}: {error}") from None
         changes: dict[str, Any] = {}  # nested by section, so each is validated whole
         for name, value in options.items():
             *sections, leaf = OPTIONS[name].split(".")
@@ -313,6 +322,7 @@ OPTIONS = {
     "seed": "seed",
     "allow_long_context": "allow_long_context",
     "kv_cache_memory": "cache.kv_cache_memory",
+    "host_kv_cache_memory": "cache.host_kv_cache_memory",
     "block_size": "cache.block_size",
     "max_num_batched_tokens": "scheduler.max_num_batched_tokens",
     "max_num_seqs": "scheduler.max_num_seqs",

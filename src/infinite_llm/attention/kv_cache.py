@@ -5,17 +5,21 @@ from __future__ import annotations
 import torch
 
 from infinite_llm.config import CacheConfig, ModelConfig
+from infinite_llm.memory.block_pool import Tiers
 
 
-def num_blocks_for(model: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -> int:
-    """How many blocks of K and V (all layers) fit the memory budget."""
+def num_blocks_for(model: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -> Tiers:
+    """How many blocks of K and V (all layers) fit the device budget, and the host one."""
     element = torch.tensor([], dtype=dtype).element_size()
     block_bytes = model.kv_bytes_per_token * cache.block_size * element
-    return cache.kv_cache_memory // block_bytes
+    return Tiers(cache.kv_cache_memory // block_bytes, cache.host_kv_cache_memory // block_bytes)
 
 
 class KVCache:
-    """K and V for every layer: (layers, num_blocks, block_size, kv_heads, head_dim) each."""
+    """K and V for every layer: (layers, num_blocks, block_size, kv_heads, head_dim) each.
+
+    The host tier's blocks follow the device ones in the same tensors: on a CPU-only
+    machine both are host memory, and the tier is a separate budget."""
 
     def __init__(
         self,

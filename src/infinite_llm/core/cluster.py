@@ -24,7 +24,13 @@ from infinite_llm.core.dgfm import debt_graph, plan_cancellation, plan_recalls
 from infinite_llm.core.load import KVLoad
 from infinite_llm.core.migration import Migrator
 from infinite_llm.core.placement import LeastLoaded, Placement
-from infinite_llm.core.planner import Candidate, GreedyPlanner, InstanceLoad, MoveOrder
+from infinite_llm.core.planner import (
+    Candidate,
+    GreedyPlanner,
+    InstanceLoad,
+    MoveOrder,
+    RehomeOrder,
+)
 from infinite_llm.core.preemption import OldestFirst
 from infinite_llm.core.request import Request, RequestStatus
 from infinite_llm.core.scheduler import Scheduler
@@ -35,8 +41,8 @@ from infinite_llm.core.snapshot import (
     RequestSnapshot,
 )
 from infinite_llm.core.step import NewRequest, SampledToken, StepPlan, StepResult
-from infinite_llm.memory.block_pool import BlockPool
-from infinite_llm.memory.gmanager import GManager, Ledger
+from infinite_llm.memory.block_pool import BlockPool, Tier, Tiers
+from infinite_llm.memory.gmanager import GManager, Ledger, max_request_blocks
 from infinite_llm.memory.rmanager import RManager, lendable
 
 logger = logging.getLogger(__name__)
@@ -49,7 +55,7 @@ Observer = Callable[[Request, SampledToken], "str | None"]
 class Cluster:
     def __init__(
         self,
-        num_blocks: int,
+        num_blocks: Tiers | int,
         cache: CacheConfig,
         scheduler: SchedulerConfig,
         pooling: PoolingConfig,
@@ -60,12 +66,14 @@ class Cluster:
     ) -> None:
         if num_instances < 1:
             raise ValueError(f"instances must be at least 1, got {num_instances}")
-        if num_blocks < 1:
+        tiers = Tiers(num_blocks) if isinstance(num_blocks, int) else num_blocks
+        if tiers.device_blocks < 1:
             raise ValueError(
                 f"kv_cache_memory={cache.kv_cache_memory} bytes holds no block of "
                 f"{cache.block_size} tokens for this model"
             )
         self.block_size = cache.block_size
+        self.tiers = tiers
         self.pooling = pooling
         self.eos_token_ids = eos_token_ids
         self.gmanager = gmanager if gmanager is not None else GManager(config=pooling)
@@ -74,13 +82,13 @@ class Cluster:
         self.preemption = OldestFirst(self._preempt_elsewhere)
         self.instances: list[Instance] = []
         for i in range(num_instances):
-            rmanager = RManager(i, BlockPool(num_blocks), pooling, self.gmanager, self._call)
-            self.gmanager.register(i, num_blocks)
+            rmanager = RManager(i, BlockPool(tiers), pooling, self.gmanager, self._call)
+            self.gmanager.register(i, tiers.total)
             sched = Scheduler(scheduler, rmanager, cache.block_size, arbiter=self.preemption)
             self.instances.append(Instance(i, rmanager, sched))
         self.migrator = Migrator(
             self.instances, cache.block_size, pooling.migration_tokens_per_step,
-            pooling.migration_lease_steps,
+            pooling.migration_lease_steps, tiers,
         )
         self.planner = (
             GreedyPlanner(CostModel.load(pooling.cost_model), cache.block_size)
@@ -94,6 +102,10 @@ class Cluster:
         self._steps = 0
         self._attended_block_steps = 0  # locality, summed over steps (see the snapshot)
         self._remote_block_steps = 0
+        self._computed_tokens = 0  # tokens the runners computed (recomputes included)
+        self._moved_bytes = 0  # what the runners reported the plans' moves cost
+        self._stall_s = 0.0
+        self._rehomed = 0
         # What the runners have not heard yet: requests added, requests ended, requests
         # preempted on another instance's behalf during this step's scheduling.
         self._new: dict[str, NewRequest] = {}
@@ -109,12 +121,20 @@ class Cluster:
 
     @property
     def blocks_per_instance(self) -> int:
-        return self.instances[0].rmanager.capacity
+        """Device blocks of each instance (``tiers`` has the host tier's too)."""
+        return self.tiers.device_blocks
 
     @property
     def max_request_tokens(self) -> int:
-        """The most KV one request can ever hold: its home's pool plus all it may borrow."""
+        """The most KV one request can ever hold: its home's pool plus all it may borrow,
+        both tiers counted."""
         return self._max_request_blocks * self.block_size
+
+    @property
+    def max_request_device_tokens(self) -> int:
+        """Of ``max_request_tokens``, what device memory alone could hold."""
+        device = {inst.instance_id: self.tiers.device_blocks for inst in self.alive_instances}
+        return max_request_blocks(device, self.pooling) * self.block_size
 
     @property
     def alive_instances(self) -> list[Instance]:
@@ -184,6 +204,8 @@ class Cluster:
         self._steps += 1
         if self.pooling.dgfm_period and self._steps % self.pooling.dgfm_period == 0:
             self.defragment()
+        elif self._host_in_use():
+            self.recall(host_only=True)
         if self.planner is not None and self._steps % self.pooling.planner_period == 0:
             self.replan()
         moves = self.migrator.advance()
@@ -220,17 +242,43 @@ class Cluster:
             raise ValueError(f"instance {target} is not a live instance")
         return self.migrator.start(request, first_block, count, target)
 
-    def replan(self) -> list[MoveOrder]:
-        """One pass of the greedy planner (``core/planner.py``) over the ledger's view;
-        the moves it orders start as live migrations. A target that refuses is left for
-        the next pass. Returns the orders that started."""
+    def replan(self) -> list[MoveOrder | RehomeOrder]:
+        """One pass of the greedy planner (``core/planner.py``) over the ledger's view:
+        waiting requests their home cannot admit go to instances with room, then the
+        moves it orders start as live migrations. A target that refuses is left for the
+        next pass. Returns the orders carried out."""
         assert self.planner is not None, "the planner is off (planner_period = 0)"
         self.heartbeat()
+        done: list[MoveOrder | RehomeOrder] = []
+        for rehome in self.planner.rehome(self._loads()[0]):
+            request = self.requests[rehome.request_id]
+            # The target's own count is the authority (the ledger may be stale).
+            target = self.instances[rehome.target]
+            room = target.rmanager.num_free - len(target.scheduler.running)
+            if request.num_blocks_needed(self.block_size) > room:
+                continue
+            self.instances[request.home].scheduler.waiting.remove(request)
+            self.load.remove(request)
+            request.home = rehome.target
+            self.load.add(request)
+            self.instances[request.home].scheduler.add(request)
+            self._rehomed += 1
+            done.append(rehome)
+        loads, candidates = self._loads()
+        for order in self.planner.plan(loads, candidates):
+            if self.migrator.start(self.requests[order.request_id], order.first_block,
+                                   order.count, order.target):
+                done.append(order)
+        return done
+
+    def _loads(self) -> tuple[list[InstanceLoad], list[Candidate]]:
+        """The live instances as the planner sees them (free space from the ledger), and
+        the runs of blocks it may move: each running request's first run at its home."""
         ledger = self.ledger()
         loads, candidates = [], []
         busy = set(self.migrator.active)
         for inst in self.alive_instances:
-            running = inst.scheduler.running
+            running, waiting = inst.scheduler.running, inst.scheduler.waiting
             entry = ledger.instances[inst.instance_id]
             loads.append(InstanceLoad(
                 inst.instance_id,
@@ -239,10 +287,9 @@ class Cluster:
                                   sum(entry.lent_to.values())),
                 running=len(running),
                 context_tokens=sum(r.num_tokens for r in running),
-                waiting_blocks=tuple(
-                    -(-r.num_tokens // self.block_size) for r in inst.scheduler.waiting
-                ),
+                waiting_blocks=tuple(r.num_blocks_needed(self.block_size) for r in waiting),
                 remote_pairs=sum(len(r.block_table.owners()) - 1 for r in running),
+                waiting_ids=tuple(r.request_id for r in waiting),
             ))
             for r in running:
                 if r.request_id in busy:
@@ -252,36 +299,45 @@ class Cluster:
                         candidates.append(Candidate(r.request_id, r.home, rb.first_block,
                                                     rb.num_blocks))
                         break
-        started = []
-        for order in self.planner.plan(loads, candidates):
-            if self.migrator.start(self.requests[order.request_id], order.first_block,
-                                   order.count, order.target):
-                started.append(order)
-        return started
+        return loads, candidates
 
     def defragment(self) -> tuple[int, int]:
-        """One DGFM pass (``core/dgfm.py``): debtors with free blocks start taking their
-        blocks home, then one debt cycle is cancelled in the next plan. Returns (recalls
-        started, cycles planned)."""
-        busy = set(self.migrator.active)
-        running = [r for r in self.requests.values() if r.status is RequestStatus.RUNNING]
-        # Room a debtor may use: its free blocks, less one of headroom per running request.
-        free = {
-            inst.instance_id: inst.rmanager.num_free - len(inst.scheduler.running)
-            for inst in self.alive_instances
-        }
-        recalls = 0
-        for recall in plan_recalls(running, free, busy):
-            if self.migrator.start(recall.request, recall.first_block, recall.count,
-                                   recall.request.home):
-                recalls += 1
-                self.migrator.recalls += 1
-                busy.add(recall.request.request_id)
+        """One DGFM pass (``core/dgfm.py``): debtors with free device blocks start taking
+        their blocks home (from host memory first), then one debt cycle is cancelled in
+        the next plan. Returns (recalls started, cycles planned)."""
+        recalls = self.recall()
         self.heartbeat()
-        legs = plan_cancellation(debt_graph(self.ledger()), running, busy)
+        running = [r for r in self.requests.values() if r.status is RequestStatus.RUNNING]
+        legs = plan_cancellation(debt_graph(self.ledger()), running, set(self.migrator.active))
         if legs:
             self.migrator.cancel_cycle(legs)
         return recalls, int(bool(legs))
+
+    def recall(self, host_only: bool = False) -> int:
+        """Start migrations into free device memory: blocks in host memory first (into
+        their home's, else wherever there is most), then (unless ``host_only``) blocks
+        on creditors into their home's. Returns how many started."""
+        busy = set(self.migrator.active)
+        running = [r for r in self.requests.values() if r.status is RequestStatus.RUNNING]
+        # Room a home may use: its free device blocks, less one of headroom per running request.
+        free = {
+            inst.instance_id: inst.rmanager.pool.free_in(Tier.DEVICE) - len(inst.scheduler.running)
+            for inst in self.alive_instances
+        }
+        started = 0
+        for recall in plan_recalls(running, free, busy, self.tiers, remote=not host_only):
+            if self.migrator.start(recall.request, recall.first_block, recall.count,
+                                   recall.target):
+                started += 1
+                self.migrator.recalls += 1
+        return started
+
+    def _host_in_use(self) -> bool:
+        """Whether any live instance holds KV in its host tier."""
+        host = self.tiers.host_blocks
+        return bool(host) and any(
+            inst.rmanager.pool.free_in(Tier.HOST) < host for inst in self.alive_instances
+        )
 
     def _preempt_elsewhere(self, request: Request) -> None:
         """Preempt ``request`` for an older one on another instance, and tell the gManager
@@ -298,6 +354,9 @@ class Cluster:
         the requests that got a token, in the result's order (finished ones included)."""
         for chunk in plan.chunks:
             self.requests[chunk.request_id].num_computed_tokens += chunk.num_tokens
+            self._computed_tokens += chunk.num_tokens
+        self._moved_bytes += result.moved_bytes
+        self._stall_s += result.move_s
         advanced = []
         for request_id, token in result.tokens.items():
             request = self.requests[request_id]
@@ -405,6 +464,10 @@ class Cluster:
                 running=len(inst.scheduler.running),
                 waiting=len(inst.scheduler.waiting),
                 preemptions=inst.scheduler.num_preemptions,
+                host_capacity=self.tiers.host_blocks,
+                host_free=inst.rmanager.pool.free_in(Tier.HOST),
+                migrated_out=self.migrator.copied_out[inst.instance_id],
+                migrated_in=self.migrator.copied_in[inst.instance_id],
             )
             for inst in self.instances
         )
@@ -421,11 +484,14 @@ class Cluster:
         )
         m = self.migrator
         migration = MigrationSnapshot(
-            len(m.active), m.moved_blocks, m.aborted, m.recalls, m.cancelled_cycles
+            len(m.active), m.moved_blocks, m.aborted, m.recalls, m.cancelled_cycles,
+            copied_blocks=sum(m.copied_in.values()), moved_bytes=self._moved_bytes,
+            stall_s=self._stall_s, rehomed=self._rehomed,
         )
         return ClusterSnapshot(
             self.block_size, self.max_request_tokens, instances, requests, self.ledger(),
             migration, self._attended_block_steps, self._remote_block_steps,
+            self._computed_tokens,
         )
 
     def check_integrity(self) -> None:

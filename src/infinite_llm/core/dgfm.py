@@ -2,7 +2,8 @@
 edges (A -> B weighted by A's blocks held on B), and two moves restore locality:
 
     recall   a debtor with free blocks again takes its blocks home (a live migration
-             of a run from the creditor into the debtor's own pool)
+             of a run from the creditor into the debtor's own pool); blocks in host
+             memory come into device memory first
     cancel   a cycle A -> B -> ... -> A of minimum weight w: each instance's w guest
              blocks receive w of its own blocks that lived on the next instance, all in
              one step, so locality improves without a free block anywhere
@@ -17,11 +18,12 @@ the gManager's ledger (advice); the tables and rManagers say what really is. No 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from infinite_llm.core.request import Request, RequestStatus
+from infinite_llm.memory.block_pool import Tier, Tiers
 from infinite_llm.memory.gmanager import Ledger
-from infinite_llm.memory.rblock import RBlock
 
 DebtGraph = dict[int, dict[int, int]]  # debtor -> creditor -> blocks
 
@@ -107,21 +109,65 @@ class Recall:
     request: Request
     first_block: int
     count: int
+    target: int  # the request's home, or for blocks in host memory any device room
 
 
-def plan_recalls(requests: list[Request], free: dict[int, int], busy: set[str]) -> list[Recall]:
-    """Runs of blocks that can come home now: per debtor, its oldest running requests'
-    runs on creditors, as many blocks as ``free`` says it has (the rManager's count)."""
+def plan_recalls(
+    requests: list[Request], free: dict[int, int], busy: set[str],
+    tiers: Tiers | None = None, remote: bool = True,
+) -> list[Recall]:
+    """Runs of blocks that can come into device memory now, as many blocks as ``free``
+    says each instance has there: first every request's blocks in host memory
+    (``tiers``; its home's or a creditor's), into its home's device memory or else the
+    instance with the most; then (``remote``) runs on creditors, into their home's;
+    oldest requests first within each."""
+    finders: list[tuple[Callable[[Request], tuple[int, int] | None], bool]] = []
+    if tiers is not None and tiers.host_blocks:
+        finders.append((lambda request: _host_run(request, tiers), True))
+    if remote:
+        finders.append((_remote_run, False))
     recalls = []
     room = dict(free)
-    for request in sorted(requests, key=lambda r: r.arrival):
-        home = request.home
-        if request.request_id in busy or request.status is not RequestStatus.RUNNING:
-            continue
-        runs: list[RBlock] = [rb for rb in request.block_table.rblocks if rb.owner != home]
-        if runs and room.get(home, 0) > 0:
-            rb = runs[0]
-            count = min(rb.num_blocks, room[home])
-            recalls.append(Recall(request, rb.first_block, count))
-            room[home] -= count
+    ordered = [
+        r for r in sorted(requests, key=lambda r: r.arrival)
+        if r.request_id not in busy and r.status is RequestStatus.RUNNING
+    ]
+    picked: set[str] = set()  # one migration at a time per request
+    for find, anywhere in finders:
+        for request in ordered:
+            target = request.home
+            if anywhere and room.get(target, 0) <= 0:
+                target = max(sorted(room), key=lambda i: room[i], default=target)
+            if request.request_id in picked or room.get(target, 0) <= 0:
+                continue
+            run = find(request)
+            if run is not None:
+                first, count = run
+                count = min(count, room[target])
+                recalls.append(Recall(request, first, count, target))
+                room[target] -= count
+                picked.add(request.request_id)
     return recalls
+
+
+def _remote_run(request: Request) -> tuple[int, int] | None:
+    """(first block, count) of the request's first run on another instance."""
+    for rb in request.block_table.rblocks:
+        if rb.owner != request.home:
+            return rb.first_block, rb.num_blocks
+    return None
+
+
+def _host_run(request: Request, tiers: Tiers) -> tuple[int, int] | None:
+    """(first block, count) of the request's first stretch of blocks in host memory
+    (within one owner's run)."""
+    for rb in request.block_table.rblocks:
+        start = None
+        for k, block in enumerate(rb.block_ids):
+            if tiers.of(block) is Tier.HOST and start is None:
+                start = k
+            elif tiers.of(block) is not Tier.HOST and start is not None:
+                return rb.first_block + start, k - start
+        if start is not None:
+            return rb.first_block + start, rb.num_blocks - start
+    return None

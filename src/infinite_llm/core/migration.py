@@ -1,5 +1,6 @@
-"""Live KV migration: a run of one request's blocks moves to another instance while the
-request keeps decoding. A protocol over block ids, no torch:
+"""Live KV migration: a run of one request's blocks moves to another instance (or, from
+host memory, into device memory) while the request keeps decoding. A protocol over
+block ids, no torch:
 
     start    reserve the blocks on the target (its rManager answers: the gManager's view
              may be stale, and a refusal is simply re-planned later); from now on they
@@ -18,12 +19,14 @@ compute, so a block freed by a switch is read before anyone can write into it.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 from infinite_llm.core.dgfm import Leg
 from infinite_llm.core.instance import Instance
 from infinite_llm.core.request import Request, RequestStatus
 from infinite_llm.core.step import BlockMove
+from infinite_llm.memory.block_pool import Tier, Tiers
 
 
 @dataclass
@@ -49,10 +52,12 @@ class Migrator:
     """The migrations in flight, advanced once per step within ``tokens_per_step``."""
 
     def __init__(
-        self, instances: list[Instance], block_size: int, tokens_per_step: int, lease_steps: int
+        self, instances: list[Instance], block_size: int, tokens_per_step: int,
+        lease_steps: int, tiers: Tiers | None = None,
     ) -> None:
         self.instances = instances
         self.block_size = block_size
+        self.tiers = tiers or Tiers(instances[0].rmanager.capacity)
         # Blocks copied per step, cluster-wide: the budget in tokens, at least one block.
         self.blocks_per_step = max(1, tokens_per_step // block_size)
         self.lease_steps = lease_steps
@@ -63,10 +68,14 @@ class Migrator:
         self.aborted = 0
         self.recalls = 0  # migrations started by DGFM to bring blocks home
         self.cancelled_cycles = 0
+        # Blocks copied out of / into each instance (aborted migrations' copies included).
+        self.copied_out: Counter[int] = Counter()
+        self.copied_in: Counter[int] = Counter()
 
     def start(self, request: Request, first_block: int, count: int, target: int) -> bool:
-        """Reserve ``count`` blocks on ``target`` for blocks ``first_block ..`` of
-        ``request`` (all on one other instance). False when ``target`` refuses."""
+        """Reserve ``count`` device blocks on ``target`` for blocks ``first_block ..`` of
+        ``request`` (all on one other instance, or in host memory on ``target``). False
+        when ``target`` refuses."""
         table = request.block_table
         if request.request_id in self.active:
             raise ValueError(f"request {request.request_id!r} is already migrating")
@@ -79,7 +88,8 @@ class Migrator:
         if len({rb.owner for rb in runs}) != 1:
             raise ValueError("a migration moves blocks of one source instance")
         source = runs[0].owner
-        if source == target:
+        up = all(self.tiers.of(b) is Tier.HOST for rb in runs for b in rb.block_ids)
+        if source == target and not up:
             raise ValueError(f"blocks {first_block}.. already live on instance {target}")
         home = self.instances[request.home].rmanager
         reserved = home.reserve(request.request_id, target, count)
@@ -120,11 +130,16 @@ class Migrator:
         return moves
 
     def _copy(self, m: Migration, end: int) -> BlockMove:
-        move = BlockMove(
+        move = self._counted(BlockMove(
             m.request.request_id, m.source, tuple(m.source_ids[m.copied:end]),
             m.target, tuple(m.reserved[m.copied:end]),
-        )
+        ))
         m.copied = end
+        return move
+
+    def _counted(self, move: BlockMove) -> BlockMove:
+        self.copied_out[move.src] += len(move.src_blocks)
+        self.copied_in[move.dst] += len(move.dst_blocks)
         return move
 
     def _switch(self, m: Migration) -> None:
@@ -154,9 +169,9 @@ class Migrator:
         for i, leg in enumerate(legs):
             before = legs[i - 1]  # its blocks are on this leg's debtor
             home = self.instances[leg.debtor].rmanager
-            moves.append(BlockMove(
+            moves.append(self._counted(BlockMove(
                 leg.request.request_id, leg.creditor, leg.blocks, leg.debtor, before.blocks
-            ))
+            )))
             home.take_over(before.debtor, before.request.request_id, list(before.blocks))
             home.settle(leg.creditor, len(leg.blocks))
         for leg, before in zip(legs, [legs[-1], *legs[:-1]]):

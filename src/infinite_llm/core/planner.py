@@ -8,6 +8,8 @@ predicts the cluster decodes faster for it. No torch.
                the most free blocks; the cost model picks how many blocks to move
                (none, a quarter, half, all that fit); re-sort; repeat while the
                predicted cluster throughput improves
+    rehome     waiting requests (no KV yet) that their home cannot admit go to an
+               instance with room and an empty queue, from the same model
 
 Moving m blocks off a debtor frees room for its waiting requests (a larger batch: more
 output per step) at the price of attention over those blocks crossing to the creditor
@@ -33,6 +35,7 @@ class InstanceLoad:
     context_tokens: int  # KV its running requests attend to
     waiting_blocks: tuple[int, ...] = ()  # blocks each waiting request needs, in order
     remote_pairs: int = 0  # (request, remote owner) pairs of its running requests
+    waiting_ids: tuple[str, ...] = ()  # the waiting requests, as waiting_blocks
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,14 @@ class MoveOrder:
     request_id: str
     first_block: int
     count: int
+    target: int
+
+
+@dataclass(frozen=True)
+class RehomeOrder:
+    """A waiting request (no KV yet) goes to ``target``'s queue."""
+
+    request_id: str
     target: int
 
 
@@ -104,6 +115,52 @@ class GreedyPlanner:
             orders.append(order)
             loads = new_loads
             pool = [c for c in pool if c.request_id != order.request_id]
+        return orders
+
+    def rehome(self, loads: list[InstanceLoad]) -> list[RehomeOrder]:
+        """New homes for waiting requests, chosen from the same model: while an instance
+        has requests its memory cannot admit and another has room and an empty queue,
+        the first request that does not fit moves to the one with most free blocks, if
+        the predicted cluster throughput rises. Free: a waiting request holds no KV."""
+        loads = {load.instance_id: load for load in loads}
+        orders: list[RehomeOrder] = []
+        while len(orders) < self.max_orders:
+            now = predicted_rate(self.cost, list(loads.values()), self.block_size)
+            queued = sorted(
+                (l for l in loads.values() if admitted(l, l.free) < len(l.waiting_blocks)),
+                key=lambda l: (-(len(l.waiting_blocks) - admitted(l, l.free)), l.instance_id),
+            )
+            idle = sorted(
+                (l for l in loads.values() if not l.waiting_blocks and l.free > l.running),
+                key=lambda l: (-(l.free - l.running), l.instance_id),
+            )
+            if not queued or not idle:
+                break
+            source, target = queued[0], idle[0]
+            k = admitted(source, source.free)
+            need = source.waiting_blocks[k]
+            if need > target.free - target.running:
+                break
+            moved = dict(loads)
+            moved[source.instance_id] = replace(
+                source,
+                waiting_blocks=source.waiting_blocks[:k] + source.waiting_blocks[k + 1:],
+                waiting_ids=source.waiting_ids[:k] + source.waiting_ids[k + 1:],
+            )
+            moved[target.instance_id] = replace(
+                target, waiting_blocks=(need,), waiting_ids=(source.waiting_ids[k],)
+            )
+            if predicted_rate(self.cost, list(moved.values()), self.block_size) <= now:
+                break
+            orders.append(RehomeOrder(source.waiting_ids[k], target.instance_id))
+            # Settled there: it runs, and the target's queue is empty again.
+            t = moved[target.instance_id]
+            moved[target.instance_id] = replace(
+                t, free=t.free - need, running=t.running + 1,
+                context_tokens=t.context_tokens + need * self.block_size,
+                waiting_blocks=(), waiting_ids=(),
+            )
+            loads = moved
         return orders
 
     @staticmethod

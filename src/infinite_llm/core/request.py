@@ -43,6 +43,10 @@ class Request:
     error: str | None = None  # set with finish_reason "error"
     num_preemptions: int = 0
 
+    def num_blocks_needed(self, block_size: int) -> int:
+        """Blocks its tokens so far take (what a waiting request needs to start)."""
+        return -(-self.num_tokens // block_size)
+
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids

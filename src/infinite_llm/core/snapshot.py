@@ -1,6 +1,7 @@
 """What the cluster looks like from outside, as immutable values: every instance's
 blocks, the gManager's debt ledger, per request its home and how many blocks each
-owner holds, and what live migration and DGFM have done. The server, metrics and benchmarks read these, never the internals. No torch.
+owner holds, and what live migration and DGFM have done. The server, metrics and
+benchmarks read these, never the internals. No torch.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ class InstanceSnapshot:
     running: int
     waiting: int
     preemptions: int
+    host_capacity: int = 0  # of capacity, blocks in host memory
+    host_free: int = 0
+    migrated_out: int = 0  # blocks live migration and DGFM copied out of / into it
+    migrated_in: int = 0
 
 
 @dataclass(frozen=True)
@@ -40,13 +45,17 @@ class RequestSnapshot:
 
 @dataclass(frozen=True)
 class MigrationSnapshot:
-    """Live migration and DGFM since the start (blocks, not bytes: the runners move them)."""
+    """Live migration, DGFM and the planner since the start."""
 
     in_flight: int  # migrations reserved and not yet switched
     moved_blocks: int  # switched into place (migrations and cancelled cycles)
     aborted: int  # migrations given up (request ended, lease ran out, instance died)
-    recalls: int  # migrations DGFM started to bring blocks home
+    recalls: int  # migrations DGFM started to bring blocks home (or up from host memory)
     cancelled_cycles: int
+    copied_blocks: int = 0  # copies the runners made (aborted migrations' included)
+    moved_bytes: int = 0  # what those copies moved, as the runners measured
+    stall_s: float = 0.0  # seconds steps spent copying before they could compute
+    rehomed: int = 0  # waiting requests the planner gave another home
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,7 @@ class ClusterSnapshot:
     # those the ones on an instance other than the request's home.
     attended_block_steps: int = 0
     remote_block_steps: int = 0
+    computed_tokens: int = 0  # tokens the runners computed, recomputes after preemption included
 
     @property
     def remote_share(self) -> float:

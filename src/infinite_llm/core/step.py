@@ -93,9 +93,14 @@ class SampledToken:
 
 @dataclass(frozen=True)
 class StepResult:
-    """The token sampled for every chunk of the plan that samples, by request id."""
+    """The token sampled for every chunk of the plan that samples, by request id; and
+    what the plan's moves cost: seconds the step spent copying migrated KV before it
+    could compute (the migration stall; the slowest instance's, where they run side by
+    side) and the bytes copied."""
 
     tokens: dict[str, SampledToken] = field(default_factory=dict)
+    move_s: float = 0.0
+    moved_bytes: int = 0
 
 
 class InstanceFailure(RuntimeError):

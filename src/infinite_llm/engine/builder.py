@@ -19,6 +19,7 @@ from infinite_llm.engine.engine import LLMEngine
 from infinite_llm.engine.host_memory import keep_freed_host_memory
 from infinite_llm.engine.model_runner import ModelRunner, build_model
 from infinite_llm.engine.sampler import Sampler
+from infinite_llm.memory.block_pool import Tiers
 from infinite_llm.memory.gmanager import GManager
 from infinite_llm.model.checkpoint import Checkpoint
 
@@ -42,29 +43,38 @@ def resolve_model_len(config: EngineConfig, checkpoint: Checkpoint) -> EngineCon
     return replace(config, scheduler=replace(config.scheduler, max_model_len=max_model_len))
 
 
-def blocks_per_instance(config: EngineConfig, checkpoint: Checkpoint, dtype: torch.dtype) -> int:
-    """How many KV blocks each instance's budget holds; none is refused."""
-    num_blocks = num_blocks_for(checkpoint.config, config.cache, dtype)
-    if num_blocks < 1:
+def blocks_per_instance(
+    config: EngineConfig, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device
+) -> Tiers:
+    """How many KV blocks each instance's budgets hold (device, host); none is refused,
+    and so is a host tier on a GPU (not built yet: its blocks would have to be pinned
+    host memory that attention reads across the bus)."""
+    tiers = num_blocks_for(checkpoint.config, config.cache, dtype)
+    if tiers.device_blocks < 1:
         raise ValueError(
             f"kv_cache_memory={config.cache.kv_cache_memory} bytes holds no block of "
             f"{config.cache.block_size} tokens for this model"
         )
-    return num_blocks
+    if config.cache.host_kv_cache_memory and device.type != "cpu":
+        raise ValueError(
+            f"host_kv_cache_memory is supported on CPU instances only for now, not on "
+            f"{device.type}; leave it at 0 there"
+        )
+    return tiers
 
 
 def assemble(
     config: EngineConfig,
     checkpoint: Checkpoint,
-    num_blocks: int,
+    tiers: Tiers,
     runner: Runner,
     gmanager: GManager | None = None,
 ) -> LLMEngine:
-    """The bookkeeping for ``num_blocks`` per instance, and the engine over it and
+    """The bookkeeping for ``tiers`` blocks per instance, and the engine over it and
     ``runner``; ``gmanager``: the cluster's when it lives elsewhere (a Ray actor's proxy)."""
     config = resolve_model_len(config, checkpoint)
     cluster = Cluster(
-        num_blocks,
+        tiers,
         config.cache,
         config.scheduler,
         config.pooling,
@@ -81,13 +91,13 @@ def build_local(config: EngineConfig, load: Callable[[], Checkpoint]) -> LLMEngi
     device = torch_device(config.device)
     dtype = torch_dtype(config.dtype, device)
     checkpoint = load()
-    num_blocks = blocks_per_instance(config, checkpoint, dtype)
+    tiers = blocks_per_instance(config, checkpoint, dtype, device)
     if device.type == "cpu":
         keep_freed_host_memory()
     model = build_model(checkpoint, dtype, device)
     kv_caches = {
-        i: KVCache(checkpoint.config, num_blocks, config.cache.block_size, dtype, device)
+        i: KVCache(checkpoint.config, tiers.total, config.cache.block_size, dtype, device)
         for i in range(config.parallel.instances)
     }
     runner = ModelRunner(model, kv_caches, Sampler(config.seed))
-    return assemble(config, checkpoint, num_blocks, runner)
+    return assemble(config, checkpoint, tiers, runner)

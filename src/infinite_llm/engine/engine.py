@@ -50,10 +50,10 @@ class LLMEngine:
         per_instance = cluster.blocks_per_instance * cluster.block_size
         instances = len(cluster.instances)
         logger.info(
-            "KV cache: %d instance(s) x %d blocks of %d tokens = %d tokens each, %d in all; "
-            "one request can hold up to %d",
+            "KV cache: %d instance(s) x %d blocks of %d tokens = %d tokens each, %d in all "
+            "(+ %d blocks each in host memory); one request can hold up to %d",
             instances, cluster.blocks_per_instance, cluster.block_size, per_instance,
-            per_instance * instances, self.capacity_tokens,
+            per_instance * instances, cluster.tiers.host_blocks, self.capacity_tokens,
         )
 
     @property
@@ -130,10 +130,16 @@ class LLMEngine:
             )
         if num_prompt + max_tokens > self.capacity_tokens:
             instances = len(self.cluster.alive_instances)
+            device = self.cluster.max_request_device_tokens
+            tokens = (
+                f"{self.capacity_tokens} tokens: {device} in device memory + "
+                f"{self.capacity_tokens - device} in host memory"
+                if self.capacity_tokens > device else f"{self.capacity_tokens} tokens"
+            )
             where = (
-                f"the whole KV cache holds ({self.capacity_tokens} tokens)" if instances == 1
+                f"the whole KV cache holds ({tokens})" if instances == 1
                 else f"one request can hold in this cluster of {instances} instances "
-                f"({self.capacity_tokens} tokens{'' if self.cluster.pooling.enabled else ', pooling off'})"
+                f"({tokens}{'' if self.cluster.pooling.enabled else ', pooling off'})"
             )
             raise ValueError(
                 f"the request needs KV cache for {num_prompt + max_tokens} tokens "

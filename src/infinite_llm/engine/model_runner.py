@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -55,13 +56,19 @@ class ModelRunner:
         self.tables.apply(plan)
         # Moves before the step writes anything, every source read before any block is
         # written (a cancelled debt cycle is a permutation): see core/migration.py.
+        start = time.perf_counter()
         copies = [(move, self.kv_caches[move.src].gather(move.src_blocks)) for move in plan.moves]
         for move, (k, v) in copies:
             self.kv_caches[move.dst].scatter(move.dst_blocks, k, v)
+        moved = StepResult(
+            move_s=time.perf_counter() - start if copies else 0.0,
+            moved_bytes=sum(k.nbytes + v.nbytes for _, (k, v) in copies),
+        )
         if not plan.chunks:
-            return StepResult()
+            return moved
         hidden = self.forward(plan.chunks)
-        return self.sampler.sample(sample_logits(self.model, hidden, plan.chunks), plan.chunks)
+        result = self.sampler.sample(sample_logits(self.model, hidden, plan.chunks), plan.chunks)
+        return replace(result, move_s=moved.move_s, moved_bytes=moved.moved_bytes)
 
     @torch.inference_mode()
     def forward(self, chunks: tuple[Chunk, ...]) -> torch.Tensor:

@@ -13,6 +13,7 @@ import random
 import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -50,7 +51,10 @@ def profile(
     engine: LLMEngine, batches: Sequence[int], contexts: Sequence[int], steps: int,
     model: str = "",
 ) -> CostModel:
-    """Every (batch, context) of the grid measured, then fitted."""
+    """Every (batch, context) of the grid measured, then fitted; where instances run in
+    processes of their own (``exchange_latency`` on the runner, 2 or more instances),
+    the per-layer exchange is timed too: ``per_remote_s``, one all-to-all of a
+    query and its partial result per layer."""
     points = [measure(engine, b, s, steps) for b in batches for s in contexts]
     source = {
         "model": model,
@@ -61,4 +65,11 @@ def profile(
         "threads": torch.get_num_threads(),
         "steps_per_point": steps,
     }
-    return CostModel.fit(points, source)
+    fit = CostModel.fit(points, source)
+    exchange = getattr(engine.runner, "exchange_latency", None)
+    if exchange is None or len(engine.cluster.alive_instances) < 2:
+        return fit
+    config = engine.model_config
+    # A query goes out and a partial (output and log-sum-exp per head) comes back.
+    floats = config.num_attention_heads * (2 * config.head_dim + 1)
+    return replace(fit, per_remote_s=config.num_hidden_layers * exchange(floats))

@@ -147,16 +147,8 @@ class GManager:
         )
 
     def max_request_blocks(self) -> int:
-        """The most blocks one request can ever hold: its home's whole pool plus what
-        every other instance may lend at most (its lend cap, less its reserve)."""
-        caps = {
-            i: min(int(c * self.config.max_lend_fraction), c - self.config.reserve_blocks)
-            for i, c in self._capacity.items()
-        }
-        if not self.config.enabled:
-            return max(self._capacity.values(), default=0)
-        total = sum(max(0, cap) for cap in caps.values())
-        return max((c + total - max(0, caps[i]) for i, c in self._capacity.items()), default=0)
+        """The most blocks one request can ever hold (``max_request_blocks`` below)."""
+        return max_request_blocks(self._capacity, self.config)
 
     def ledger(self) -> Ledger:
         return Ledger({
@@ -165,3 +157,17 @@ class GManager:
             )
             for i in sorted(self._capacity)
         })
+
+
+def max_request_blocks(capacity: dict[int, int], config: PoolingConfig) -> int:
+    """The most blocks one request can ever hold among instances of these capacities:
+    its home's whole pool plus what every other instance may lend at most (its lend
+    cap, less its reserve)."""
+    if not config.enabled:
+        return max(capacity.values(), default=0)
+    caps = {
+        i: max(0, min(int(c * config.max_lend_fraction), c - config.reserve_blocks))
+        for i, c in capacity.items()
+    }
+    total = sum(caps.values())
+    return max((c + total - caps[i] for i, c in capacity.items()), default=0)

@@ -8,6 +8,10 @@ Every block of the pool is in exactly one of three states, and the counts say so
 
     capacity = num_free + num_used (own requests' KV, here) + num_lent (remote debtors' KV)
 
+A pool may have a host-memory tier after its device blocks (``BlockPool``): a request
+takes device memory anywhere in the cluster (its own, then borrowed) before host memory
+(its own, then borrowed), and migrations always move into device memory.
+
 Other instances are reached only through ``call(instance_id, method_name, *args)``,
 which invokes ``method_name`` on that instance's rManager (a direct call in process,
 an actor call on Ray). Nothing here knows which. Pure bookkeeping: no torch.
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from infinite_llm.config import PoolingConfig
-from infinite_llm.memory.block_pool import BlockPool
+from infinite_llm.memory.block_pool import BlockPool, Tier
 from infinite_llm.memory.rblock import BlockTable, RBlock
 
 Call = Callable[..., Any]
@@ -138,13 +142,18 @@ class RManager:
         """
         if n < 0:
             raise ValueError(f"cannot allocate a negative number of blocks ({n})")
-        local = self.pool.allocate(min(n, self.pool.num_free))
-        self._own.update(local)
-        grants: list[tuple[int, list[int]]] = [(self.instance_id, local)]
-        missing = n - len(local)
+        grants: list[tuple[int, list[int]]] = []
+        missing = n
         try:
-            if missing and self.config.enabled:
-                missing = self._borrow(request_id, missing, grants)
+            for tier in Tier if self.pool.tiers.host_blocks else [Tier.DEVICE]:
+                local = self.pool.allocate(min(missing, self.pool.free_in(tier)), tier)
+                self._own.update(local)
+                grants.append((self.instance_id, local))
+                missing -= len(local)
+                if missing and self.config.enabled:
+                    missing = self._borrow(request_id, missing, grants, tier)
+                if not missing:
+                    break
         except BaseException:
             self._give_back(request_id, grants)  # a peer failed mid-borrow: undo, then raise
             raise
@@ -155,12 +164,15 @@ class RManager:
             table.append(owner, ids)
         return True
 
-    def _borrow(self, request_id: str, missing: int, grants: list[tuple[int, list[int]]]) -> int:
-        """Ask the candidates in order, appending each grant; returns what is still missing."""
+    def _borrow(
+        self, request_id: str, missing: int, grants: list[tuple[int, list[int]]], tier: Tier
+    ) -> int:
+        """Ask the candidates in order for blocks of ``tier``, appending each grant;
+        returns what is still missing."""
         for peer in self.gmanager.candidates(self.instance_id, missing):
             if peer == self.instance_id:
                 continue
-            ids = self.call(peer, "lend", self.instance_id, request_id, missing)
+            ids = self.call(peer, "lend", self.instance_id, request_id, missing, tier)
             if not ids:
                 continue  # it said no: the gManager's view was stale; ask the next
             self._borrowed[peer] += len(ids)
@@ -198,22 +210,23 @@ class RManager:
     # -- live migration (the home side) -------------------------------------------------
 
     def reserve(self, request_id: str, target: int, n: int) -> list[int] | None:
-        """Reserve n blocks on ``target`` for moving some of ``request_id``'s KV there:
-        this pool when ``target`` is this instance (blocks coming home), else a lend
-        from ``target``, whose answer is the authority (the gManager's view may be
-        stale). All or nothing: None when ``target`` cannot give all n. Reserved blocks
-        count as used here / lent there at once, so the ledger balances throughout."""
+        """Reserve n device blocks on ``target`` for moving some of ``request_id``'s KV
+        there: this pool when ``target`` is this instance (blocks coming home, or up
+        from host memory), else a lend from ``target``, whose answer is the authority
+        (the gManager's view may be stale). All or nothing: None when ``target`` cannot
+        give all n. Reserved blocks count as used here / lent there at once, so the
+        ledger balances throughout."""
         if n <= 0:
             raise ValueError(f"a reservation asks for at least one block, got {n}")
         if target == self.instance_id:
-            if self.pool.num_free < n:
+            if self.pool.free_in(Tier.DEVICE) < n:
                 return None
-            ids = self.pool.allocate(n)
+            ids = self.pool.allocate(n, Tier.DEVICE)
             self._own.update(ids)
             return ids
         if not self.config.enabled:
             return None
-        ids = self.call(target, "lend", self.instance_id, request_id, n)
+        ids = self.call(target, "lend", self.instance_id, request_id, n, Tier.DEVICE)
         if not ids:
             return None
         self._borrowed[target] += len(ids)
@@ -250,8 +263,11 @@ class RManager:
 
     # -- the creditor side ------------------------------------------------------------
 
-    def lend(self, debtor_id: int, request_id: str, n: int) -> list[int] | None:
-        """Serve a remote borrow: up to n blocks, or None when none can be lent.
+    def lend(
+        self, debtor_id: int, request_id: str, n: int, tier: Tier | None = None
+    ) -> list[int] | None:
+        """Serve a remote borrow: up to n blocks of ``tier`` (None: device first), or
+        None when none can be lent.
 
         Only this pool is ever touched: a creditor never borrows on a debtor's behalf,
         so debts are one hop and a refusal is final for this call.
@@ -261,9 +277,11 @@ class RManager:
         if debtor_id == self.instance_id:
             raise ValueError(f"instance {debtor_id} cannot lend to itself")
         grant = min(n, lendable(self.config, self.capacity, self.num_free, self.num_lent))
+        if tier is not None:
+            grant = min(grant, self.pool.free_in(tier))
         if grant <= 0:
             return None
-        ids = self.pool.allocate(grant)
+        ids = self.pool.allocate(grant, tier)
         for block in ids:
             self._lent[block] = (debtor_id, request_id)
         self._lent_to[debtor_id] += grant

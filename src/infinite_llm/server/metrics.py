@@ -114,8 +114,12 @@ class _ClusterCollector:
         for name, doc in (
             ("moved_blocks", "KV blocks switched into place by live migration and DGFM."),
             ("aborted", "Live migrations given up."),
-            ("recalls", "Migrations DGFM started to bring blocks home."),
+            ("recalls", "Migrations DGFM started to bring blocks home or up from host memory."),
             ("cancelled_cycles", "Debt cycles DGFM cancelled."),
+            ("copied_blocks", "KV blocks the runners copied for migrations and DGFM."),
+            ("moved_bytes", "Bytes of KV the runners copied for migrations and DGFM."),
+            ("stall_s", "Seconds steps spent copying migrated KV before computing."),
+            ("rehomed", "Waiting requests the planner moved to another instance."),
         ):
             counter = CounterMetricFamily(
                 f"{PREFIX}migration_{name}", doc, labels=["model_name"]
@@ -145,6 +149,7 @@ class _ClusterCollector:
             ("used", "KV blocks of an instance holding its own requests' KV."),
             ("lent", "KV blocks of an instance lent to other instances' requests."),
             ("borrowed", "KV blocks an instance's requests hold on other instances."),
+            ("host_free", "Free KV blocks of an instance's host-memory tier."),
         ):
             gauge = GaugeMetricFamily(
                 f"{PREFIX}kv_{state}_blocks", doc, labels=["model_name", "instance"]
@@ -152,3 +157,13 @@ class _ClusterCollector:
             for inst in view.instances:
                 gauge.add_metric([self.model_name, str(inst.instance_id)], getattr(inst, state))
             yield gauge
+        for name, doc in (
+            ("migrated_out", "KV blocks copied out of an instance by migrations and DGFM."),
+            ("migrated_in", "KV blocks copied into an instance by migrations and DGFM."),
+        ):
+            counter = CounterMetricFamily(
+                f"{PREFIX}kv_{name}_blocks", doc, labels=["model_name", "instance"]
+            )
+            for inst in view.instances:
+                counter.add_metric([self.model_name, str(inst.instance_id)], getattr(inst, name))
+            yield counter

@@ -35,6 +35,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import timedelta
 
 import ray
@@ -145,13 +146,18 @@ class InstanceActor:
         return (time.perf_counter() - start) / repeats
 
     @torch.inference_mode()
-    def execute(self, encoded: bytes) -> torch.Tensor | None:
-        """Apply the plan's table changes, run my chunks of it; the logits of those that
-        sample (in plan order)."""
+    def execute(self, encoded: bytes) -> tuple[torch.Tensor | None, float, int]:
+        """Apply the plan's table changes and moves, run my chunks of it: the logits of
+        those that sample (in plan order), the seconds the moves took here and the
+        bytes they brought here."""
         plan = decode_plan(encoded)
         self.tables.apply(plan)
+        start, received = time.perf_counter(), 0
         if plan.moves:
-            self._move(plan.moves)
+            received = self._move(plan.moves)
+        return self._compute(plan), time.perf_counter() - start if plan.moves else 0.0, received
+
+    def _compute(self, plan: StepPlan) -> torch.Tensor | None:
         mine = [c for c in plan.chunks if c.home == self.rank]
         crosses = any(
             owner != c.home for c in plan.chunks for owner in self.tables[c.request_id].by_owner
@@ -181,10 +187,11 @@ class InstanceActor:
         own = inputs[self.rank]
         return self._logits(self.model(own.input_ids, own.positions, attend), mine)
 
-    def _move(self, moves: tuple[BlockMove, ...]) -> None:
+    def _move(self, moves: tuple[BlockMove, ...]) -> int:
         """A step's migration copies, before it computes anything: every actor sends the
         blocks it is the source of to their targets in one all-to-all over the tensor
-        group (sizes known to all from the plan), and writes what it receives."""
+        group (sizes known to all from the plan), and writes what it receives. Returns
+        the bytes received."""
         position = {peer: n for n, peer in enumerate(self.alive)}
         width = self.kv_cache.floats_per_block()
         send: list[list[torch.Tensor]] = [[] for _ in self.alive]
@@ -204,6 +211,7 @@ class InstanceActor:
                 start = offsets[position[move.src]]
                 self.kv_cache.write_blocks(move.dst_blocks, buf[start : start + n])
                 offsets[position[move.src]] += n
+        return sum(t.nbytes for t in received)
 
     def _logits(self, hidden: torch.Tensor, chunks) -> torch.Tensor | None:
         """The sampling chunks' logits, on the CPU: the driver samples and may have no GPU."""
@@ -322,15 +330,20 @@ class RayRunner:
         if errors:
             raise errors[0]
         logits_of: dict[str, torch.Tensor] = {}
-        for home, logits in results.items():
+        for home, (logits, _, _) in results.items():
             sampling = [c for c in plan.chunks if c.home == home and c.sample]
             for chunk, row in zip(sampling, logits if logits is not None else []):
                 logits_of[chunk.request_id] = row
+        moved = StepResult(
+            move_s=max(move_s for _, move_s, _ in results.values()),
+            moved_bytes=sum(n for _, _, n in results.values()),
+        )
         sampled = [c for c in plan.chunks if c.sample]
         if not sampled:
-            return StepResult()
+            return moved
         logits = torch.stack([logits_of[c.request_id] for c in sampled])
-        return self.sampler.sample(logits, sampled)
+        result = self.sampler.sample(logits, sampled)
+        return replace(result, move_s=moved.move_s, moved_bytes=moved.moved_bytes)
 
     def exchange_latency(self, floats_per_peer: int, repeats: int = 200) -> float:
         """Mean seconds of one all-to-all among the actors (see InstanceActor)."""
@@ -362,12 +375,12 @@ def build_ray(config: EngineConfig, load: Callable[[], Checkpoint]) -> LLMEngine
     try:
         dtype = torch_dtype(config.dtype, ray_runner.device)
         checkpoint = load()
-        num_blocks = blocks_per_instance(config, checkpoint, dtype)
+        tiers = blocks_per_instance(config, checkpoint, dtype, ray_runner.device)
         ray_runner.start(
-            config.model, dtype, num_blocks, config.cache.block_size, Sampler(config.seed),
+            config.model, dtype, tiers.total, config.cache.block_size, Sampler(config.seed),
             config.pooling,
         )
-        return assemble(config, checkpoint, num_blocks, ray_runner, ray_runner.gmanager)
+        return assemble(config, checkpoint, tiers, ray_runner, ray_runner.gmanager)
     except BaseException:
         ray_runner.shutdown()
         raise
