@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--planner-period", type=int, default=1)
     parser.add_argument("--dgfm-period", type=int, default=8)
     parser.add_argument("--migration-tokens", type=int, default=16)
+    parser.add_argument("--admission-output-reserve", type=float, default=0.0,
+                        help="every mode: room kept at admission for this share of outputs")
     parser.add_argument("--backend", default="local", choices=["local", "ray"],
                         help="ray: one actor per instance (each gets cores / instances threads)")
     args = parser.parse_args()
@@ -61,7 +63,8 @@ def main() -> None:
     rows, results = [], {}
     for mode, options in modes.items():
         llm = smollm2(args.instances, args.tokens_each, dtype=args.dtype,
-                      backend=args.backend, **options)
+                      backend=args.backend,
+                      admission_output_reserve=args.admission_output_reserve, **options)
         try:
             run(llm.engine, [prompts[0]], [2])  # warm-up
             before = llm.engine.snapshot().computed_tokens

@@ -16,9 +16,10 @@ class Lone:
     """The scheduler of a lone instance (nobody to borrow from), driven through the
     cluster's real step: schedule, a fake runner that samples ``token``, update."""
 
-    def __init__(self, num_blocks, block_size, budget, max_seqs):
+    def __init__(self, num_blocks, block_size, budget, max_seqs, reserve=0.0):
         self.cluster = Cluster(
-            num_blocks, CacheConfig(1, block_size), SchedulerConfig(budget, max_seqs, 1024),
+            num_blocks, CacheConfig(1, block_size),
+            SchedulerConfig(budget, max_seqs, 1024, admission_output_reserve=reserve),
             PoolingConfig(), 1,
         )
         self.scheduler = self.cluster.instances[0].scheduler
@@ -34,8 +35,8 @@ class Lone:
         return self.cluster.has_work()
 
 
-def make(num_blocks=11, block_size=4, budget=16, max_seqs=8):
-    lone = Lone(num_blocks, block_size, budget, max_seqs)
+def make(num_blocks=11, block_size=4, budget=16, max_seqs=8, reserve=0.0):
+    lone = Lone(num_blocks, block_size, budget, max_seqs, reserve)
     return lone, lone.scheduler.memory.pool
 
 
@@ -147,3 +148,24 @@ def test_finish_and_abort_return_every_block():
     scheduler.finish(reqs[2], "abort")
     assert pool.num_free == 10 and not scheduler.has_work()
     pool.check_integrity()
+
+
+@pytest.mark.parametrize("reserve, preemptions, b_starts", [(0.0, 1, 0), (1.0, 0, 8)])
+def test_admission_can_keep_room_for_the_outputs_to_come(reserve, preemptions, b_starts):
+    """a (7 + 8 tokens: 4 blocks at the end) and b (4 + 8: 3 blocks) on 5 blocks: with
+    a block of headroom b starts at once and is preempted when a grows; with room kept
+    for a's outputs b waits, and runs once it fits, never preempted."""
+    scheduler, pool = make(num_blocks=5, block_size=4, budget=64, reserve=reserve)
+    a, b = request("a", 7), request("b", 4)
+    scheduler.add(a)
+    scheduler.add(b)
+    started = None
+    for k in range(40):
+        if not scheduler.has_work():
+            break
+        plan = run_step(scheduler)
+        if started is None and any(c.request_id == "b" for c in plan.chunks):
+            started = k
+    assert (scheduler.scheduler.num_preemptions, started) == (preemptions, b_starts)
+    assert a.output_token_ids == b.output_token_ids == [7] * 8
+    assert pool.num_free == pool.num_blocks

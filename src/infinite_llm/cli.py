@@ -58,6 +58,13 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
         help="requests running at once (default: %(default)s)",
     )
     group.add_argument(
+        "--admission-output-reserve", type=float,
+        default=option_default("admission_output_reserve"),
+        help="admit only while this share of every request's remaining max_tokens still "
+        "fits (0: a block of headroom each, as vLLM; 1: no preemption of requests that "
+        "run to max_tokens) (default: %(default)s)",
+    )
+    group.add_argument(
         "--seed", type=int, default=option_default("seed"), help="engine seed (default: %(default)s)"
     )
     group.add_argument(
@@ -107,7 +114,8 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
 # The flags above, by the option each sets (LLM's keyword arguments).
 _ENGINE_FLAGS = (
     "dtype", "device", "kv_cache_memory", "host_kv_cache_memory", "block_size",
-    "max_model_len", "max_num_batched_tokens", "max_num_seqs", "seed", "instances",
+    "max_model_len", "max_num_batched_tokens", "max_num_seqs", "admission_output_reserve",
+    "seed", "instances",
     "kv_pooling", "max_lend_fraction", "planner_period", "cost_model", "dgfm_period",
     "migration_tokens_per_step", "backend", "ray_address",
 )

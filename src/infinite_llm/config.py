@@ -125,8 +125,17 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192
     max_num_seqs: int = 256  # requests running at once
     max_model_len: int | None = None  # prompt + output tokens of one request; None: the model's
+    # Admission keeps room for this share of every running and admitted request's
+    # remaining max_tokens (at least a block each): 0 admits as vLLM does (a block of
+    # headroom each, preempting when outputs grow), 1 never preempts a request that
+    # runs to max_tokens.
+    admission_output_reserve: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.admission_output_reserve <= 1.0:  # also refuses NaN
+            raise ValueError(
+                f"admission_output_reserve must be in [0, 1], got {self.admission_output_reserve!r}"
+            )
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len"):
             value = getattr(self, name)
             if value is None and name == "max_model_len":
@@ -327,6 +336,7 @@ OPTIONS = {
     "max_num_batched_tokens": "scheduler.max_num_batched_tokens",
     "max_num_seqs": "scheduler.max_num_seqs",
     "max_model_len": "scheduler.max_model_len",
+    "admission_output_reserve": "scheduler.admission_output_reserve",
     "instances": "parallel.instances",
     "backend": "parallel.backend",
     "ray_address": "parallel.ray.address",

@@ -79,8 +79,13 @@ class Scheduler:
             index += 1  # past the end when the request preempted itself
 
         # Admit only when nobody was preempted (otherwise we would evict and admit in
-        # one breath) and leave a block of headroom per running request, so the next
-        # decodes do not immediately preempt what was just admitted.
+        # one breath) and leave room for the running requests' growth (at least a block
+        # each), so the next decodes do not immediately preempt what was just admitted.
+        growth = sum(self._growth(r) for r in self.running) if self.waiting else 0
+        if self.config.admission_output_reserve:
+            # Not lent to other instances' requests either (their growth is theirs).
+            self.memory.keep = growth if self.waiting else sum(
+                self._growth(r) for r in self.running)
         while (
             not preempted
             and self.waiting
@@ -93,11 +98,14 @@ class Scheduler:
             need = self._blocks_needed(request, n)
             # What the others could lend is asked only when the own pool falls short: on
             # Ray it is a call to the gManager actor.
-            short = need + len(self.running) - self.memory.num_free
+            # Its own growth counts too, beyond the blocks it is about to get.
+            own = self._growth(request, need) if self.config.admission_output_reserve else 0
+            short = need + own + growth - self.memory.num_free
             if short > 0 and short > self.memory.borrowable():
                 break
             if not self._grow(request, n):  # the gManager's view was stale: wait
                 break
+            growth += self._growth(request)
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
@@ -115,6 +123,17 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         request.stop_reason = stop_reason
+
+    def _growth(self, request: Request, more: int = 0) -> int:
+        """Blocks kept free for a running request's growth: what ``admission_output_reserve``
+        of its remaining max_tokens will need beyond the blocks it holds (and ``more``
+        about to be given), at least one."""
+        if not self.config.admission_output_reserve:
+            return 1
+        left = request.max_tokens - len(request.output_token_ids)
+        final = request.num_tokens + int(self.config.admission_output_reserve * left)
+        held = request.block_table.num_blocks + more
+        return max(1, -(-final // self.block_size) - held)
 
     def _blocks_needed(self, request: Request, n: int) -> int:
         total = request.num_computed_tokens + n

@@ -96,6 +96,7 @@ class RManager:
         self._lent: dict[int, tuple[int, str]] = {}  # physical id -> (debtor, request)
         self._lent_to: Counter[int] = Counter()  # debtor -> blocks lent to it now
         self._borrowed: Counter[int] = Counter()  # creditor -> blocks borrowed from it
+        self.keep = 0  # free blocks its scheduler keeps for its requests' growth
         # What the gManager was last told; registration starts it at an empty pool.
         self._reported: tuple[int, dict[int, int], dict[int, int]] = (pool.num_blocks, {}, {})
 
@@ -276,7 +277,9 @@ class RManager:
             raise ValueError(f"a lend asks for at least one block, got {n}")
         if debtor_id == self.instance_id:
             raise ValueError(f"instance {debtor_id} cannot lend to itself")
-        grant = min(n, lendable(self.config, self.capacity, self.num_free, self.num_lent))
+        # Room its own scheduler keeps for its requests' growth is not lent either.
+        free = self.num_free - self.keep
+        grant = min(n, lendable(self.config, self.capacity, free, self.num_lent))
         if tier is not None:
             grant = min(grant, self.pool.free_in(tier))
         if grant <= 0:
