@@ -81,11 +81,11 @@ class Scheduler:
         # Admit only when nobody was preempted (otherwise we would evict and admit in
         # one breath) and leave room for the running requests' growth (at least a block
         # each), so the next decodes do not immediately preempt what was just admitted.
-        growth = sum(self._growth(r) for r in self.running) if self.waiting else 0
         if self.config.admission_output_reserve:
-            # Not lent to other instances' requests either (their growth is theirs).
-            self.memory.keep = growth if self.waiting else sum(
-                self._growth(r) for r in self.running)
+            growth = sum(self._growth(r) for r in self.running)
+            self.memory.keep = growth  # not lent to other instances' requests either
+        else:
+            growth = len(self.running)  # a block each
         while (
             not preempted
             and self.waiting
