@@ -167,7 +167,7 @@ def test_a_cancelled_debt_cycle_changes_no_token(tiny_llama_dir):
     """A 3-cycle cancelled in one plan whose copies permute blocks: every request's
     tokens and log-probabilities are those it gets alone."""
     params = SamplingParams(max_tokens=6, logprobs=0, **GREEDY)
-    prompts = random_prompts(3, 9, 10, 320, seed=21)
+    prompts = random_prompts(3, 8, 9, 320, seed=21)
     alone = tiny_cluster(tiny_llama_dir, 1, 400).generate(prompts, params, use_tqdm=False)
     llm = tiny_cluster(tiny_llama_dir, 3, 4, max_lend_fraction=1.0, migration_tokens_per_step=64)
     assert_same_tokens_and_logprobs(run_a_cancelled_ring(llm, prompts, params), alone)

@@ -58,6 +58,20 @@ def test_a_debtor_held_down_by_memory_moves_its_longest_request_to_the_most_free
     assert planner().plan(capped, candidates)[0] == MoveOrder("long", 0, 16, 1)
 
 
+def test_a_creditor_with_its_own_queue_lends_what_its_queue_leaves():
+    loads = [
+        InstanceLoad(0, free=0, lendable=0, running=1, context_tokens=64,
+                     waiting_blocks=(4, 4, 4)),
+        # Its one waiting request takes 4 of its 30 free blocks: 25 more are idle.
+        InstanceLoad(1, free=30, lendable=30, running=1, context_tokens=40, waiting_blocks=(4,)),
+    ]
+    assert planner().plan(loads, [Candidate("long", 0, 0, 16)]) == [MoveOrder("long", 0, 16, 1)]
+    # Room its own queue needs is not taken: 8 free, a waiting request of 6.
+    tight = [loads[0], InstanceLoad(1, free=8, lendable=8, running=1, context_tokens=40,
+                                    waiting_blocks=(6,))]
+    assert planner().plan(tight, [Candidate("long", 0, 0, 16)]) == []
+
+
 def test_nothing_moves_without_a_creditor_or_a_gain():
     full = [
         InstanceLoad(0, free=0, lendable=0, running=2, context_tokens=160, waiting_blocks=(4,)),

@@ -329,7 +329,7 @@ def test_a_debt_cycle_cancelled_across_actors_changes_no_token(tiny_llama_dir, l
     from test_migration import assert_same_tokens_and_logprobs, run_a_cancelled_ring
 
     params = SamplingParams(max_tokens=6, logprobs=0, **GREEDY)
-    prompts = random_prompts(2, 9, 10, 320, seed=22)
+    prompts = random_prompts(2, 8, 9, 320, seed=22)
     alone = tiny_cluster(tiny_llama_dir, 1, 400).generate(prompts, params, use_tqdm=False)
     llm = tiny_cluster(
         tiny_llama_dir, 2, 4, max_lend_fraction=1.0, migration_tokens_per_step=64,

@@ -169,3 +169,107 @@ def test_admission_can_keep_room_for_the_outputs_to_come(reserve, preemptions, b
     assert (scheduler.scheduler.num_preemptions, started) == (preemptions, b_starts)
     assert a.output_token_ids == b.output_token_ids == [7] * 8
     assert pool.num_free == pool.num_blocks
+
+
+class HomeZero:
+    """Placement that sends every request to instance 0."""
+
+    def home(self, request, alive, load):
+        return 0
+
+
+def pooled_pair(reserve=1.0, planner_cost=None, blocks=6):
+    """Two pooled instances of ``blocks`` blocks of 4 tokens; every request's home is 0."""
+    planner = dict(planner_period=1, cost_model=str(planner_cost)) if planner_cost else {}
+    return Cluster(
+        blocks, CacheConfig(1, 4), SchedulerConfig(64, 8, 4096, admission_output_reserve=reserve),
+        PoolingConfig(max_lend_fraction=1.0, **planner), 2, placement=HomeZero(),
+    )
+
+
+def step_all(c):
+    plan = c.schedule()
+    c.update(plan, StepResult({ch.request_id: SampledToken(3) for ch in plan.chunks if ch.sample}))
+    c.check_integrity()
+    return plan
+
+
+def test_pooled_admission_keeps_the_growth_room_at_home_and_borrows_the_rest():
+    c = pooled_pair()
+    # 24 prompt tokens (6 blocks) + 8 outputs (2 more): 4 blocks at home, 2 borrowed,
+    # and the 2 its outputs will take stay free at home.
+    big = request("big", 24)
+    c.add(big)
+    step_all(c)
+    home = c.instances[0].rmanager
+    assert big.block_table.blocks_by_owner() == {0: 4, 1: 2}
+    assert home.num_free == home.keep == 2
+    # Nothing else is admitted at home: the room kept is all it has (instance 1 could
+    # lend, but growth borrowed is growth nobody keeps).
+    small = request("small", 4, max_tokens=1)
+    c.add(small)
+    step_all(c)
+    assert small.status is RequestStatus.WAITING
+    while c.has_work():
+        step_all(c)
+    assert c.num_preemptions == 0 and big.block_table.num_blocks == 0
+    assert c.snapshot().pools_full
+
+
+@pytest.mark.parametrize("planner", [False, True])
+def test_with_the_planner_on_admission_borrows_only_for_what_no_home_holds(planner, tmp_path):
+    from infinite_llm.core.cost_model import CostModel
+
+    cost = tmp_path / "cost.json"
+    CostModel(0.010, 0.001, 1e-6).save(cost)
+    c = pooled_pair(planner_cost=cost if planner else None)
+    first = request("first", 8, max_tokens=4)  # 2 blocks + 1 to come: 3 of the 6 left
+    c.add(first)
+    step_all(c)
+    # 12 prompt tokens + 4 outputs: 4 blocks, which the home alone could hold.
+    fits = request("fits", 12, max_tokens=4)
+    c.add(fits)
+    step_all(c)
+    if planner:  # it waits for room at home (or for the planner to move KV)
+        assert fits.status is RequestStatus.WAITING
+    else:  # on-demand pooling borrows what the home lacks
+        assert fits.status is RequestStatus.RUNNING and 1 in fits.block_table.owners()
+    # Beyond the home's whole pool: borrowed either way, once the home has its room.
+    huge = request("huge", 28, max_tokens=4)
+    c.add(huge)
+    while huge.status is RequestStatus.WAITING:
+        step_all(c)
+    assert huge.block_table.owners() == {0, 1}
+    while c.has_work():
+        step_all(c)
+    assert c.num_preemptions == 0 and c.snapshot().pools_full
+
+
+def test_pooled_instances_that_keep_room_for_outputs_never_preempt(tmp_path):
+    """Mixed lengths submitted at once on 3 pooled instances: with room kept for every
+    output (reserve 1), admission may borrow but never over-commits, so nobody is
+    preempted, with or without the planner; every request runs to max_tokens."""
+    import random
+
+    from infinite_llm.core.cost_model import CostModel
+
+    cost = tmp_path / "cost.json"
+    CostModel(0.010, 0.001, 1e-6).save(cost)
+    rng = random.Random(5)
+    specs = [(rng.choice([4, 9, 17, 30, 70]), rng.choice([4, 12, 24])) for _ in range(40)]
+    for planner in ({}, dict(planner_period=1, cost_model=str(cost))):
+        c = Cluster(
+            16, CacheConfig(1, 4), SchedulerConfig(64, 8, 4096, admission_output_reserve=1.0),
+            PoolingConfig(max_lend_fraction=1.0, migration_tokens_per_step=8, **planner), 3,
+        )
+        requests = [request(f"r{i}", p, m) for i, (p, m) in enumerate(specs)]
+        for r in requests:
+            c.add(r)
+        borrowed = 0
+        while c.has_work():
+            step_all(c)
+            borrowed = max(borrowed, c.ledger().total_debt)
+        assert borrowed > 0  # the long prompts (70 tokens: 18 blocks) span instances
+        assert c.num_preemptions == 0
+        assert all(len(r.output_token_ids) == r.max_tokens for r in requests)
+        assert c.snapshot().pools_full

@@ -319,9 +319,9 @@ class Cluster:
         on creditors into their home's. Returns how many started."""
         busy = set(self.migrator.active)
         running = [r for r in self.requests.values() if r.status is RequestStatus.RUNNING]
-        # Room a home may use: its free device blocks, less one of headroom per running request.
+        # Room a home may use: its free device blocks, less the room kept for growth.
         free = {
-            inst.instance_id: inst.rmanager.pool.free_in(Tier.DEVICE) - len(inst.scheduler.running)
+            inst.instance_id: inst.rmanager.pool.free_in(Tier.DEVICE) - inst.rmanager.keep
             for inst in self.alive_instances
         }
         started = 0

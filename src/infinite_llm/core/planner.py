@@ -3,7 +3,8 @@ batch is held down by memory onto instances with memory to spare, when the cost 
 predicts the cluster decodes faster for it. No torch.
 
     debtors    instances with requests waiting for blocks, smallest batch first
-    creditors  instances with blocks to spare (none waiting), most free first
+    creditors  instances with blocks to spare, most free first (the model weighs what
+               their own queues would have used them for)
     for each debtor: its longest running request's blocks at home; the creditor with
                the most free blocks; the cost model picks how many blocks to move
                (none, a quarter, half, all that fit); re-sort; repeat while the
@@ -170,11 +171,11 @@ class GreedyPlanner:
 
     def _best_move(self, loads, pool):
         debtors = sorted(
-            (l for l in loads.values() if l.waiting_blocks and admitted(l, l.free) == 0),
+            (l for l in loads.values() if admitted(l, l.free) < len(l.waiting_blocks)),
             key=lambda l: (l.running, l.instance_id),
         )
         creditors = sorted(
-            (l for l in loads.values() if not l.waiting_blocks and self._spare(l) > 0),
+            (l for l in loads.values() if self._spare(l) > 0),
             key=lambda l: (-self._spare(l), l.instance_id),
         )
         now = predicted_rate(self.cost, list(loads.values()), self.block_size)

@@ -81,11 +81,9 @@ class Scheduler:
         # Admit only when nobody was preempted (otherwise we would evict and admit in
         # one breath) and leave room for the running requests' growth (at least a block
         # each), so the next decodes do not immediately preempt what was just admitted.
-        if self.config.admission_output_reserve:
-            growth = sum(self._growth(r) for r in self.running)
-            self.memory.keep = growth  # not lent to other instances' requests either
-        else:
-            growth = len(self.running)  # a block each
+        # That room is kept at home: not used for admissions, not lent to other instances.
+        growth = sum(self._growth(r) for r in self.running)
+        self.memory.keep = growth
         while (
             not preempted
             and self.waiting
@@ -99,13 +97,17 @@ class Scheduler:
             # What the others could lend is asked only when the own pool falls short: on
             # Ray it is a call to the gManager actor.
             # Its own growth counts too, beyond the blocks it is about to get.
-            own = self._growth(request, need) if self.config.admission_output_reserve else 0
-            short = need + own + growth - self.memory.num_free
-            if short > 0 and short > self.memory.borrowable():
+            keep = growth + (self._growth(request, need) if self.config.admission_output_reserve else 0)
+            # The room kept for growth must be here; the request's own blocks may be
+            # borrowed where they do not fit beside it.
+            short = need + keep - self.memory.num_free
+            if keep > self.memory.num_free or (short > 0 and not self._may_borrow(request, short)):
                 break
-            if not self._grow(request, n):  # the gManager's view was stale: wait
+            # Blocks beyond the room kept are borrowed; a stale gManager view: wait.
+            if need and not self.memory.allocate(request.request_id, request.block_table, need, keep):
                 break
             growth += self._growth(request)
+            self.memory.keep = growth
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
@@ -134,6 +136,16 @@ class Scheduler:
         final = request.num_tokens + int(self.config.admission_output_reserve * left)
         held = request.block_table.num_blocks + more
         return max(1, -(-final // self.block_size) - held)
+
+    def _may_borrow(self, request: Request, short: int) -> bool:
+        """Whether admitting ``request`` may borrow ``short`` blocks: the others could
+        lend them (the gManager's view), and on-demand pooling is on or the request
+        is larger than this instance's whole device pool."""
+        if not self.memory.config.admission_borrows:
+            held = request.num_blocks_needed(self.block_size)
+            if held + self._growth(request, held) <= self.memory.pool.tiers.device_blocks:
+                return False
+        return short <= self.memory.borrowable()
 
     def _blocks_needed(self, request: Request, n: int) -> int:
         total = request.num_computed_tokens + n

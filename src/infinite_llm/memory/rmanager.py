@@ -134,12 +134,14 @@ class RManager:
 
     # -- the home side ----------------------------------------------------------------
 
-    def allocate(self, request_id: str, table: BlockTable, n: int) -> bool:
+    def allocate(self, request_id: str, table: BlockTable, n: int, keep: int = 0) -> bool:
         """Give ``request_id`` n more blocks, appended to ``table``; all or nothing.
 
-        Local blocks first; the remainder is borrowed from the gManager's candidates in
-        their order, each granting what it can. On failure everything taken in this
-        call is given back, ``table`` is untouched, and the answer is False.
+        Local blocks first, except ``keep`` of them (room an admission leaves at home
+        for the growth of the requests here); the remainder is borrowed from the
+        gManager's candidates in their order, each granting what it can. On failure
+        everything taken in this call is given back, ``table`` is untouched, and the
+        answer is False.
         """
         if n < 0:
             raise ValueError(f"cannot allocate a negative number of blocks ({n})")
@@ -147,7 +149,10 @@ class RManager:
         missing = n
         try:
             for tier in Tier if self.pool.tiers.host_blocks else [Tier.DEVICE]:
-                local = self.pool.allocate(min(missing, self.pool.free_in(tier)), tier)
+                free = self.pool.free_in(tier)
+                usable = max(0, free - keep)
+                keep = max(0, keep - free)  # what the device tier could not keep, the host keeps
+                local = self.pool.allocate(min(missing, usable), tier)
                 self._own.update(local)
                 grants.append((self.instance_id, local))
                 missing -= len(local)
@@ -220,7 +225,7 @@ class RManager:
         if n <= 0:
             raise ValueError(f"a reservation asks for at least one block, got {n}")
         if target == self.instance_id:
-            if self.pool.free_in(Tier.DEVICE) < n:
+            if self.pool.free_in(Tier.DEVICE) - self.keep < n:  # the growth room stays
                 return None
             ids = self.pool.allocate(n, Tier.DEVICE)
             self._own.update(ids)
