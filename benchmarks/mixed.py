@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 import numpy as np
@@ -49,6 +50,8 @@ def main() -> None:
     parser.add_argument("--migration-tokens", type=int, default=16)
     parser.add_argument("--admission-output-reserve", type=float, default=0.0,
                         help="every mode: room kept at admission for this share of outputs")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of all modes, alternating; times are medians")
     parser.add_argument("--backend", default="local", choices=["local", "ray"],
                         help="ray: one actor per instance (each gets cores / instances threads)")
     args = parser.parse_args()
@@ -60,39 +63,46 @@ def main() -> None:
             pooling=True, planner_period=args.planner_period, cost_model=args.cost_model,
             dgfm_period=args.dgfm_period, migration_tokens_per_step=args.migration_tokens,
         )
-    rows, results = [], {}
-    for mode, options in modes.items():
-        llm = smollm2(args.instances, args.tokens_each, dtype=args.dtype,
-                      backend=args.backend,
-                      admission_output_reserve=args.admission_output_reserve, **options)
-        try:
-            run(llm.engine, [prompts[0]], [2])  # warm-up
-            before = llm.engine.snapshot().computed_tokens
-            result = run(llm.engine, prompts, max_tokens)
-            snap = llm.engine.snapshot()
-        finally:
-            llm.shutdown()
-        results[mode] = result
+    rows, results, seconds = [], {}, {mode: [] for mode in modes}
+    # Modes alternate, round after round, so the machine's drift touches them alike.
+    for _ in range(args.repeats):
+        for mode, options in modes.items():
+            llm = smollm2(args.instances, args.tokens_each, dtype=args.dtype,
+                          backend=args.backend,
+                          admission_output_reserve=args.admission_output_reserve, **options)
+            try:
+                run(llm.engine, [prompts[0]], [2])  # warm-up
+                before = llm.engine.snapshot().computed_tokens
+                result = run(llm.engine, prompts, max_tokens)
+                snap = llm.engine.snapshot()
+            finally:
+                llm.shutdown()
+            seconds[mode].append(result.seconds)
+            results[mode] = (result, snap, before)
+    for mode, (result, snap, before) in results.items():
         done = len(result.outputs)
+        runs = sorted(seconds[mode])
+        median = statistics.median(runs)
         out_tokens = sum(len(t) for t in result.outputs.values())
         prompt_tokens = sum(len(prompts[i]) for i in result.outputs)
         m = snap.migration
         rows.append([
             mode, len(prompts), done, len(result.refused),
-            result.most_owners, snap.num_preemptions,
+            result.most_owners, result.steps, snap.num_preemptions,
             # Tokens computed beyond each completed request's prompt and outputs (the
             # last sampled token needs no compute): the recompute after preemption.
             snap.computed_tokens - before - sum(
                 len(prompts[i]) + len(out) - 1 for i, out in result.outputs.items()),
             m.rehomed, m.copied_blocks, m.cancelled_cycles, f"{m.stall_s:.2f}",
             f"{100 * snap.remote_share:.1f}", prompt_tokens, out_tokens,
-            f"{result.seconds:.1f}", f"{out_tokens / result.seconds:.1f}",
-            f"{(prompt_tokens + out_tokens) / result.seconds:.1f}",
+            f"{median:.1f}", f"{out_tokens / median:.1f}",
+            f"{out_tokens / runs[-1]:.1f}-{out_tokens / runs[0]:.1f}",
+            f"{(prompt_tokens + out_tokens) / median:.1f}",
         ])
     # Requests served by several modes must agree token for token.
-    iso, pooled = results["isolated"], results["pooled"]
+    iso, pooled = results["isolated"][0], results["pooled"][0]
     if "planned" in results:
-        planned = results["planned"]
+        planned = results["planned"][0]
         same = planned.outputs.keys() & pooled.outputs.keys()
         assert all(planned.outputs[k] == pooled.outputs[k] for k in same), "planned differs"
     common = iso.outputs.keys() & pooled.outputs.keys()
@@ -104,10 +114,10 @@ def main() -> None:
           f"{args.short} requests of 32-160 prompt tokens + {args.long} of {args.long_len}, "
           f"{args.output_tokens} output tokens each")
     print_table(
-        ["mode", "requests", "completed", "refused", "most owners", "preemptions",
+        ["mode", "requests", "completed", "refused", "most owners", "steps", "preemptions",
          "recomputed tokens", "rehomed", "blocks copied", "cycles", "copy stall s",
          "remote KV %", "prompt tokens served", "output tokens", "seconds",
-         "output tok/s", "total tok/s"],
+         "output tok/s", "range", "total tok/s"],
         rows,
     )
     print(f"outputs of requests served by both: {len(common)}, identical: {'yes' if agree else 'NO'}")

@@ -39,6 +39,7 @@ class Run:
     outputs: dict[int, list[int]]  # prompt index -> output tokens, for the ones that finished
     refused: list[str]  # why each refused request was refused
     most_owners: int  # the most instances one request's KV spanned
+    steps: int  # engine steps from the first submission to the last output
 
 
 def run(engine: LLMEngine, prompts: list[list[int]], max_tokens: list[int]) -> Run:
@@ -51,8 +52,9 @@ def run(engine: LLMEngine, prompts: list[list[int]], max_tokens: list[int]) -> R
             index_of[engine.add_request(prompt, params).request_id] = i
         except ValueError as error:
             refused.append(str(error))
-    outputs, most = {}, 0
+    outputs, most, steps = {}, 0, 0
     while engine.has_unfinished_requests():
+        steps += 1
         running = [r for r in engine.snapshot().requests if r.status == "running"]
         most = max([most, *(len(r.blocks) for r in running)])
         for out in engine.step():
@@ -61,7 +63,7 @@ def run(engine: LLMEngine, prompts: list[list[int]], max_tokens: list[int]) -> R
     seconds = time.perf_counter() - start
     engine.check_integrity()
     assert engine.snapshot().pools_full
-    return Run(seconds, outputs, refused, most)
+    return Run(seconds, outputs, refused, most, steps)
 
 
 def print_table(header: list[str], rows: list[list[object]]) -> None:

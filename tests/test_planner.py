@@ -72,6 +72,17 @@ def test_a_creditor_with_its_own_queue_lends_what_its_queue_leaves():
     assert planner().plan(tight, [Candidate("long", 0, 0, 16)]) == []
 
 
+def test_admission_borrows_when_the_batch_pays_for_the_exchange():
+    # 2 running over 100 tokens: 2 / 12.1 ms = 165 tok/s. A third request of 50 tokens
+    # with remote blocks: 3 / 13.15 ms = 228 tok/s when remote pairs cost nothing,
+    # 3 / 33.15 ms = 90 tok/s at 20 ms a pair.
+    assert planner().worth_borrowing(2, 100, 0, 50)
+    costly = GreedyPlanner(CostModel(0.010, 0.001, 1e-6, per_remote_s=0.020), BLOCK)
+    assert not costly.worth_borrowing(2, 100, 0, 50)
+    # An idle instance gains from any request.
+    assert costly.worth_borrowing(0, 0, 0, 50)
+
+
 def test_nothing_moves_without_a_creditor_or_a_gain():
     full = [
         InstanceLoad(0, free=0, lendable=0, running=2, context_tokens=160, waiting_blocks=(4,)),

@@ -216,13 +216,16 @@ def test_pooled_admission_keeps_the_growth_room_at_home_and_borrows_the_rest():
     assert c.snapshot().pools_full
 
 
-@pytest.mark.parametrize("planner", [False, True])
-def test_with_the_planner_on_admission_borrows_only_for_what_no_home_holds(planner, tmp_path):
+@pytest.mark.parametrize("per_remote_s", [None, 0.0, 0.05])
+def test_with_the_planner_on_its_model_says_when_admission_borrows(per_remote_s, tmp_path):
+    """None: no planner, on-demand borrowing. With the planner, a request its home could
+    hold borrows only when the model predicts a faster instance: always when remote
+    blocks cost nothing, never when their exchange (50 ms a step) outweighs the batch."""
     from infinite_llm.core.cost_model import CostModel
 
     cost = tmp_path / "cost.json"
-    CostModel(0.010, 0.001, 1e-6).save(cost)
-    c = pooled_pair(planner_cost=cost if planner else None)
+    CostModel(0.010, 0.001, 1e-6, per_remote_s or 0.0).save(cost)
+    c = pooled_pair(planner_cost=None if per_remote_s is None else cost)
     first = request("first", 8, max_tokens=4)  # 2 blocks + 1 to come: 3 of the 6 left
     c.add(first)
     step_all(c)
@@ -230,11 +233,11 @@ def test_with_the_planner_on_admission_borrows_only_for_what_no_home_holds(plann
     fits = request("fits", 12, max_tokens=4)
     c.add(fits)
     step_all(c)
-    if planner:  # it waits for room at home (or for the planner to move KV)
+    if per_remote_s:  # it waits for room at home (or for the planner to move KV)
         assert fits.status is RequestStatus.WAITING
-    else:  # on-demand pooling borrows what the home lacks
+    else:  # it borrows what the home lacks
         assert fits.status is RequestStatus.RUNNING and 1 in fits.block_table.owners()
-    # Beyond the home's whole pool: borrowed either way, once the home has its room.
+    # Beyond the home's whole pool: borrowed in every case, once the home has its room.
     huge = request("huge", 28, max_tokens=4)
     c.add(huge)
     while huge.status is RequestStatus.WAITING:

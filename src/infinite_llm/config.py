@@ -167,13 +167,6 @@ class PoolingConfig:
     planner_period: int = 0
     cost_model: str | None = None
 
-    @property
-    def admission_borrows(self) -> bool:
-        """Whether admission borrows for a request its home's pool alone could hold.
-        On-demand pooling does; with the planner on, the planner decides where KV
-        goes (moves, rehoming) and admission borrows only for what no home holds."""
-        return self.enabled and not self.planner_period
-
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
             raise ValueError(f"enabled must be a bool, got {self.enabled!r}")

@@ -80,19 +80,21 @@ class Cluster:
         self.placement = placement if placement is not None else LeastLoaded()
         self.load = KVLoad()
         self.preemption = OldestFirst(self._preempt_elsewhere)
+        self.planner = (
+            GreedyPlanner(CostModel.load(pooling.cost_model), cache.block_size)
+            if pooling.planner_period else None
+        )
+        # With the planner on, its model says when admission may borrow.
+        advice = self._worth_borrowing if self.planner is not None else None
         self.instances: list[Instance] = []
         for i in range(num_instances):
             rmanager = RManager(i, BlockPool(tiers), pooling, self.gmanager, self._call)
             self.gmanager.register(i, tiers.total)
-            sched = Scheduler(scheduler, rmanager, cache.block_size, arbiter=self.preemption)
+            sched = Scheduler(scheduler, rmanager, cache.block_size, self.preemption, advice)
             self.instances.append(Instance(i, rmanager, sched))
         self.migrator = Migrator(
             self.instances, cache.block_size, pooling.migration_tokens_per_step,
             pooling.migration_lease_steps, tiers,
-        )
-        self.planner = (
-            GreedyPlanner(CostModel.load(pooling.cost_model), cache.block_size)
-            if pooling.planner_period else None
         )
         # Depends only on which instances are registered: asked again when one leaves.
         self._max_request_blocks = self.gmanager.max_request_blocks()
@@ -270,6 +272,15 @@ class Cluster:
                                    order.count, order.target):
                 done.append(order)
         return done
+
+    def _worth_borrowing(self, running: list[Request], request: Request) -> bool:
+        """The planner's word on admitting ``request`` beside ``running`` with borrowed
+        blocks (asked only when the home is short)."""
+        assert self.planner is not None
+        return self.planner.worth_borrowing(
+            len(running), sum(r.num_tokens for r in running),
+            sum(len(r.block_table.owners()) - 1 for r in running), request.num_tokens,
+        )
 
     def _loads(self) -> tuple[list[InstanceLoad], list[Candidate]]:
         """The live instances as the planner sees them (free space from the ledger), and

@@ -164,6 +164,17 @@ class GreedyPlanner:
             loads = moved
         return orders
 
+    def worth_borrowing(
+        self, running: int, context_tokens: int, remote_pairs: int, tokens: int
+    ) -> bool:
+        """Whether admitting a request of ``tokens`` tokens with blocks borrowed (one
+        more remote pair) raises the decode rate of an instance running ``running``
+        requests over ``context_tokens``: the exchange it adds against the batch."""
+        now = self.cost.decode_rate(running, context_tokens, remote_pairs)
+        return self.cost.decode_rate(
+            running + 1, context_tokens + tokens, remote_pairs + 1
+        ) > now * (1 + self.min_gain)
+
     @staticmethod
     def _spare(load: InstanceLoad) -> int:
         """Blocks a creditor can take: what it may lend, keeping its own headroom."""

@@ -12,6 +12,7 @@ freed and it waits to be recomputed from its tokens. Pure bookkeeping: no torch.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -34,6 +35,11 @@ class Arbiter(Protocol):
         ...
 
 
+# Whether admitting a request (given this instance's running requests) is worth the
+# remote blocks it would borrow: the planner's model answers, where one runs.
+BorrowAdvice = Callable[[list[Request], Request], bool]
+
+
 @dataclass(frozen=True)
 class InstanceBatch:
     """What one instance's scheduler chose for this step."""
@@ -49,10 +55,12 @@ class Scheduler:
         memory: RManager,
         block_size: int,
         arbiter: Arbiter,
+        borrow_advice: BorrowAdvice | None = None,
     ) -> None:
         self.config = config
         self.memory = memory
         self.arbiter = arbiter
+        self.borrow_advice = borrow_advice
         self.block_size = block_size
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -139,11 +147,13 @@ class Scheduler:
 
     def _may_borrow(self, request: Request, short: int) -> bool:
         """Whether admitting ``request`` may borrow ``short`` blocks: the others could
-        lend them (the gManager's view), and on-demand pooling is on or the request
-        is larger than this instance's whole device pool."""
-        if not self.memory.config.admission_borrows:
+        lend them (the gManager's view), and, where ``borrow_advice`` is given, the
+        request is larger than this instance's whole device pool or the advice says
+        the remote blocks are worth it."""
+        if self.borrow_advice is not None:
             held = request.num_blocks_needed(self.block_size)
-            if held + self._growth(request, held) <= self.memory.pool.tiers.device_blocks:
+            fits = held + self._growth(request, held) <= self.memory.pool.tiers.device_blocks
+            if fits and not self.borrow_advice(self.running, request):
                 return False
         return short <= self.memory.borrowable()
 
