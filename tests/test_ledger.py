@@ -1,9 +1,11 @@
 """Random traffic on a small cluster: no block is ever lost or double-owned, debts balance.
 
-A hypothesis state machine drives 2-4 instances with pools of 3-12 blocks through
-allocations (new requests and growth), finishes, aborts, live migrations (reserve on a
-target, switch, abort or expire), heartbeats and re-sorts, and checks the memory
-invariants after every step. Heartbeats are sent at random, so the
+A hypothesis state machine drives 2-4 instances with pools of 3-12 blocks (and, on some
+runs, a host-memory tier of 1-4 blocks each) through allocations (new requests and
+growth, some keeping room at home), room kept for growth set at random, finishes,
+aborts, live migrations (reserve on a target or, for host blocks, at home; switch,
+abort or expire), heartbeats and re-sorts, and checks the memory invariants after every
+step. Heartbeats are sent at random, so the
 gManager's view is as stale as it is in a real cluster.
 """
 
@@ -16,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from infinite_llm.config import PoolingConfig
-from infinite_llm.memory.block_pool import BlockPool
+from infinite_llm.memory.block_pool import BlockPool, Tier, Tiers
 from infinite_llm.memory.gmanager import GManager, InstanceLedger
 from infinite_llm.memory.rblock import BlockTable
 from infinite_llm.memory.rmanager import RManager
@@ -33,8 +35,9 @@ class PooledCluster(RuleBasedStateMachine):
         reserve=st.integers(0, 2),
         enabled=st.sampled_from([True, True, True, False]),
         resort_interval=st.integers(1, 4),
+        host=st.sampled_from([0, 0, 1, 4]),
     )
-    def setup(self, capacities, fraction, reserve, enabled, resort_interval):
+    def setup(self, capacities, fraction, reserve, enabled, resort_interval, host):
         config = PoolingConfig(enabled, fraction, reserve)
         self.gm = GManager(resort_interval)
         self.managers: dict[int, RManager] = {}
@@ -43,8 +46,10 @@ class PooledCluster(RuleBasedStateMachine):
             return getattr(self.managers[iid], method)(*args)
 
         for iid, capacity in enumerate(capacities):
-            self.gm.register(iid, capacity)
-            self.managers[iid] = RManager(iid, BlockPool(capacity), config, self.gm, call)
+            # With a host tier every pool has the same split (an id says its tier).
+            tiers = Tiers(capacities[0], host) if host else Tiers(capacity)
+            self.gm.register(iid, tiers.total)
+            self.managers[iid] = RManager(iid, BlockPool(tiers), config, self.gm, call)
         self.requests: dict[str, tuple[int, BlockTable]] = {}
         # request -> (first block, target, reserved ids) of its migration in flight
         self.migrations: dict[str, tuple[int, int, list[int]]] = {}
@@ -54,23 +59,35 @@ class PooledCluster(RuleBasedStateMachine):
         return [(m.num_free, m.num_used, m.num_lent, m.lent_to, m.borrowed_from)
                 for m in self.managers.values()]
 
-    def _allocate(self, request_id: str, n: int) -> None:
+    def _allocate(self, request_id: str, n: int, keep: int = 0) -> None:
         home, table = self.requests[request_id]
         before, rblocks = self._counts(), table.rblocks
-        if self.managers[home].allocate(request_id, table, n):
+        free = self.managers[home].num_free
+        lent = {iid: m.num_lent for iid, m in self.managers.items()}
+        if self.managers[home].allocate(request_id, table, n, keep):
             assert table.num_blocks == sum(rb.num_blocks for rb in rblocks) + n
+            # The room kept at home stays free, what it could not keep aside.
+            assert self.managers[home].num_free >= min(free, keep)
+            for iid, m in self.managers.items():  # a creditor lends none of its kept room
+                if m.num_lent > lent[iid]:
+                    assert m.num_free >= m.keep + m.config.reserve_blocks
         else:
             assert self._counts() == before and table.rblocks == rblocks  # nothing changed
 
     def _pick(self, pick: int) -> str:
         return sorted(self.requests)[pick % len(self.requests)]
 
-    @rule(home=st.integers(0, 3), n=st.integers(1, 8))
-    def start(self, home, n):
+    @rule(home=st.integers(0, 3), n=st.integers(1, 8), keep=st.integers(0, 3))
+    def start(self, home, n, keep):
         request_id = f"r{self.next_id}"
         self.next_id += 1
         self.requests[request_id] = (home % len(self.managers), BlockTable())
-        self._allocate(request_id, n)
+        self._allocate(request_id, n, keep)
+
+    @rule(iid=st.integers(0, 3), keep=st.integers(0, 4))
+    def keep_room(self, iid, keep):
+        """An instance's scheduler keeps room for its requests' growth."""
+        self.managers[iid % len(self.managers)].keep = keep
 
     @precondition(lambda self: self.requests)
     @rule(pick=st.integers(0, 99), n=st.integers(1, 4))
@@ -100,7 +117,10 @@ class PooledCluster(RuleBasedStateMachine):
         target = to % len(self.managers)
         first = rb.first_block + first % rb.num_blocks
         count = min(count, rb.end_block - first)
-        if target == rb.owner:
+        tiers = self.managers[rb.owner].pool.tiers
+        offset = first - rb.first_block
+        host = all(tiers.of(b) is Tier.HOST for b in rb.block_ids[offset:offset + count])
+        if target == rb.owner and not host:  # host blocks may move up at their owner
             return
         before = self._counts()
         ids = self.managers[home].reserve(request_id, target, count)
@@ -204,6 +224,6 @@ class PooledCluster(RuleBasedStateMachine):
 
 
 PooledCluster.TestCase.settings = settings(
-    max_examples=100, stateful_step_count=30, deadline=None
+    max_examples=300, stateful_step_count=30, deadline=None
 )
 TestPooledCluster = PooledCluster.TestCase

@@ -293,3 +293,23 @@ def test_ledger_detects_a_one_sided_debt():
     Ledger({0: InstanceLedger(4, 2, {1: 2}), 1: InstanceLedger(4, 4, {}, {0: 2})}).check_balanced()
     with pytest.raises(AssertionError, match="0 lent 2 blocks to 1, which borrowed 0"):
         Ledger({0: InstanceLedger(4, 2, {1: 2}), 1: InstanceLedger(4, 4)}).check_balanced()
+
+
+def test_the_room_kept_for_growth_is_neither_lent_nor_taken_by_an_admission():
+    managers, gm, _ = make_cluster([6, 6], PoolingConfig(max_lend_fraction=1.0))
+    home, creditor = managers[0], managers[1]
+    creditor.keep = 4  # its requests will grow into 4 of its 6 free blocks
+    sync(managers, gm)
+    table = BlockTable()
+    # 9 blocks asked with 2 kept at home: 4 local, 2 lent (6 free - 4 kept): 3 short.
+    assert not home.allocate("a", table, 9, keep=2)
+    assert table.num_blocks == 0 and home.num_free == 6 and creditor.num_free == 6
+    assert home.allocate("a", table, 6, keep=2)
+    assert table.blocks_by_owner() == {0: 4, 1: 2}
+    assert home.num_free == 2 and creditor.num_free == 4 == creditor.keep
+    # Migrations into the creditor (or back home) leave the kept room alone too.
+    assert creditor.lend(0, "b", 1) is None
+    home.keep = 2
+    assert home.reserve("a", 0, 1) is None
+    home.release("a", table)
+    assert_all_home(managers, gm)
