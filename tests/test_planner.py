@@ -70,6 +70,10 @@ def test_a_creditor_with_its_own_queue_lends_what_its_queue_leaves():
     tight = [loads[0], InstanceLoad(1, free=8, lendable=8, running=1, context_tokens=40,
                                     waiting_blocks=(6,))]
     assert planner().plan(tight, [Candidate("long", 0, 0, 16)]) == []
+    # Nor the room its running requests will grow into (28 of its 30 free blocks).
+    growing = [loads[0], InstanceLoad(1, free=30, lendable=30, running=1, context_tokens=40,
+                                      growth=28)]
+    assert planner().plan(growing, [Candidate("long", 0, 0, 16)]) == []
 
 
 def test_admission_borrows_when_the_batch_pays_for_the_exchange():
@@ -107,12 +111,18 @@ def test_the_cluster_runs_the_planner_and_a_refused_reservation_is_planned_again
         enabled=True, max_lend_fraction=0.5, planner_period=1, cost_model=str(path),
         migration_tokens_per_step=64,
     )
-    c = Cluster(8, CacheConfig(1, BLOCK), SchedulerConfig(64, 8, 4096), pooling, 2)
+    homes = {"big": 0, "idle": 1, "late": 0}
+
+    class Fixed:
+        def home(self, request, alive, load):
+            return homes[request.request_id]
+
+    c = Cluster(8, CacheConfig(1, BLOCK), SchedulerConfig(64, 8, 4096), pooling, 2,
+                placement=Fixed())
     big = add(c, "big", 28, max_tokens=4)  # 7 blocks of home 0's 8
-    add(c, "idle", 4, max_tokens=30)  # home 1: 7 blocks free there
+    add(c, "idle", 4, max_tokens=8)  # home 1: 7 blocks free there, 2 for its outputs
     step(c)
-    add(c, "late", 12, max_tokens=4)  # home 0 again (least committed KV): must wait
-    assert c.requests["late"].home == 0
+    add(c, "late", 12, max_tokens=4)  # home 0 again: must wait
     # The view goes stale: instance 1's pool fills behind the gManager's back.
     taken = c.instances[1].rmanager.pool.allocate(6)
     assert c.replan() == []  # ordered, refused by instance 1, nothing reserved

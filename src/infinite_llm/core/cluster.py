@@ -301,6 +301,10 @@ class Cluster:
                 waiting_blocks=tuple(r.num_blocks_needed(self.block_size) for r in waiting),
                 remote_pairs=sum(len(r.block_table.owners()) - 1 for r in running),
                 waiting_ids=tuple(r.request_id for r in waiting),
+                growth=sum(
+                    max(0, -(-r.max_total_tokens // self.block_size) - r.block_table.num_blocks)
+                    for r in running
+                ),
             ))
             for r in running:
                 if r.request_id in busy:

@@ -37,6 +37,9 @@ class InstanceLoad:
     waiting_blocks: tuple[int, ...] = ()  # blocks each waiting request needs, in order
     remote_pairs: int = 0  # (request, remote owner) pairs of its running requests
     waiting_ids: tuple[str, ...] = ()  # the waiting requests, as waiting_blocks
+    # Blocks its running requests will still take if each runs to max_tokens: room a
+    # creditor keeps for them (at least the block of headroom each).
+    growth: int = 0
 
 
 @dataclass(frozen=True)
@@ -132,15 +135,15 @@ class GreedyPlanner:
                 key=lambda l: (-(len(l.waiting_blocks) - admitted(l, l.free)), l.instance_id),
             )
             idle = sorted(
-                (l for l in loads.values() if not l.waiting_blocks and l.free > l.running),
-                key=lambda l: (-(l.free - l.running), l.instance_id),
+                (l for l in loads.values() if not l.waiting_blocks and self._room(l) > 0),
+                key=lambda l: (-self._room(l), l.instance_id),
             )
             if not queued or not idle:
                 break
             source, target = queued[0], idle[0]
             k = admitted(source, source.free)
             need = source.waiting_blocks[k]
-            if need > target.free - target.running:
+            if need > self._room(target):
                 break
             moved = dict(loads)
             moved[source.instance_id] = replace(
@@ -176,9 +179,15 @@ class GreedyPlanner:
         ) > now * (1 + self.min_gain)
 
     @staticmethod
+    def _room(load: InstanceLoad) -> int:
+        """Free blocks beyond what its running requests will grow into."""
+        return load.free - max(load.running, load.growth)
+
+    @staticmethod
     def _spare(load: InstanceLoad) -> int:
-        """Blocks a creditor can take: what it may lend, keeping its own headroom."""
-        return min(load.lendable, load.free - load.running)
+        """Blocks a creditor can take: what it may lend, keeping the room its running
+        requests will grow into."""
+        return min(load.lendable, GreedyPlanner._room(load))
 
     def _best_move(self, loads, pool):
         debtors = sorted(
