@@ -276,3 +276,29 @@ def test_pooled_instances_that_keep_room_for_outputs_never_preempt(tmp_path):
         assert c.num_preemptions == 0
         assert all(len(r.output_token_ids) == r.max_tokens for r in requests)
         assert c.snapshot().pools_full
+
+
+@pytest.mark.parametrize("per_remote_s, preempted, spanned", [(0.0, 0, True), (0.05, 1, False)])
+def test_with_the_planner_on_growth_borrows_only_when_cheaper_than_a_recompute(
+    per_remote_s, preempted, spanned, tmp_path
+):
+    """a (8 + 12 tokens) and b (12 + 8) share home 0's 6 blocks and outgrow them: when
+    b, the newest, needs a block, borrowing costs an exchange in each of its remaining
+    steps, preempting it costs its tokens computed again. Free exchanges: it borrows;
+    50 ms ones: it gives way, and the planner rehomes it to instance 1, where it runs
+    whole: no request's KV ever spans instances."""
+    from infinite_llm.core.cost_model import CostModel
+
+    cost = tmp_path / "cost.json"
+    CostModel(0.010, 0.001, 1e-6, per_remote_s).save(cost)
+    c = pooled_pair(reserve=0.0, planner_cost=cost)
+    a, b = request("a", 8, max_tokens=12), request("b", 12, max_tokens=8)
+    c.add(a)
+    c.add(b)
+    owners = 1
+    while c.has_work():
+        step_all(c)
+        owners = max([owners, *(len(r.block_table.owners()) for r in (a, b))])
+    assert c.num_preemptions == preempted and (owners > 1) == spanned
+    assert a.output_token_ids == [3] * 12 and b.output_token_ids == [3] * 8
+    assert c.snapshot().pools_full

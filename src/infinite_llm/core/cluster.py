@@ -84,13 +84,11 @@ class Cluster:
             GreedyPlanner(CostModel.load(pooling.cost_model), cache.block_size)
             if pooling.planner_period else None
         )
-        # With the planner on, its model says when admission may borrow.
-        advice = self._worth_borrowing if self.planner is not None else None
         self.instances: list[Instance] = []
         for i in range(num_instances):
             rmanager = RManager(i, BlockPool(tiers), pooling, self.gmanager, self._call)
             self.gmanager.register(i, tiers.total)
-            sched = Scheduler(scheduler, rmanager, cache.block_size, self.preemption, advice)
+            sched = Scheduler(scheduler, rmanager, cache.block_size, self.preemption, self.planner)
             self.instances.append(Instance(i, rmanager, sched))
         self.migrator = Migrator(
             self.instances, cache.block_size, pooling.migration_tokens_per_step,
@@ -272,15 +270,6 @@ class Cluster:
                                    order.count, order.target):
                 done.append(order)
         return done
-
-    def _worth_borrowing(self, running: list[Request], request: Request) -> bool:
-        """The planner's word on admitting ``request`` beside ``running`` with borrowed
-        blocks (asked only when the home is short)."""
-        assert self.planner is not None
-        return self.planner.worth_borrowing(
-            len(running), sum(r.num_tokens for r in running),
-            sum(len(r.block_table.owners()) - 1 for r in running), request.num_tokens,
-        )
 
     def _loads(self) -> tuple[list[InstanceLoad], list[Candidate]]:
         """The live instances as the planner sees them (free space from the ledger), and

@@ -178,6 +178,12 @@ class GreedyPlanner:
             running + 1, context_tokens + tokens, remote_pairs + 1
         ) > now * (1 + self.min_gain)
 
+    def borrow_beats_recompute(self, steps_left: int, victim_tokens: int) -> bool:
+        """Whether a request growing into a borrowed block (one more remote pair in each
+        of its ``steps_left`` steps) costs less than preempting a request of
+        ``victim_tokens`` tokens, which are then computed again."""
+        return self.cost.per_remote_s * steps_left <= self.cost.per_token_s * victim_tokens
+
     @staticmethod
     def _room(load: InstanceLoad) -> int:
         """Free blocks beyond what its running requests will grow into."""
@@ -216,9 +222,11 @@ class GreedyPlanner:
                     context_tokens=max(0, debtor.context_tokens - count * self.block_size),
                     remote_pairs=debtor.remote_pairs + 1,
                 )
+                # The creditor serves the pair's exchange every layer: it waits for it too.
                 moved[creditor.instance_id] = replace(
                     creditor, free=creditor.free - count, lendable=creditor.lendable - count,
                     context_tokens=creditor.context_tokens + count * self.block_size,
+                    remote_pairs=creditor.remote_pairs + 1,
                 )
                 rate = predicted_rate(self.cost, list(moved.values()), self.block_size)
                 if rate > now * (1 + self.min_gain) and (best is None or rate > best[0]):

@@ -3,7 +3,10 @@
 Each step has a token budget. Running requests go first, in arrival order, each asking
 for the tokens it has not computed (one for a decode, a chunk of its prompt otherwise);
 then waiting requests are admitted while the budget, the request cap and blocks allow:
-the instance's own free blocks plus what its rManager can borrow from other instances.
+the room the running requests will grow into stays free at home (and is not lent), and
+a request's own blocks come from the rest of the home's pool, then from what its
+rManager can borrow from other instances (where the planner runs, when its model says
+the remote blocks pay).
 When a running request needs a block and none can be had, the most recently arrived
 running request of this instance is preempted: its blocks, local and borrowed, are
 freed and it waits to be recomputed from its tokens. Pure bookkeeping: no torch.
@@ -12,11 +15,11 @@ freed and it waits to be recomputed from its tokens. Pure bookkeeping: no torch.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from infinite_llm.config import SchedulerConfig
+from infinite_llm.core.planner import GreedyPlanner
 from infinite_llm.core.request import Request, RequestStatus
 from infinite_llm.core.step import Chunk
 from infinite_llm.memory.rmanager import RManager
@@ -35,11 +38,6 @@ class Arbiter(Protocol):
         ...
 
 
-# Whether admitting a request (given this instance's running requests) is worth the
-# remote blocks it would borrow: the planner's model answers, where one runs.
-BorrowAdvice = Callable[[list[Request], Request], bool]
-
-
 @dataclass(frozen=True)
 class InstanceBatch:
     """What one instance's scheduler chose for this step."""
@@ -55,12 +53,12 @@ class Scheduler:
         memory: RManager,
         block_size: int,
         arbiter: Arbiter,
-        borrow_advice: BorrowAdvice | None = None,
+        planner: GreedyPlanner | None = None,
     ) -> None:
         self.config = config
         self.memory = memory
         self.arbiter = arbiter
-        self.borrow_advice = borrow_advice
+        self.planner = planner  # where it runs, its model says when borrowing pays
         self.block_size = block_size
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -90,7 +88,8 @@ class Scheduler:
         # one breath) and leave room for the running requests' growth (at least a block
         # each), so the next decodes do not immediately preempt what was just admitted.
         # That room is kept at home: not used for admissions, not lent to other instances.
-        growth = sum(self._growth(r) for r in self.running)
+        reserve = self.config.admission_output_reserve
+        growth = sum(self._growth(r) for r in self.running) if reserve else len(self.running)
         self.memory.keep = growth
         while (
             not preempted
@@ -102,17 +101,17 @@ class Scheduler:
             request = self.waiting[0]
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             need = self._blocks_needed(request, n)
-            # What the others could lend is asked only when the own pool falls short: on
-            # Ray it is a call to the gManager actor.
-            # Its own growth counts too, beyond the blocks it is about to get.
-            keep = growth + (self._growth(request, need) if self.config.admission_output_reserve else 0)
-            # The room kept for growth must be here; the request's own blocks may be
-            # borrowed where they do not fit beside it.
+            # The room for the running requests' growth and this one's (where outputs
+            # are reserved) must be free here; the request's own blocks may be borrowed
+            # where they do not fit beside it. What the others could lend is asked only
+            # then: on Ray it is a call to the gManager actor.
+            keep = growth + (self._growth(request, need) if reserve else 0)
             short = need + keep - self.memory.num_free
             if keep > self.memory.num_free or (short > 0 and not self._may_borrow(request, short)):
                 break
             # Blocks beyond the room kept are borrowed; a stale gManager view: wait.
-            if need and not self.memory.allocate(request.request_id, request.block_table, need, keep):
+            table = request.block_table
+            if need and not self.memory.allocate(request.request_id, table, need, keep):
                 break
             growth += self._growth(request)
             self.memory.keep = growth
@@ -147,30 +146,49 @@ class Scheduler:
 
     def _may_borrow(self, request: Request, short: int) -> bool:
         """Whether admitting ``request`` may borrow ``short`` blocks: the others could
-        lend them (the gManager's view), and, where ``borrow_advice`` is given, the
-        request is larger than this instance's whole device pool or the advice says
-        the remote blocks are worth it."""
-        if self.borrow_advice is not None:
+        lend them (the gManager's view), and, where the planner runs, the request is
+        larger than this instance's whole device pool or the model predicts this
+        instance decodes faster with it (one more remote pair against a larger batch)."""
+        if self.planner is not None:
             held = request.num_blocks_needed(self.block_size)
             fits = held + self._growth(request, held) <= self.memory.pool.tiers.device_blocks
-            if fits and not self.borrow_advice(self.running, request):
+            running = self.running
+            if fits and not self.planner.worth_borrowing(
+                len(running), sum(r.num_tokens for r in running),
+                sum(len(r.block_table.owners()) - 1 for r in running), request.num_tokens,
+            ):
                 return False
         return short <= self.memory.borrowable()
+
+    def _borrow_to_grow(self, request: Request) -> bool:
+        """Whether ``request`` may borrow the blocks it grows into rather than preempt
+        this instance's newest request (itself, if it is the newest): always without
+        the planner, when it already spans instances or when its home alone cannot
+        hold it to the end; otherwise when the model says the exchange over its
+        remaining outputs costs less than computing the newest's tokens again."""
+        if self.planner is None or len(request.block_table.owners()) > 1:
+            return True
+        if -(-request.max_total_tokens // self.block_size) > self.memory.pool.tiers.device_blocks:
+            return True
+        left = request.max_tokens - len(request.output_token_ids)
+        return self.planner.borrow_beats_recompute(left, self.running[-1].num_tokens)
 
     def _blocks_needed(self, request: Request, n: int) -> int:
         total = request.num_computed_tokens + n
         return max(0, -(-total // self.block_size) - request.block_table.num_blocks)
 
-    def _grow(self, request: Request, n: int) -> bool:
+    def _grow(self, request: Request, n: int, borrow: bool = True) -> bool:
         need = self._blocks_needed(request, n)
-        return need == 0 or self.memory.allocate(request.request_id, request.block_table, need)
+        return need == 0 or self.memory.allocate(
+            request.request_id, request.block_table, need, borrow=borrow
+        )
 
     def _make_room(self, request: Request, n: int, preempted: list[Request]) -> bool:
         """Blocks for n more tokens of ``request``: preempt this instance's newest running
         requests until they fit. When the request is itself the newest here, the cluster
         may first free a newer request elsewhere (``arbiter.preempt_newer``), so the
         oldest work always advances; only when there is none does it preempt itself."""
-        while not self._grow(request, n):
+        while not self._grow(request, n, self._borrow_to_grow(request)):
             if self.running[-1] is request and self.arbiter.preempt_newer(request):
                 continue
             victim = self.running.pop()

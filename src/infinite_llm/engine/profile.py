@@ -53,8 +53,8 @@ def profile(
 ) -> CostModel:
     """Every (batch, context) of the grid measured, then fitted; where instances run in
     processes of their own (``exchange_latency`` on the runner, 2 or more instances),
-    the per-layer exchange is timed too: ``per_remote_s``, one all-to-all of a
-    query and its partial result per layer."""
+    the per-layer exchange is timed too: ``per_remote_s``, the two all-to-alls of
+    every layer (a query and its new k, v out; the partial result back)."""
     points = [measure(engine, b, s, steps) for b in batches for s in contexts]
     source = {
         "model": model,
@@ -70,6 +70,7 @@ def profile(
     if exchange is None or len(engine.cluster.alive_instances) < 2:
         return fit
     config = engine.model_config
-    # A query goes out and a partial (output and log-sum-exp per head) comes back.
-    floats = config.num_attention_heads * (2 * config.head_dim + 1)
-    return replace(fit, per_remote_s=config.num_hidden_layers * exchange(floats))
+    # Out: a query and the new k, v; back: a partial (output and log-sum-exp per head).
+    out = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
+    back = config.num_attention_heads * (config.head_dim + 1)
+    return replace(fit, per_remote_s=config.num_hidden_layers * (exchange(out) + exchange(back)))

@@ -134,14 +134,16 @@ class RManager:
 
     # -- the home side ----------------------------------------------------------------
 
-    def allocate(self, request_id: str, table: BlockTable, n: int, keep: int = 0) -> bool:
+    def allocate(
+        self, request_id: str, table: BlockTable, n: int, keep: int = 0, borrow: bool = True
+    ) -> bool:
         """Give ``request_id`` n more blocks, appended to ``table``; all or nothing.
 
         Local blocks first, except ``keep`` of them (room an admission leaves at home
-        for the growth of the requests here); the remainder is borrowed from the
-        gManager's candidates in their order, each granting what it can. On failure
-        everything taken in this call is given back, ``table`` is untouched, and the
-        answer is False.
+        for the growth of the requests here); the remainder is borrowed (unless
+        ``borrow`` is False) from the gManager's candidates in their order, each
+        granting what it can. On failure everything taken in this call is given back,
+        ``table`` is untouched, and the answer is False.
         """
         if n < 0:
             raise ValueError(f"cannot allocate a negative number of blocks ({n})")
@@ -156,7 +158,7 @@ class RManager:
                 self._own.update(local)
                 grants.append((self.instance_id, local))
                 missing -= len(local)
-                if missing and self.config.enabled:
+                if missing and self.config.enabled and borrow:
                     missing = self._borrow(request_id, missing, grants, tier)
                 if not missing:
                     break
