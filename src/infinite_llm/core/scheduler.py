@@ -177,10 +177,10 @@ class Scheduler:
         total = request.num_computed_tokens + n
         return max(0, -(-total // self.block_size) - request.block_table.num_blocks)
 
-    def _grow(self, request: Request, n: int, borrow: bool = True) -> bool:
+    def _grow(self, request: Request, n: int) -> bool:
         need = self._blocks_needed(request, n)
         return need == 0 or self.memory.allocate(
-            request.request_id, request.block_table, need, borrow=borrow
+            request.request_id, request.block_table, need, borrow=self._borrow_to_grow(request)
         )
 
     def _make_room(self, request: Request, n: int, preempted: list[Request]) -> bool:
@@ -188,7 +188,7 @@ class Scheduler:
         requests until they fit. When the request is itself the newest here, the cluster
         may first free a newer request elsewhere (``arbiter.preempt_newer``), so the
         oldest work always advances; only when there is none does it preempt itself."""
-        while not self._grow(request, n, self._borrow_to_grow(request)):
+        while not self._grow(request, n):
             if self.running[-1] is request and self.arbiter.preempt_newer(request):
                 continue
             victim = self.running.pop()
