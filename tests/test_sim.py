@@ -1,0 +1,124 @@
+"""The simulator's first pieces: trace readers and generator, and the real cluster on
+simulated time (the same schedule as the engine's, the same result for the same seed)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from infinite_llm import SamplingParams
+from infinite_llm.core.cost_model import CostModel
+from infinite_llm.sim.simulator import MeasuredClock, Simulator
+from infinite_llm.workload.traces import (
+    Lognormal,
+    TraceRequest,
+    read_trace,
+    synthetic,
+)
+
+from test_cluster import tiny_cluster
+from test_hf_equivalence import random_prompts
+
+TRACES = Path(__file__).parents[2] / "shared" / "traces"
+COST = CostModel(0.010, 0.001, 1e-6)
+
+
+def test_traces_are_read_as_they_come_and_bad_lines_say_where(tmp_path):
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_text('{"timestamp": 1500, "input_length": 40, "output_length": 7, "hash_ids": [1]}\n'
+                     '{"timestamp": 0, "input_length": 9, "output_length": 2}\n')
+    assert read_trace(jsonl) == [TraceRequest(0.0, 9, 2), TraceRequest(1.5, 40, 7)]
+    csv = tmp_path / "t.csv"
+    csv.write_text("arrived_at,num_prefill_tokens,num_decode_tokens,extra\n0.25,100,20,x\n")
+    assert read_trace(csv) == [TraceRequest(0.25, 100, 20)]
+    csv.write_text("arrived_at,num_prefill_tokens\n0.25,100\n")
+    with pytest.raises(ValueError, match=r"t.csv:2: not a Vidur trace row"):
+        read_trace(csv)
+    jsonl.write_text('{"timestamp": 0, "input_length": 0, "output_length": 2}\n')
+    with pytest.raises(ValueError, match=r"t.jsonl:1: .*at least one prompt"):
+        read_trace(jsonl)
+    with pytest.raises(ValueError, match="a trace is .jsonl"):
+        read_trace(tmp_path / "t.txt")
+
+
+@pytest.mark.skipif(not TRACES.is_dir(), reason="the development traces are not here")
+def test_the_public_traces_read_whole():
+    mooncake = read_trace(TRACES / "mooncake_conversation_trace.jsonl")
+    azure = read_trace(TRACES / "splitwise_conv.csv")
+    assert (len(mooncake), len(azure)) == (12031, 19366)
+    assert max(r.input_tokens for r in mooncake) == 126195
+    assert max(r.input_tokens for r in azure) == 14050
+
+
+def test_synthetic_traces_follow_their_parameters_and_their_seed():
+    inputs, outputs = Lognormal(6.0, 0.5, high=2000), Lognormal(4.0, 0.3)
+    a = synthetic(4000, rate=5.0, inputs=inputs, outputs=outputs, seed=1)
+    assert a == synthetic(4000, rate=5.0, inputs=inputs, outputs=outputs, seed=1)
+    assert a != synthetic(4000, rate=5.0, inputs=inputs, outputs=outputs, seed=2)
+    gaps = [y.arrival_s - x.arrival_s for x, y in zip(a, a[1:])]
+    mean = sum(gaps) / len(gaps)
+    cv = math.sqrt(sum((g - mean) ** 2 for g in gaps) / len(gaps)) / mean
+    assert mean == pytest.approx(0.2, rel=0.05) and cv == pytest.approx(1.0, rel=0.1)  # Poisson
+    bursty = synthetic(4000, 5.0, inputs, outputs, seed=1, burstiness=0.25)
+    gaps = [y.arrival_s - x.arrival_s for x, y in zip(bursty, bursty[1:])]
+    mean = sum(gaps) / len(gaps)
+    cv = math.sqrt(sum((g - mean) ** 2 for g in gaps) / len(gaps)) / mean
+    assert cv == pytest.approx(2.0, rel=0.15)  # gamma of shape k: cv = 1 / sqrt(k)
+    median = sorted(r.input_tokens for r in a)[len(a) // 2]
+    assert median == pytest.approx(math.exp(6.0), rel=0.05)
+    assert max(r.input_tokens for r in a) <= 2000
+    assert all(r.arrival_s == 0 for r in synthetic(5, math.inf, inputs, outputs))
+
+
+def test_the_simulator_runs_the_engines_schedule(tiny_llama_dir):
+    """The same requests, all at once, through the real engine and through the
+    simulator on an engine's cluster: the same steps, preemptions and moves, because it
+    is the same code."""
+    prompts = random_prompts(12, 4, 60, 320, seed=4)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    options = dict(max_lend_fraction=1.0, dgfm_period=3, migration_tokens_per_step=8)
+    real = tiny_cluster(tiny_llama_dir, 3, 10, **options).engine
+    for prompt in prompts:
+        real.add_request(prompt, params)
+    steps = 0
+    while real.has_unfinished_requests():
+        real.step()
+        steps += 1
+    simulated = tiny_cluster(tiny_llama_dir, 3, 10, **options).engine.cluster
+    sim = Simulator(simulated, MeasuredClock(COST, parallel=False))
+    records = sim.run([TraceRequest(0.0, len(p), 12) for p in prompts])
+    assert all(r.finished for r in records)
+    want = real.snapshot()
+    got = simulated.snapshot()
+    assert sim.steps == steps
+    assert got.num_preemptions == want.num_preemptions > 0
+    assert got.migration.moved_blocks == want.migration.moved_blocks
+    assert got.computed_tokens == want.computed_tokens
+    assert got.pools_full
+
+
+def test_a_simulation_is_deterministic_and_its_clock_adds_up():
+    from infinite_llm.config import CacheConfig, PoolingConfig, SchedulerConfig
+    from infinite_llm.core.cluster import Cluster
+
+    trace = synthetic(60, 4.0, Lognormal(4.0, 0.8, high=300), Lognormal(3.0, 0.5, high=60),
+                      seed=7)
+
+    def once(parallel):
+        cluster = Cluster(32, CacheConfig(1, 16), SchedulerConfig(), PoolingConfig(), 4)
+        sim = Simulator(cluster, MeasuredClock(COST, parallel))
+        return sim.run(trace + [TraceRequest(1.0, 4000, 10)]), sim
+
+    records, sim = once(parallel=False)
+    assert records == once(parallel=False)[0]
+    # Its home's 32 blocks + half of each other pool: 80 blocks of 16 tokens.
+    assert records[-1].refused and "at most 1280" in records[-1].refused
+    served = records[:-1]
+    assert all(r.finished and r.token_times[0] >= r.arrival_s for r in served)
+    assert all(t2 >= t1 for r in served for t1, t2 in zip(r.token_times, r.token_times[1:]))
+    assert sim.now == max(r.token_times[-1] for r in served)
+    # Side by side, a step lasts as long as the slowest instance's share: never longer
+    # than one forward of everything.
+    assert once(parallel=True)[1].now < sim.now
