@@ -17,6 +17,7 @@ from infinite_llm.core.cost_model import CostModel
 from infinite_llm.core.request import Request
 from infinite_llm.core.sampling_params import SamplingParams
 from infinite_llm.core.step import SampledToken, StepPlan, StepResult
+from infinite_llm.workload.summary import Timing, summarize
 from infinite_llm.workload.traces import TraceRequest
 
 TOKEN = 0  # every simulated output token
@@ -116,3 +117,15 @@ class Simulator:
         self.cluster.add(Request(
             record.request_id, [TOKEN] * record.input_tokens, params, record.output_tokens
         ))
+
+
+def summary(records: list[RequestRecord]) -> dict[str, float]:
+    """``vllm bench serve``'s numbers for the served requests, over the simulated time
+    from the first arrival to the last token; ``refused`` counts the rest."""
+    served = [r for r in records if r.finished]
+    if not served:
+        raise ValueError("no request was served")
+    start = min(r.arrival_s for r in records)
+    end = max(r.token_times[-1] for r in served)
+    timings = [Timing(r.arrival_s, r.token_times, r.input_tokens) for r in served]
+    return {**summarize(timings, end - start), "refused": len(records) - len(served)}
