@@ -25,6 +25,24 @@ def test_the_fit_recovers_the_coefficients_of_exact_points():
     assert fit.decode_rate(0, 0) == 0.0
 
 
+def test_prefill_points_tell_the_cost_of_a_token_from_that_of_a_sequence():
+    truth = CostModel(0.002, 0.0004, 1e-7, per_sequence_s=0.003)
+    decode = [ProfilePoint(b, s, truth.step_time(b, s)) for b in (1, 4, 16) for s in (100, 5000)]
+    prefill = [ProfilePoint(1, n, truth.step_time(n, n, sequences=1), tokens=n)
+               for n in (128, 1024)]
+    fit = CostModel.fit(decode + prefill)
+    assert fit.per_token_s == pytest.approx(0.0004, rel=1e-6)
+    assert fit.per_sequence_s == pytest.approx(0.003, rel=1e-6)
+    assert fit.fixed_s == pytest.approx(0.002, rel=1e-6)
+    # A decode step pays both per token; a prefill of 1,024 tokens pays one sequence.
+    assert fit.step_time(4, 400) == pytest.approx(0.002 + 4 * 0.0034 + 400e-7)
+    assert fit.step_time(1024, 1024, sequences=1) == pytest.approx(
+        0.002 + 1024 * 0.0004 + 0.003 + 1024e-7)
+    # Decode points alone cannot separate them: all of it is per token.
+    alone = CostModel.fit(decode)
+    assert alone.per_sequence_s == 0 and alone.per_token_s == pytest.approx(0.0034, rel=1e-6)
+
+
 def test_a_negative_coefficient_is_dropped_not_kept():
     # Attention cost lost in noise: the context column would come out negative.
     points = [ProfilePoint(1, 100, 0.010), ProfilePoint(1, 9000, 0.0099),
@@ -49,13 +67,16 @@ def test_profile_measures_a_model_and_writes_the_fit(tiny_llama_dir, tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "infinite_llm.cli", "profile", "--model", str(tiny_llama_dir),
          "--out", str(out), "--batches", "1", "4", "--contexts", "16", "128", "--steps", "3",
+         "--prefills", "32", "200",
          "--kv-cache-memory", "8MiB", "--dtype", "float32", "--device", "cpu"],
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr
     model = CostModel.load(out)
     assert [(p.batch, p.context_tokens > 0, p.step_s > 0) for p in model.points] == [
-        (1, True, True), (1, True, True), (4, True, True), (4, True, True)]
+        (1, True, True), (1, True, True), (4, True, True), (4, True, True),
+        (1, True, True), (1, True, True)]
+    assert [p.tokens for p in model.points[4:]] == [32, 200]  # the prefill steps
     assert model.source["model"] == str(tiny_llama_dir) and model.source["dtype"] == "float32"
     assert model.step_time(4, 500) > 0
     assert "T = " in done.stdout and json.loads(out.read_text())["points"]

@@ -209,9 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     profile = commands.add_parser(
         "profile", help="measure what a step costs here and write the cost model",
-        description="Time decode steps over a grid of batch sizes and context lengths on "
-        "one instance and fit T = fixed + per_token * b + per_context_token * S; the "
-        "JSON file is what the planner and the simulator load.",
+        description="Time decode steps over a grid of batch sizes and context lengths, "
+        "and prefill steps of one prompt each, on one instance and fit T = fixed + "
+        "per_token * b + per_context_token * S + per_sequence * n; the JSON file is what "
+        "the planner and the simulator load.",
     )
     profile.add_argument(
         "--model", default="smollm2", help=f"{_MODEL_HELP} (default: %(default)s)"
@@ -226,7 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt tokens of each request (default: %(default)s)",
     )
     profile.add_argument(
-        "--steps", type=int, default=8, help="decode steps timed per point (default: %(default)s)"
+        "--prefills", type=int, nargs="*", default=[128, 512, 2048],
+        help="prompt lengths whose prefill steps are timed (default: %(default)s)",
+    )
+    profile.add_argument(
+        "--steps", type=int, default=8, help="steps timed per point (default: %(default)s)"
     )
     _add_engine_flags(profile)
     return parser
@@ -298,20 +303,26 @@ def _generate(args: argparse.Namespace) -> int:
 def _profile(args: argparse.Namespace) -> int:
     from infinite_llm.engine.profile import profile
 
-    if min(args.batches) < 1 or min(args.contexts) < 1 or args.steps < 1:
-        raise ValueError("--batches, --contexts and --steps must be positive")
+    if min(args.batches) < 1 or min(args.contexts) < 1 or args.steps < 1 or (
+        args.prefills and min(args.prefills) < 1
+    ):
+        raise ValueError("--batches, --contexts, --prefills and --steps must be positive")
     llm = _build_llm(args)
     try:
-        model = profile(llm.engine, args.batches, args.contexts, args.steps, model=args.model)
+        model = profile(llm.engine, args.batches, args.contexts, args.steps, model=args.model,
+                        prefills=args.prefills)
     finally:
         llm.shutdown()
     model.save(args.out)
-    print(f"{'batch':>6} {'context tokens':>15} {'step ms':>9} {'fit ms':>9}")
+    print(f"{'batch':>6} {'tokens':>7} {'context tokens':>15} {'step ms':>9} {'fit ms':>9}")
     for p in model.points:
-        fit = model.step_time(p.batch, p.context_tokens) * 1e3
-        print(f"{p.batch:>6} {p.context_tokens:>15} {p.step_s * 1e3:>9.2f} {fit:>9.2f}")
+        fit = model.step_time(p.computed, p.context_tokens, sequences=p.batch) * 1e3
+        print(f"{p.batch:>6} {p.computed:>7} {p.context_tokens:>15} {p.step_s * 1e3:>9.2f} "
+              f"{fit:>9.2f}")
     print(f"T = {model.fixed_s * 1e3:.3f} ms + {model.per_token_s * 1e3:.4f} ms/token "
-          f"+ {model.per_context_token_s * 1e6:.4f} us/context token -> {args.out}")
+          f"+ {model.per_context_token_s * 1e6:.4f} us/context token "
+          f"+ {model.per_sequence_s * 1e3:.4f} ms/sequence "
+          f"+ {model.per_remote_s * 1e3:.3f} ms/remote pair -> {args.out}")
     return 0
 
 

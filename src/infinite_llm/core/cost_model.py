@@ -2,12 +2,17 @@
 planner and the simulator predict with. Never guessed constants: a ``CostModel`` is
 loaded from the file a profile wrote. No torch.
 
-    T(b, S, x) = fixed + per_token * b + per_context_token * S + per_remote * x
+    T(b, S, x, n) = fixed + per_token * b + per_context_token * S + per_remote * x
+                    + per_sequence * n
 
 b: tokens computed in the step (the non-attention work, W(b) / f(b) with throughput
-f(b) = b / (fixed + per_token * b), which grows with the batch), S: tokens of KV the
-step's queries attend to (attention, at throughput g = 1 / per_context_token), x:
-(sequence, remote owner) pairs whose partials cross between instances each layer.
+f(b) = b / (fixed + per_token * b), which grows with the batch), S: the (query, key)
+pairs the step's attention scores, at throughput g = 1 / per_context_token (a decode
+token attends to its whole context; a prefill chunk of n tokens after p computed ones
+scores n * p + n (n + 1) / 2), x: (sequence, remote owner) pairs whose partials cross
+between instances each layer, n: sequences in the step (sampling and per-sequence
+work; in a decode step n = b, and only prefill points, where one sequence brings many
+tokens, tell the two apart).
 """
 
 from __future__ import annotations
@@ -19,12 +24,18 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class ProfilePoint:
-    """One measured configuration: the median decode step of ``batch`` requests whose
-    contexts sum to ``context_tokens``."""
+    """One measured configuration: the median step of ``batch`` sequences computing
+    ``tokens`` tokens (None: one each, a decode step) whose attention scores
+    ``context_tokens`` (query, key) pairs."""
 
     batch: int
     context_tokens: int
     step_s: float
+    tokens: int | None = None
+
+    @property
+    def computed(self) -> int:
+        return self.batch if self.tokens is None else self.tokens
 
 
 @dataclass(frozen=True)
@@ -33,18 +44,25 @@ class CostModel:
     per_token_s: float
     per_context_token_s: float
     per_remote_s: float = 0.0
+    per_sequence_s: float = 0.0
     # Where it was measured, and on what: kept with the fit so a file says what it is.
     source: dict[str, object] = field(default_factory=dict)
     points: tuple[ProfilePoint, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("fixed_s", "per_token_s", "per_context_token_s", "per_remote_s"):
+        for name in ("fixed_s", "per_token_s", "per_context_token_s", "per_remote_s",
+                     "per_sequence_s"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
 
-    def step_time(self, tokens: int, context_tokens: int, remote_pairs: int = 0) -> float:
-        """Seconds of one step computing ``tokens`` tokens over ``context_tokens`` of KV."""
-        return (self.fixed_s + self.per_token_s * tokens
+    def step_time(
+        self, tokens: int, context_tokens: int, remote_pairs: int = 0,
+        sequences: int | None = None,
+    ) -> float:
+        """Seconds of one step computing ``tokens`` tokens of ``sequences`` sequences
+        (None: one token each, a decode step) over ``context_tokens`` of KV."""
+        n = tokens if sequences is None else sequences
+        return (self.fixed_s + self.per_token_s * tokens + self.per_sequence_s * n
                 + self.per_context_token_s * context_tokens + self.per_remote_s * remote_pairs)
 
     def decode_rate(self, batch: int, context_tokens: int, remote_pairs: int = 0) -> float:
@@ -55,23 +73,27 @@ class CostModel:
 
     @staticmethod
     def fit(points: list[ProfilePoint], source: dict[str, object] | None = None) -> CostModel:
-        """Least squares of step time on (1, batch, context tokens), coefficients kept
-        non-negative (a negative one is dropped and the rest refitted)."""
+        """Least squares of step time on (1, tokens, context tokens, sequences),
+        coefficients kept non-negative (a negative one is dropped and the rest
+        refitted). Without a point computing more tokens than sequences (decode steps
+        only), tokens and sequences are one column, all in ``per_token_s``."""
         if len(points) < 3:
             raise ValueError(f"a fit needs at least 3 measured points, got {len(points)}")
-        columns = [0, 1, 2]
+        columns = [0, 1, 2, 3] if any(p.computed != p.batch for p in points) else [0, 1, 2]
         while True:
             coef = _least_squares(
-                [[(1.0, float(p.batch), float(p.context_tokens))[c] for c in columns] for p in points],
+                [[(1.0, float(p.computed), float(p.context_tokens), float(p.batch))[c]
+                  for c in columns] for p in points],
                 [p.step_s for p in points],
             )
             negative = [c for c, v in zip(columns, coef) if v < 0]
             if not negative:
                 break
             columns.remove(negative[0])
-        full = dict.fromkeys([0, 1, 2], 0.0)
+        full = dict.fromkeys([0, 1, 2, 3], 0.0)
         full.update(zip(columns, coef))
-        return CostModel(full[0], full[1], full[2], source=dict(source or {}), points=tuple(points))
+        return CostModel(full[0], full[1], full[2], per_sequence_s=full[3],
+                         source=dict(source or {}), points=tuple(points))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")

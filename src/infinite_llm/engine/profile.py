@@ -2,8 +2,10 @@
 
 For each (batch, context) of a grid, ``batch`` requests of ``context`` prompt tokens are
 prefilled (not timed), then ``steps`` decode steps of the engine are timed one by one;
-the median is the point. The fit (``core.cost_model.CostModel``) is what the planner
-and the simulator load.
+the median is the point. For each prefill length, ``steps`` steps that each compute a
+fresh request's whole prompt are timed: a sequence bringing many tokens, which tells
+the per-token cost from the per-sequence one. The fit (``core.cost_model.CostModel``)
+is what the planner and the simulator load.
 """
 
 from __future__ import annotations
@@ -47,15 +49,41 @@ def measure(engine: LLMEngine, batch: int, context: int, steps: int, seed: int =
             engine.abort_request(request.request_id)
 
 
+def measure_prefill(engine: LLMEngine, tokens: int, steps: int, seed: int = 0) -> ProfilePoint:
+    """The median step that computes one fresh request's whole ``tokens``-token prompt."""
+    if tokens > engine.config.scheduler.max_num_batched_tokens:
+        raise ValueError(
+            f"a prefill of {tokens} tokens does not fit one step's budget "
+            f"({engine.config.scheduler.max_num_batched_tokens} tokens)"
+        )
+    rng = random.Random(seed)
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    times = []
+    for k in range(steps + 1):  # the first one warms up
+        request = engine.add_request([rng.randrange(vocab) for _ in range(tokens)], params)
+        start = time.perf_counter()
+        engine.step()
+        if k:
+            times.append(time.perf_counter() - start)
+        if request.num_computed_tokens != tokens:
+            raise RuntimeError(f"the prompt of {tokens} tokens took more than one step")
+        while engine.has_unfinished_requests():
+            engine.step()
+    # Causal attention over the prompt: token i scores i keys.
+    return ProfilePoint(1, tokens * (tokens + 1) // 2, statistics.median(times), tokens=tokens)
+
+
 def profile(
     engine: LLMEngine, batches: Sequence[int], contexts: Sequence[int], steps: int,
-    model: str = "",
+    model: str = "", prefills: Sequence[int] = (),
 ) -> CostModel:
     """Every (batch, context) of the grid measured, then fitted; where instances run in
     processes of their own (``exchange_latency`` on the runner, 2 or more instances),
     the per-layer exchange is timed too: ``per_remote_s``, the two all-to-alls of
     every layer (a query and its new k, v out; the partial result back)."""
     points = [measure(engine, b, s, steps) for b in batches for s in contexts]
+    points += [measure_prefill(engine, n, steps) for n in prefills]
     source = {
         "model": model,
         "dtype": engine.config.dtype,

@@ -56,13 +56,16 @@ class MeasuredClock:
         self.parallel = parallel
 
     def step_s(self, plan: StepPlan, cluster: Cluster) -> float:
-        per: dict[int, list[int]] = {}  # home -> [tokens, context tokens, remote pairs]
+        # home -> [tokens, context tokens, remote pairs, sequences]
+        per: dict[int, list[int]] = {}
         for chunk in plan.chunks:
             request = cluster.requests[chunk.request_id]
-            load = per.setdefault(chunk.home, [0, 0, 0])
+            load = per.setdefault(chunk.home, [0, 0, 0, 0])
             load[0] += chunk.num_tokens
-            load[1] += chunk.first_pos + chunk.num_tokens
+            n = chunk.num_tokens  # its queries score the keys before them and their own
+            load[1] += n * chunk.first_pos + n * (n + 1) // 2
             load[2] += len(request.block_table.owners()) - 1
+            load[3] += 1
         if not per:
             return 0.0
         if self.parallel:
