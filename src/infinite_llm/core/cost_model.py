@@ -60,7 +60,8 @@ class CostModel:
         sequences: int | None = None,
     ) -> float:
         """Seconds of one step computing ``tokens`` tokens of ``sequences`` sequences
-        (None: one token each, a decode step) over ``context_tokens`` of KV."""
+        (None: one token each, a decode step) whose attention scores
+        ``context_tokens`` (query, key) pairs (a decode step: its contexts' sum)."""
         n = tokens if sequences is None else sequences
         return (self.fixed_s + self.per_token_s * tokens + self.per_sequence_s * n
                 + self.per_context_token_s * context_tokens + self.per_remote_s * remote_pairs)
