@@ -143,3 +143,36 @@ def test_the_summary_has_vllms_keys_and_numbers():
     assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([], 99) == 0.0
     with pytest.raises(ValueError, match="duration"):
         summarize(served, 0)
+
+
+def test_simulate_on_the_command_line_is_deterministic_and_reads_traces(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    cost = tmp_path / "cost.json"
+    COST.save(cost)
+
+    def simulate(*extra):
+        out = tmp_path / "out.json"
+        done = subprocess.run(
+            [sys.executable, "-m", "infinite_llm.cli", "simulate", "--cost-model", str(cost),
+             "--instances", "3", "--kv-tokens", "512", "--json", str(out), *extra],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "output_throughput" in done.stdout
+        return json.loads(out.read_text())
+
+    synthetic_run = ["--num-prompts", "80", "--request-rate", "5", "--seed", "3", "--mode",
+                     "planner"]
+    first = simulate(*synthetic_run)
+    assert first == simulate(*synthetic_run)
+    assert first["completed"] + first["refused"] == 80 and first["completed"] > 70
+    assert first != simulate(*synthetic_run[:-2], "--mode", "isolated")
+    trace = tmp_path / "t.csv"
+    trace.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n0,100,8\n0.5,900,4\n"
+                     "1.0,5000,4\n")
+    got = simulate("--trace", str(trace), "--mode", "pooled")
+    # 5,004 tokens exceed what one request can hold (512 + 2 x 256): refused, not lost.
+    assert (got["completed"], got["refused"], got["total_output_tokens"]) == (2, 1, 12)

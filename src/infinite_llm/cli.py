@@ -1,10 +1,12 @@
-"""Command line: ``infinite-llm generate`` and ``infinite-llm serve``."""
+"""Command line: ``infinite-llm generate``, ``serve``, ``profile`` and ``simulate``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from pathlib import Path
 
 from infinite_llm.config import (
     BACKENDS,
@@ -234,6 +236,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps", type=int, default=8, help="steps timed per point (default: %(default)s)"
     )
     _add_engine_flags(profile)
+
+    simulate = commands.add_parser(
+        "simulate", help="run a trace through the cluster code on simulated time",
+        description="Drive the real schedulers, rManagers, gManager, planner, migration "
+        "and DGFM with a trace, each step priced by a profile's cost model instead of "
+        "run; prints vllm bench serve's numbers. See docs/SIMULATION.md.",
+    )
+    simulate.add_argument("--cost-model", required=True,
+                          help="the fit `infinite-llm profile` wrote: the step clock")
+    simulate.add_argument("--instances", type=int, default=4)
+    simulate.add_argument("--kv-tokens", type=int, required=True,
+                          help="KV tokens of each instance's pool")
+    simulate.add_argument("--block-size", type=int, default=16)
+    simulate.add_argument("--mode", choices=["isolated", "pooled", "planner"], default="pooled")
+    simulate.add_argument("--parallel", action="store_true",
+                          help="instances side by side (as on Ray): the slowest sets a step")
+    simulate.add_argument("--trace", help="Mooncake .jsonl or Vidur-style .csv; without it, "
+                          "a synthetic trace from the flags below")
+    simulate.add_argument("--num-prompts", type=int, default=200)
+    simulate.add_argument("--request-rate", type=float, default=float("inf"),
+                          help="requests per second (default: all at once)")
+    simulate.add_argument("--burstiness", type=float, default=1.0,
+                          help="gamma shape of the gaps (1: Poisson)")
+    simulate.add_argument("--input-len", type=float, nargs=2, default=[5.0, 1.0],
+                          metavar=("MU", "SIGMA"), help="lognormal prompt lengths")
+    simulate.add_argument("--output-len", type=float, nargs=2, default=[4.5, 0.5],
+                          metavar=("MU", "SIGMA"), help="lognormal output lengths")
+    simulate.add_argument("--duration", type=float, help="only requests arriving before (s)")
+    simulate.add_argument("--admission-output-reserve", type=float, default=0.0)
+    simulate.add_argument("--seed", type=int, default=0)
+    simulate.add_argument("--json", help="write the summary here too")
     return parser
 
 
@@ -326,6 +359,42 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    from infinite_llm.config import CacheConfig, PoolingConfig, SchedulerConfig
+    from infinite_llm.core.cluster import Cluster
+    from infinite_llm.core.cost_model import CostModel
+    from infinite_llm.sim.simulator import MeasuredClock, Simulator, summary
+    from infinite_llm.workload.traces import Lognormal, read_trace, synthetic
+
+    if args.kv_tokens < args.block_size:
+        raise ValueError(f"--kv-tokens must hold a block ({args.block_size} tokens)")
+    if args.trace:
+        trace = read_trace(args.trace)
+    else:
+        trace = synthetic(
+            args.num_prompts, args.request_rate, Lognormal(*args.input_len),
+            Lognormal(*args.output_len), seed=args.seed, burstiness=args.burstiness,
+        )
+    pooling = {
+        "isolated": PoolingConfig(enabled=False),
+        "pooled": PoolingConfig(),
+        "planner": PoolingConfig(planner_period=1, cost_model=args.cost_model, dgfm_period=8),
+    }[args.mode]
+    cluster = Cluster(
+        args.kv_tokens // args.block_size, CacheConfig(block_size=args.block_size),
+        SchedulerConfig(admission_output_reserve=args.admission_output_reserve),
+        pooling, args.instances,
+    )
+    sim = Simulator(cluster, MeasuredClock(CostModel.load(args.cost_model), args.parallel))
+    numbers = {**summary(sim.run(trace, args.duration)), "steps": sim.steps,
+               "preemptions": cluster.num_preemptions}
+    for key, value in numbers.items():
+        print(f"{key:>24}  {value:.2f}" if isinstance(value, float) else f"{key:>24}  {value}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(numbers, indent=2) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -337,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.command == "profile":
             return _profile(args)
+        if args.command == "simulate":
+            return _simulate(args)
     except ValueError as error:
         parser.exit(2, f"infinite-llm: error: {error}\n")
     return 1
