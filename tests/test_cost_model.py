@@ -67,7 +67,7 @@ def test_profile_measures_a_model_and_writes_the_fit(tiny_llama_dir, tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "infinite_llm.cli", "profile", "--model", str(tiny_llama_dir),
          "--out", str(out), "--batches", "1", "4", "--contexts", "16", "128", "--steps", "3",
-         "--prefills", "32", "200",
+         "--prefills", "32", "200", "--prefill-prompts", "1", "3",
          "--kv-cache-memory", "8MiB", "--dtype", "float32", "--device", "cpu"],
         capture_output=True, text=True, timeout=300,
     )
@@ -75,8 +75,10 @@ def test_profile_measures_a_model_and_writes_the_fit(tiny_llama_dir, tmp_path):
     model = CostModel.load(out)
     assert [(p.batch, p.context_tokens > 0, p.step_s > 0) for p in model.points] == [
         (1, True, True), (1, True, True), (4, True, True), (4, True, True),
-        (1, True, True), (1, True, True)]
-    assert [p.tokens for p in model.points[4:]] == [32, 200]  # the prefill steps
+        (1, True, True), (1, True, True), (3, True, True), (3, True, True)]
+    # The prefill steps: 1 and 3 prompts of 32 and 200 tokens, attention in pairs.
+    assert [(p.tokens, p.context_tokens) for p in model.points[4:]] == [
+        (32, 528), (200, 20100), (96, 1584), (600, 60300)]
     assert model.source["model"] == str(tiny_llama_dir) and model.source["dtype"] == "float32"
     assert model.step_time(4, 500) > 0
     assert "T = " in done.stdout and json.loads(out.read_text())["points"]

@@ -233,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt lengths whose prefill steps are timed (default: %(default)s)",
     )
     profile.add_argument(
+        "--prefill-prompts", type=int, nargs="+", default=[1, 8],
+        help="prompts prefilled together in each prefill step (default: %(default)s)",
+    )
+    profile.add_argument(
         "--steps", type=int, default=8, help="steps timed per point (default: %(default)s)"
     )
     _add_engine_flags(profile)
@@ -338,12 +342,14 @@ def _profile(args: argparse.Namespace) -> int:
 
     if min(args.batches) < 1 or min(args.contexts) < 1 or args.steps < 1 or (
         args.prefills and min(args.prefills) < 1
-    ):
-        raise ValueError("--batches, --contexts, --prefills and --steps must be positive")
+    ) or min(args.prefill_prompts) < 1:
+        raise ValueError(
+            "--batches, --contexts, --prefills, --prefill-prompts and --steps must be positive"
+        )
     llm = _build_llm(args)
     try:
         model = profile(llm.engine, args.batches, args.contexts, args.steps, model=args.model,
-                        prefills=args.prefills)
+                        prefills=args.prefills, prefill_prompts=args.prefill_prompts)
     finally:
         llm.shutdown()
     model.save(args.out)

@@ -2,9 +2,10 @@
 
 For each (batch, context) of a grid, ``batch`` requests of ``context`` prompt tokens are
 prefilled (not timed), then ``steps`` decode steps of the engine are timed one by one;
-the median is the point. For each prefill length, ``steps`` steps that each compute a
-fresh request's whole prompt are timed: a sequence bringing many tokens, which tells
-the per-token cost from the per-sequence one. The fit (``core.cost_model.CostModel``)
+the median is the point. For each prefill length and number of prompts (that fit one
+step's budget), ``steps`` steps that each compute that many fresh prompts whole are
+timed: sequences bringing many tokens tell the per-token cost from the per-sequence
+one, and several short prompts the cost of a token from that of attention. The fit (``core.cost_model.CostModel``)
 is what the planner and the simulator load.
 """
 
@@ -49,41 +50,51 @@ def measure(engine: LLMEngine, batch: int, context: int, steps: int, seed: int =
             engine.abort_request(request.request_id)
 
 
-def measure_prefill(engine: LLMEngine, tokens: int, steps: int, seed: int = 0) -> ProfilePoint:
-    """The median step that computes one fresh request's whole ``tokens``-token prompt."""
-    if tokens > engine.config.scheduler.max_num_batched_tokens:
+def measure_prefill(
+    engine: LLMEngine, tokens: int, steps: int, prompts: int = 1, seed: int = 0
+) -> ProfilePoint:
+    """The median step that computes ``prompts`` fresh requests' whole ``tokens``-token
+    prompts at once."""
+    budget = engine.config.scheduler.max_num_batched_tokens
+    if tokens * prompts > budget:
         raise ValueError(
-            f"a prefill of {tokens} tokens does not fit one step's budget "
-            f"({engine.config.scheduler.max_num_batched_tokens} tokens)"
+            f"a prefill of {prompts} x {tokens} tokens does not fit one step's budget "
+            f"({budget} tokens)"
         )
     rng = random.Random(seed)
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     times = []
     for k in range(steps + 1):  # the first one warms up
-        request = engine.add_request([rng.randrange(vocab) for _ in range(tokens)], params)
+        requests = [
+            engine.add_request([rng.randrange(vocab) for _ in range(tokens)], params)
+            for _ in range(prompts)
+        ]
         start = time.perf_counter()
         engine.step()
         if k:
             times.append(time.perf_counter() - start)
-        if request.num_computed_tokens != tokens:
-            raise RuntimeError(f"the prompt of {tokens} tokens took more than one step")
+        if any(r.num_computed_tokens != tokens for r in requests):
+            raise RuntimeError(f"{prompts} prompts of {tokens} tokens took more than one step")
         while engine.has_unfinished_requests():
             engine.step()
-    # Causal attention over the prompt: token i scores i keys.
-    return ProfilePoint(1, tokens * (tokens + 1) // 2, statistics.median(times), tokens=tokens)
+    # Causal attention over each prompt: token i scores i keys.
+    return ProfilePoint(prompts, prompts * tokens * (tokens + 1) // 2, statistics.median(times),
+                        tokens=prompts * tokens)
 
 
 def profile(
     engine: LLMEngine, batches: Sequence[int], contexts: Sequence[int], steps: int,
-    model: str = "", prefills: Sequence[int] = (),
+    model: str = "", prefills: Sequence[int] = (), prefill_prompts: Sequence[int] = (1,),
 ) -> CostModel:
     """Every (batch, context) of the grid measured, then fitted; where instances run in
     processes of their own (``exchange_latency`` on the runner, 2 or more instances),
     the per-layer exchange is timed too: ``per_remote_s``, the two all-to-alls of
     every layer (a query and its new k, v out; the partial result back)."""
     points = [measure(engine, b, s, steps) for b in batches for s in contexts]
-    points += [measure_prefill(engine, n, steps) for n in prefills]
+    budget = engine.config.scheduler.max_num_batched_tokens
+    points += [measure_prefill(engine, n, steps, k) for k in prefill_prompts for n in prefills
+               if n * k <= budget]
     source = {
         "model": model,
         "dtype": engine.config.dtype,
