@@ -82,3 +82,16 @@ def test_profile_measures_a_model_and_writes_the_fit(tiny_llama_dir, tmp_path):
     assert model.source["model"] == str(tiny_llama_dir) and model.source["dtype"] == "float32"
     assert model.step_time(4, 500) > 0
     assert "T = " in done.stdout and json.loads(out.read_text())["points"]
+
+
+def test_profile_refuses_prefills_its_kv_cache_cannot_hold(tiny_llama_dir, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "infinite_llm.cli", "profile", "--model", str(tiny_llama_dir),
+         "--out", str(tmp_path / "p.json"), "--batches", "1", "--contexts", "16",
+         "--steps", "1", "--prefills", "200", "--prefill-prompts", "8",
+         "--kv-cache-memory", "1MiB", "--dtype", "float32", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 2
+    assert "a prefill of 8 x 200 tokens needs KV for" in done.stderr
+    assert "raise --kv-cache-memory" in done.stderr and "Traceback" not in done.stderr

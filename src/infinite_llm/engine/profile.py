@@ -61,6 +61,14 @@ def measure_prefill(
             f"a prefill of {prompts} x {tokens} tokens does not fit one step's budget "
             f"({budget} tokens)"
         )
+    # Each prompt with its one output token, and a block of headroom each.
+    block = engine.config.cache.block_size
+    need = prompts * (-(-(tokens + 1) // block) + 1) * block
+    if need > engine.capacity_tokens:
+        raise ValueError(
+            f"a prefill of {prompts} x {tokens} tokens needs KV for {need} tokens at once; "
+            f"the KV cache holds {engine.capacity_tokens}: raise --kv-cache-memory"
+        )
     rng = random.Random(seed)
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
