@@ -15,10 +15,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mixed import workload  # noqa: E402
 from pool_common import KV_BYTES_PER_TOKEN, print_table  # noqa: E402
 
-from infinite_llm.config import CacheConfig, PoolingConfig, SchedulerConfig  # noqa: E402
+from infinite_llm.config import CacheConfig, SchedulerConfig  # noqa: E402
 from infinite_llm.core.cluster import Cluster  # noqa: E402
 from infinite_llm.core.cost_model import CostModel  # noqa: E402
-from infinite_llm.sim.simulator import MeasuredClock, Simulator, summary  # noqa: E402
+from infinite_llm.sim.simulator import (  # noqa: E402
+    MODES,
+    MeasuredClock,
+    Simulator,
+    pooling_for,
+    summary,
+)
 from infinite_llm.workload.traces import TraceRequest  # noqa: E402
 
 
@@ -39,21 +45,16 @@ def main() -> None:
     trace = [TraceRequest(0.0, len(p), args.output_tokens) for p in prompts]
     cost = CostModel.load(args.cost_model)
     blocks = args.tokens_each // CacheConfig().block_size
-    modes = {
-        "isolated": PoolingConfig(enabled=False),
-        "pooled": PoolingConfig(),
-        "planned": PoolingConfig(planner_period=1, cost_model=args.cost_model, dgfm_period=8),
-    }
     rows = []
-    for mode, pooling in modes.items():
+    for mode, name in zip(MODES, ["isolated", "pooled", "planned"]):  # mixed.py's names
         cluster = Cluster(
             blocks, CacheConfig(KV_BYTES_PER_TOKEN["float32"] * args.tokens_each),
             SchedulerConfig(admission_output_reserve=args.admission_output_reserve),
-            pooling, args.instances,
+            pooling_for(mode, args.cost_model), args.instances,
         )
         sim = Simulator(cluster, MeasuredClock(cost, args.parallel))
         numbers = summary(sim.run(trace))
-        rows.append([mode, sim.steps, cluster.num_preemptions, f"{sim.now:.1f}",
+        rows.append([name, sim.steps, cluster.num_preemptions, f"{sim.now:.1f}",
                      f"{numbers['output_throughput']:.1f}", f"{numbers['mean_ttft_ms']:.0f}",
                      f"{numbers['mean_tpot_ms']:.1f}", f"{numbers['mean_e2el_ms']:.0f}"])
     print_table(["mode", "steps", "preemptions", "simulated s", "output tok/s", "mean TTFT ms",

@@ -15,6 +15,7 @@ from infinite_llm.config import (
     option_default,
     parse_memory_size,
 )
+from infinite_llm.sim.simulator import MODES
 
 _MODEL_HELP = "built-in name (smollm2), a .gguf file or a Hugging Face model directory"
 
@@ -253,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--kv-tokens", type=int, required=True,
                           help="KV tokens of each instance's pool")
     simulate.add_argument("--block-size", type=int, default=16)
-    simulate.add_argument("--mode", choices=["isolated", "pooled", "planner"], default="pooled")
+    simulate.add_argument("--mode", choices=MODES, default="pooled",
+                          help="isolated instances, on-demand pooling, or the planner")
     simulate.add_argument("--parallel", action="store_true",
                           help="instances side by side (as on Ray): the slowest sets a step")
     simulate.add_argument("--trace", help="Mooncake .jsonl or Vidur-style .csv; without it, "
@@ -366,10 +368,10 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from infinite_llm.config import CacheConfig, PoolingConfig, SchedulerConfig
+    from infinite_llm.config import CacheConfig, SchedulerConfig
     from infinite_llm.core.cluster import Cluster
     from infinite_llm.core.cost_model import CostModel
-    from infinite_llm.sim.simulator import MeasuredClock, Simulator, summary
+    from infinite_llm.sim.simulator import MeasuredClock, Simulator, pooling_for, summary
     from infinite_llm.workload.traces import Lognormal, read_trace, synthetic
 
     if args.kv_tokens < args.block_size:
@@ -381,15 +383,10 @@ def _simulate(args: argparse.Namespace) -> int:
             args.num_prompts, args.request_rate, Lognormal(*args.input_len),
             Lognormal(*args.output_len), seed=args.seed, burstiness=args.burstiness,
         )
-    pooling = {
-        "isolated": PoolingConfig(enabled=False),
-        "pooled": PoolingConfig(),
-        "planner": PoolingConfig(planner_period=1, cost_model=args.cost_model, dgfm_period=8),
-    }[args.mode]
     cluster = Cluster(
         args.kv_tokens // args.block_size, CacheConfig(block_size=args.block_size),
         SchedulerConfig(admission_output_reserve=args.admission_output_reserve),
-        pooling, args.instances,
+        pooling_for(args.mode, args.cost_model), args.instances,
     )
     sim = Simulator(cluster, MeasuredClock(CostModel.load(args.cost_model), args.parallel))
     numbers = {**summary(sim.run(trace, args.duration)), "steps": sim.steps,

@@ -291,7 +291,7 @@ class Cluster:
                 remote_pairs=sum(len(r.block_table.owners()) - 1 for r in running),
                 waiting_ids=tuple(r.request_id for r in waiting),
                 growth=sum(
-                    max(0, -(-r.max_total_tokens // self.block_size) - r.block_table.num_blocks)
+                    max(0, r.max_blocks(self.block_size) - r.block_table.num_blocks)
                     for r in running
                 ),
             ))

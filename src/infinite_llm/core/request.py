@@ -47,6 +47,10 @@ class Request:
         """Blocks its tokens so far take (what a waiting request needs to start)."""
         return -(-self.num_tokens // block_size)
 
+    def max_blocks(self, block_size: int) -> int:
+        """Blocks it takes at most: its prompt and every token it may generate."""
+        return -(-self.max_total_tokens // block_size)
+
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids

@@ -168,7 +168,7 @@ class Scheduler:
         remaining outputs costs less than computing the newest's tokens again."""
         if self.planner is None or len(request.block_table.owners()) > 1:
             return True
-        if -(-request.max_total_tokens // self.block_size) > self.memory.pool.tiers.device_blocks:
+        if request.max_blocks(self.block_size) > self.memory.pool.tiers.device_blocks:
             return True
         left = request.max_tokens - len(request.output_token_ids)
         return self.planner.borrow_beats_recompute(left, self.running[-1].num_tokens)

@@ -12,6 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from infinite_llm.config import PoolingConfig
 from infinite_llm.core.cluster import Cluster
 from infinite_llm.core.cost_model import CostModel
 from infinite_llm.core.request import Request
@@ -37,6 +38,21 @@ class RequestRecord:
     @property
     def finished(self) -> bool:
         return len(self.token_times) == self.output_tokens
+
+
+MODES = ("isolated", "pooled", "planner")
+
+
+def pooling_for(mode: str, cost_model: str) -> PoolingConfig:
+    """The pooling of a simulated mode: isolated instances, on-demand borrowing, or the
+    planner (every step, predicting with ``cost_model``) with DGFM every 8 steps."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "isolated":
+        return PoolingConfig(enabled=False)
+    if mode == "pooled":
+        return PoolingConfig()
+    return PoolingConfig(planner_period=1, cost_model=cost_model, dgfm_period=8)
 
 
 class StepClock(Protocol):
