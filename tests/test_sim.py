@@ -176,3 +176,71 @@ def test_simulate_on_the_command_line_is_deterministic_and_reads_traces(tmp_path
     got = simulate("--trace", str(trace), "--mode", "pooled")
     # 5,004 tokens exceed what one request can hold (512 + 2 x 256): refused, not lost.
     assert (got["completed"], got["refused"], got["total_output_tokens"]) == (2, 1, 12)
+
+
+def test_a_run_leaves_its_steps_pools_and_requests_in_files(tmp_path):
+    import csv
+    import json
+    import subprocess
+    import sys
+
+    from infinite_llm.config import CacheConfig, PoolingConfig, SchedulerConfig
+    from infinite_llm.core.cluster import Cluster
+    from infinite_llm.sim.timeline import (
+        Timeline,
+        chrome_trace,
+        write_requests_csv,
+        write_utilization_csv,
+    )
+
+    trace = synthetic(40, 8.0, Lognormal(5.0, 0.6, high=900), Lognormal(3.0, 0.5, high=60),
+                      seed=2) + [TraceRequest(0.5, 5000, 4)]
+    cluster = Cluster(48, CacheConfig(1, 16), SchedulerConfig(), PoolingConfig(), 3)
+    sim, timeline = Simulator(cluster, MeasuredClock(COST, True)), Timeline(interval_s=0.5)
+    records = sim.run(trace, timeline=timeline)
+    assert len(timeline.steps) == sim.steps and timeline.steps[-1].end_s == sim.now
+    assert sum(s.tokens for s in timeline.steps) == cluster.snapshot().computed_tokens
+    assert all(a.end_s <= b.start_s for a, b in zip(timeline.steps, timeline.steps[1:]))
+    # One sample per instance at most every 0.5 s, and each adds up to the pool.
+    times = sorted({x.time_s for x in timeline.samples})
+    assert len(timeline.samples) == 3 * len(times)
+    assert all(b - a >= 0.5 for a, b in zip(times, times[1:]))
+    assert all(x.used_blocks + x.lent_blocks + x.free_blocks == 48 for x in timeline.samples)
+    assert any(x.lent_blocks for x in timeline.samples)  # 3 pools of 48: some borrowing
+
+    write_requests_csv(records, tmp_path / "r.csv")
+    rows = list(csv.DictReader((tmp_path / "r.csv").open()))
+    assert [r["request_id"] for r in rows] == [r.request_id for r in records]
+    refused = [r for r in rows if r["refused"]]
+    assert len(refused) == 1 and refused[0]["ttft_ms"] == "" and "at most" in refused[0]["refused"]
+    served = [(row, rec) for row, rec in zip(rows, records) if rec.finished]
+    for row, rec in served:
+        assert float(row["ttft_ms"]) == pytest.approx((rec.token_times[0] - rec.arrival_s) * 1e3)
+        assert float(row["e2el_ms"]) == pytest.approx((rec.token_times[-1] - rec.arrival_s) * 1e3)
+    write_utilization_csv(timeline, tmp_path / "u.csv")
+    assert len(list(csv.DictReader((tmp_path / "u.csv").open()))) == len(timeline.samples)
+
+    events = chrome_trace(timeline, records)["traceEvents"]
+    steps = [e for e in events if e.get("name") == "step"]
+    assert len(steps) == sim.steps
+    assert sum(e["dur"] for e in steps) == pytest.approx(
+        sum(s.end_s - s.start_s for s in timeline.steps) * 1e6)
+    phases = [e["ph"] for e in events if e.get("cat") == "request"]
+    assert phases.count("b") == phases.count("e") == len(served)
+
+    # The command line writes them all, and a picture.
+    cost = tmp_path / "cost.json"
+    COST.save(cost)
+    out = {name: tmp_path / name for name in ("r2.csv", "u2.csv", "t.json", "p.png")}
+    done = subprocess.run(
+        [sys.executable, "-m", "infinite_llm.cli", "simulate", "--cost-model", str(cost),
+         "--instances", "2", "--kv-tokens", "512", "--num-prompts", "20", "--request-rate", "4",
+         "--requests-csv", str(out["r2.csv"]), "--utilization-csv", str(out["u2.csv"]),
+         "--chrome-trace", str(out["t.json"]), "--plot", str(out["p.png"])],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(list(csv.DictReader(out["r2.csv"].open()))) == 20
+    assert json.loads(out["t.json"].read_text())["traceEvents"]
+    assert out["p.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out["u2.csv"].read_text().startswith("time_s,instance,running,waiting")

@@ -273,6 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--admission-output-reserve", type=float, default=0.0)
     simulate.add_argument("--seed", type=int, default=0)
     simulate.add_argument("--json", help="write the summary here too")
+    simulate.add_argument("--requests-csv", help="one row per request: times and latencies")
+    simulate.add_argument("--utilization-csv",
+                          help="each instance's queues and blocks, every --sample-interval")
+    simulate.add_argument("--chrome-trace",
+                          help="steps, migrations, pools and requests for chrome://tracing")
+    simulate.add_argument("--plot", help="a PNG of throughput, blocks and queues over time")
+    simulate.add_argument("--sample-interval", type=float, default=1.0,
+                          help="simulated seconds between utilisation samples")
     return parser
 
 
@@ -372,6 +380,12 @@ def _simulate(args: argparse.Namespace) -> int:
     from infinite_llm.core.cluster import Cluster
     from infinite_llm.core.cost_model import CostModel
     from infinite_llm.sim.simulator import MeasuredClock, Simulator, pooling_for, summary
+    from infinite_llm.sim.timeline import (
+        Timeline,
+        write_chrome_trace,
+        write_requests_csv,
+        write_utilization_csv,
+    )
     from infinite_llm.workload.traces import Lognormal, read_trace, synthetic
 
     if args.kv_tokens < args.block_size:
@@ -389,12 +403,24 @@ def _simulate(args: argparse.Namespace) -> int:
         pooling_for(args.mode, args.cost_model), args.instances,
     )
     sim = Simulator(cluster, MeasuredClock(CostModel.load(args.cost_model), args.parallel))
-    numbers = {**summary(sim.run(trace, args.duration)), "steps": sim.steps,
-               "preemptions": cluster.num_preemptions}
+    wants_timeline = args.utilization_csv or args.chrome_trace or args.plot
+    timeline = Timeline(args.sample_interval) if wants_timeline else None
+    records = sim.run(trace, args.duration, timeline)
+    numbers = {**summary(records), "steps": sim.steps, "preemptions": cluster.num_preemptions}
     for key, value in numbers.items():
         print(f"{key:>24}  {value:.2f}" if isinstance(value, float) else f"{key:>24}  {value}")
     if args.json:
         Path(args.json).write_text(json.dumps(numbers, indent=2) + "\n")
+    if args.requests_csv:
+        write_requests_csv(records, args.requests_csv)
+    if timeline is not None and args.utilization_csv:
+        write_utilization_csv(timeline, args.utilization_csv)
+    if timeline is not None and args.chrome_trace:
+        write_chrome_trace(timeline, records, args.chrome_trace)
+    if timeline is not None and args.plot:
+        from infinite_llm.plots import plot_timeline
+
+        plot_timeline(timeline, args.plot, f"{args.mode}, {args.instances} instances")
     return 0
 
 

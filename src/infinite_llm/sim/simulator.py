@@ -18,6 +18,7 @@ from infinite_llm.core.cost_model import CostModel
 from infinite_llm.core.request import Request
 from infinite_llm.core.sampling_params import SamplingParams
 from infinite_llm.core.step import SampledToken, StepPlan, StepResult
+from infinite_llm.sim.timeline import StepSpan, Timeline
 from infinite_llm.workload.summary import Timing, summarize
 from infinite_llm.workload.traces import TraceRequest
 
@@ -98,9 +99,13 @@ class Simulator:
         self.now = 0.0
         self.steps = 0
 
-    def run(self, trace: list[TraceRequest], duration_s: float | None = None) -> list[RequestRecord]:
+    def run(
+        self, trace: list[TraceRequest], duration_s: float | None = None,
+        timeline: Timeline | None = None,
+    ) -> list[RequestRecord]:
         """Every request arriving before ``duration_s`` (all when None), in arrival order,
-        run to the end. Returns one record per request, in trace order."""
+        run to the end; each step also goes to ``timeline``, if given. Returns one record
+        per request, in trace order."""
         records = [
             RequestRecord(f"sim-{i}", r.arrival_s, r.input_tokens, r.output_tokens)
             for i, r in enumerate(trace)
@@ -117,8 +122,14 @@ class Simulator:
                     self.now = max(self.now, pending[0].arrival_s)
                 continue
             plan = cluster.schedule()
+            start = self.now
             self.now += self.clock.step_s(plan, cluster)
             self.steps += 1
+            if timeline is not None:
+                timeline.step(StepSpan(
+                    start, self.now, sum(c.num_tokens for c in plan.chunks), len(plan.chunks),
+                    sum(len(m.src_blocks) for m in plan.moves),
+                ), cluster)
             tokens = {c.request_id: SampledToken(TOKEN) for c in plan.chunks if c.sample}
             for request in cluster.update(plan, StepResult(tokens)):
                 by_id[request.request_id].token_times.append(self.now)
