@@ -244,3 +244,86 @@ def test_a_run_leaves_its_steps_pools_and_requests_in_files(tmp_path):
     assert json.loads(out["t.json"].read_text())["traceEvents"]
     assert out["p.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert out["u2.csv"].read_text().startswith("time_s,instance,running,waiting")
+
+
+def test_gpu_scenarios_price_steps_by_the_roofline_and_size_pools_from_memory():
+    from infinite_llm.core.step import Chunk, StepPlan
+    from infinite_llm.sim.roofline import Roofline
+    from infinite_llm.sim.hardware import device_spec, model_shape
+    from infinite_llm.sim.scenario import Scenario
+    from infinite_llm.sim.simulator import RooflineClock
+
+    multi = Scenario("isolated", 16, "a100-80g", "llama2-7b")
+    cluster, clock = multi.build()
+    assert isinstance(clock, RooflineClock)
+    roofline = Roofline(model_shape("llama2-7b"), device_spec("a100-80g"))
+    # 90% of 80 GB less 13.5 GB of weights, at 512 KiB a token: about 111k tokens each.
+    assert cluster.blocks_per_instance * 16 == roofline.kv_capacity_tokens() // 16 * 16
+    assert 105_000 < cluster.blocks_per_instance * 16 < 115_000
+    assert cluster.max_request_tokens == cluster.blocks_per_instance * 16  # no borrowing
+    single, _ = Scenario("single", 16, "a100-80g", "llama2-7b").build()
+    assert len(single.instances) == 1  # one instance over 16 GPUs, the weights once
+    assert single.max_request_tokens > 16 * cluster.max_request_tokens
+    pooled, _ = Scenario("pooled", 16, "a100-80g", "llama2-7b").build()
+    assert pooled.max_request_tokens > 8 * cluster.max_request_tokens
+
+    # The clock: each home's chunks priced by the roofline, the slowest home sets the
+    # step; a remote owner on the home's node (8 one-GPU instances a node) costs an
+    # NVLink exchange, one on another node the network's.
+    from types import SimpleNamespace
+
+    def request(*owners):
+        return SimpleNamespace(block_table=SimpleNamespace(owners=lambda: set(owners)))
+
+    view = SimpleNamespace(requests={"a": request(0), "b": request(0, 1), "c": request(2, 9),
+                                     "d": request(3)})
+    plan = StepPlan(chunks=(
+        Chunk("a", 0, (0,), 300, True), Chunk("b", 0, (0,), 500, True),
+        Chunk("c", 2, (0,) * 100, 0, True), Chunk("d", 3, (0,) * 50, 20, False),
+    ))
+    home0 = roofline.step_time(2, 802, 802, 2) + roofline.exchange_s(True)
+    home2 = roofline.step_time(100, 5050, 100, 1) + roofline.exchange_s(False)
+    home3 = roofline.step_time(50, 50 * 20 + 1275, 70, 1)
+    assert roofline.exchange_s(False) > roofline.exchange_s(True) > 0
+    assert clock.step_s(plan, view) == pytest.approx(max(home0, home2, home3))
+    assert clock.step_s(StepPlan(chunks=plan.chunks[:2]), view) == pytest.approx(home0)
+    assert clock.step_s(StepPlan(chunks=()), view) == 0.0
+
+    with pytest.raises(ValueError, match="give --cost-model"):
+        Scenario("pooled", 2, kv_tokens=512)
+    with pytest.raises(ValueError, match="give --model"):
+        Scenario("pooled", 2, "h100-80g")
+    with pytest.raises(ValueError, match="tensor parallelism"):
+        Scenario("single", 2, cost_model="x.json", kv_tokens=512)
+    with pytest.raises(ValueError, match="does not fit"):
+        Scenario("isolated", 2, "a100-80g", "llama2-70b").build()
+
+
+def test_a_request_beyond_one_gpu_is_refused_by_vllm_multi_and_served_pooled(tmp_path):
+    from infinite_llm.sim.scenario import Scenario
+
+    trace = [TraceRequest(0.0, 1000, 20), TraceRequest(0.1, 300_000, 10),
+             TraceRequest(0.2, 2000, 30)]
+    done = {}
+    for mode in ("isolated", "pooled", "planner", "single"):
+        cluster, clock = Scenario(mode, 8, "a100-80g", "llama2-7b").build()
+        records = Simulator(cluster, clock).run(trace)
+        done[mode] = [r.finished for r in records]
+        assert cluster.snapshot().pools_full
+    assert done["isolated"] == [True, False, True]
+    assert done["pooled"] == done["planner"] == done["single"] == [True, True, True]
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "infinite_llm.cli", "simulate", "--model", "llama2-13b",
+         "--device", "h100-80g", "--instances", "4", "--gpus-per-instance", "2",
+         "--num-prompts", "30", "--request-rate", "10", "--mode", "planner"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "4 x 2 h100-80g, llama2-13b" in out.stdout and "not counted" in out.stdout
+    assert "completed  30" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "infinite_llm.cli", "simulate", "--device",
+                          "a100-80g", "--model", "gpt-9"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "llama2-7b" in bad.stderr

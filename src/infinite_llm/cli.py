@@ -248,16 +248,29 @@ def build_parser() -> argparse.ArgumentParser:
         "and DGFM with a trace, each step priced by a profile's cost model instead of "
         "run; prints vllm bench serve's numbers. See docs/SIMULATION.md.",
     )
-    simulate.add_argument("--cost-model", required=True,
-                          help="the fit `infinite-llm profile` wrote: the step clock")
+    simulate.add_argument("--model", help="with a GPU --device: a built-in shape "
+                          "(llama2-7b, llama2-13b, llama2-70b) or a Hugging Face config.json "
+                          "(or its directory)")
+    simulate.add_argument("--device", default="cpu", help="cpu (this machine, timed by "
+                          "--cost-model) or a GPU: a100-80g, h100-80g, h200 (a roofline from "
+                          "data-sheet numbers)")
+    simulate.add_argument("--gpus-per-instance", type=int, default=1,
+                          help="tensor parallelism of each instance (GPU devices)")
+    simulate.add_argument("--cost-model", help="the fit `infinite-llm profile` wrote: the "
+                          "clock on --device cpu; on a GPU device, its measured engine time "
+                          "per step is added to every step")
     simulate.add_argument("--instances", type=int, default=4)
-    simulate.add_argument("--kv-tokens", type=int, required=True,
-                          help="KV tokens of each instance's pool")
+    simulate.add_argument("--kv-tokens", type=int, help="KV tokens of each instance's pool "
+                          "(GPU devices: what --memory-utilization of memory leaves after "
+                          "the weights)")
+    simulate.add_argument("--memory-utilization", type=float, default=0.9)
     simulate.add_argument("--block-size", type=int, default=16)
     simulate.add_argument("--mode", choices=MODES, default="pooled",
-                          help="isolated instances, on-demand pooling, or the planner")
+                          help="isolated instances (vLLM-multi), on-demand pooling, the "
+                          "planner, or single: one instance over every GPU (vLLM-single)")
     simulate.add_argument("--parallel", action="store_true",
-                          help="instances side by side (as on Ray): the slowest sets a step")
+                          help="on cpu: instances side by side (as on Ray), the slowest sets "
+                          "a step (GPU instances always are)")
     simulate.add_argument("--trace", help="Mooncake .jsonl or Vidur-style .csv; without it, "
                           "a synthetic trace from the flags below")
     simulate.add_argument("--num-prompts", type=int, default=200)
@@ -372,14 +385,14 @@ def _profile(args: argparse.Namespace) -> int:
           f"+ {model.per_context_token_s * 1e6:.4f} us/context token "
           f"+ {model.per_sequence_s * 1e3:.4f} ms/sequence "
           f"+ {model.per_remote_s * 1e3:.3f} ms/remote pair -> {args.out}")
+    print(f"of a decode step, the engine's own work (outside the runner): "
+          f"{model.engine_s * 1e3:.3f} ms")
     return 0
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from infinite_llm.config import CacheConfig, SchedulerConfig
-    from infinite_llm.core.cluster import Cluster
-    from infinite_llm.core.cost_model import CostModel
-    from infinite_llm.sim.simulator import MeasuredClock, Simulator, pooling_for, summary
+    from infinite_llm.sim.scenario import CPU, Scenario
+    from infinite_llm.sim.simulator import Simulator, summary
     from infinite_llm.sim.timeline import (
         Timeline,
         write_chrome_trace,
@@ -388,8 +401,11 @@ def _simulate(args: argparse.Namespace) -> int:
     )
     from infinite_llm.workload.traces import Lognormal, read_trace, synthetic
 
-    if args.kv_tokens < args.block_size:
-        raise ValueError(f"--kv-tokens must hold a block ({args.block_size} tokens)")
+    scenario = Scenario(
+        args.mode, args.instances, args.device, args.model, args.gpus_per_instance,
+        args.cost_model, args.kv_tokens, args.block_size, args.memory_utilization,
+        args.parallel, args.admission_output_reserve,
+    )
     if args.trace:
         trace = read_trace(args.trace)
     else:
@@ -397,12 +413,15 @@ def _simulate(args: argparse.Namespace) -> int:
             args.num_prompts, args.request_rate, Lognormal(*args.input_len),
             Lognormal(*args.output_len), seed=args.seed, burstiness=args.burstiness,
         )
-    cluster = Cluster(
-        args.kv_tokens // args.block_size, CacheConfig(block_size=args.block_size),
-        SchedulerConfig(admission_output_reserve=args.admission_output_reserve),
-        pooling_for(args.mode, args.cost_model), args.instances,
-    )
-    sim = Simulator(cluster, MeasuredClock(CostModel.load(args.cost_model), args.parallel))
+    cluster, clock = scenario.build()
+    if scenario.device != CPU:
+        r = scenario.roofline()
+        print(f"{scenario.num_instances} x {r.gpus_per_instance} {r.device.name}, "
+              f"{r.model.name}: {cluster.blocks_per_instance * cluster.block_size} KV tokens "
+              f"each, one request up to {cluster.max_request_tokens}; engine time per step "
+              + (f"{r.overhead_s * 1e3:.3f} ms (from {args.cost_model})" if args.cost_model
+                 else "not counted (give --cost-model from infinite-llm profile)"))
+    sim = Simulator(cluster, clock)
     wants_timeline = args.utilization_csv or args.chrome_trace or args.plot
     timeline = Timeline(args.sample_interval) if wants_timeline else None
     records = sim.run(trace, args.duration, timeline)

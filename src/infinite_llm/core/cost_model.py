@@ -32,6 +32,7 @@ class ProfilePoint:
     context_tokens: int
     step_s: float
     tokens: int | None = None
+    engine_s: float | None = None  # of step_s, the engine's own work (not the runner's)
 
     @property
     def computed(self) -> int:
@@ -45,13 +46,17 @@ class CostModel:
     per_context_token_s: float
     per_remote_s: float = 0.0
     per_sequence_s: float = 0.0
+    # Of a step, what the engine itself spends outside the runner (scheduling, updating,
+    # outputs): the median over the decode points. Part of the fit's time already; a
+    # model of other hardware (``sim.roofline``) adds it to its computed times.
+    engine_s: float = 0.0
     # Where it was measured, and on what: kept with the fit so a file says what it is.
     source: dict[str, object] = field(default_factory=dict)
     points: tuple[ProfilePoint, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("fixed_s", "per_token_s", "per_context_token_s", "per_remote_s",
-                     "per_sequence_s"):
+                     "per_sequence_s", "engine_s"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
 
@@ -93,7 +98,9 @@ class CostModel:
             columns.remove(negative[0])
         full = dict.fromkeys([0, 1, 2, 3], 0.0)
         full.update(zip(columns, coef))
+        engine = sorted(p.engine_s for p in points if p.engine_s is not None)
         return CostModel(full[0], full[1], full[2], per_sequence_s=full[3],
+                         engine_s=engine[len(engine) // 2] if engine else 0.0,
                          source=dict(source or {}), points=tuple(points))
 
     def save(self, path: str | Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from infinite_llm.config import EngineConfig, ModelConfig
@@ -47,6 +48,9 @@ class LLMEngine:
         self._detokenizers: dict[str, Detokenizer] = {}
         self._logprobs: dict[str, list[dict[int, float]]] = {}
         self._ids = itertools.count()
+        # Seconds the runner took in the last step: the rest of a step is the engine's
+        # own work (scheduling, updating, outputs), which ``profile`` reports.
+        self.last_execute_s = 0.0
         per_instance = cluster.blocks_per_instance * cluster.block_size
         instances = len(cluster.instances)
         logger.info(
@@ -163,8 +167,10 @@ class LLMEngine:
         """One iteration: schedule, execute, update. Returns the outputs of the requests
         that got a token (or failed with an instance)."""
         plan = self.cluster.schedule()
+        start = time.perf_counter()
         try:
             result = self.runner.execute(plan)
+            self.last_execute_s = time.perf_counter() - start
         except InstanceFailure as failure:
             advanced = self.cluster.fail_instances(failure.dead, plan)
         else:

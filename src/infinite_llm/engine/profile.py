@@ -38,13 +38,15 @@ def measure(engine: LLMEngine, batch: int, context: int, steps: int, seed: int =
         while any(r.num_computed_tokens < context for r in requests):
             engine.step()
         engine.step()  # the first decode step (warm)
-        times, contexts = [], []
+        times, contexts, engine_s = [], [], []
         for _ in range(steps):
             contexts.append(sum(r.num_tokens for r in requests))
             start = time.perf_counter()
             engine.step()
             times.append(time.perf_counter() - start)
-        return ProfilePoint(batch, int(statistics.median(contexts)), statistics.median(times))
+            engine_s.append(times[-1] - engine.last_execute_s)
+        return ProfilePoint(batch, int(statistics.median(contexts)), statistics.median(times),
+                            engine_s=statistics.median(engine_s))
     finally:
         for request in requests:
             engine.abort_request(request.request_id)

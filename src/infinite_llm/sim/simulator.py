@@ -18,6 +18,7 @@ from infinite_llm.core.cost_model import CostModel
 from infinite_llm.core.request import Request
 from infinite_llm.core.sampling_params import SamplingParams
 from infinite_llm.core.step import SampledToken, StepPlan, StepResult
+from infinite_llm.sim.roofline import Roofline
 from infinite_llm.sim.timeline import StepSpan, Timeline
 from infinite_llm.workload.summary import Timing, summarize
 from infinite_llm.workload.traces import TraceRequest
@@ -41,15 +42,16 @@ class RequestRecord:
         return len(self.token_times) == self.output_tokens
 
 
-MODES = ("isolated", "pooled", "planner")
+MODES = ("isolated", "pooled", "planner", "single")
 
 
 def pooling_for(mode: str, cost_model: str) -> PoolingConfig:
-    """The pooling of a simulated mode: isolated instances, on-demand borrowing, or the
-    planner (every step, predicting with ``cost_model``) with DGFM every 8 steps."""
+    """The pooling of a simulated mode: isolated instances (vLLM-multi; ``single``, one
+    instance over all the GPUs, is isolated too), on-demand borrowing, or the planner
+    (every step, predicting with ``cost_model``) with DGFM every 8 steps."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if mode == "isolated":
+    if mode in ("isolated", "single"):
         return PoolingConfig(enabled=False)
     if mode == "pooled":
         return PoolingConfig()
@@ -88,6 +90,39 @@ class MeasuredClock:
         if self.parallel:
             return max(self.cost.step_time(*load) for load in per.values())
         return self.cost.step_time(*(sum(column) for column in zip(*per.values())))
+
+
+class RooflineClock:
+    """Step times of hardware this machine is not, from a ``Roofline``: the instances
+    compute side by side (each on GPUs of its own) and a step lasts as long as the
+    slowest. A (sequence, remote owner) pair's exchange crosses NVLink when both
+    instances are on one node (instances fill nodes in id order), else the network."""
+
+    def __init__(self, roofline: Roofline) -> None:
+        self.roofline = roofline
+        self.per_node = max(1, roofline.device.gpus_per_node // roofline.gpus_per_instance)
+
+    def step_s(self, plan: StepPlan, cluster: Cluster) -> float:
+        # home -> [tokens, pairs, keys, sequences, remote pairs on its node, elsewhere]
+        per: dict[int, list[int]] = {}
+        for chunk in plan.chunks:
+            request = cluster.requests[chunk.request_id]
+            load = per.setdefault(chunk.home, [0, 0, 0, 0, 0, 0])
+            n = chunk.num_tokens
+            load[0] += n
+            load[1] += n * chunk.first_pos + n * (n + 1) // 2
+            load[2] += chunk.first_pos + n
+            load[3] += 1
+            node = chunk.home // self.per_node
+            for owner in request.block_table.owners():
+                if owner != chunk.home:
+                    load[4 if owner // self.per_node == node else 5] += 1
+        r = self.roofline
+        return max(
+            (r.step_time(t, p, k, n) + near * r.exchange_s(True) + far * r.exchange_s(False)
+             for t, p, k, n, near, far in per.values()),
+            default=0.0,
+        )
 
 
 class Simulator:
