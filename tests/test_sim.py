@@ -251,7 +251,7 @@ def test_gpu_scenarios_price_steps_by_the_roofline_and_size_pools_from_memory():
     from infinite_llm.sim.roofline import Roofline
     from infinite_llm.sim.hardware import device_spec, model_shape
     from infinite_llm.sim.scenario import Scenario
-    from infinite_llm.sim.simulator import RooflineClock
+    from infinite_llm.sim.simulator import RooflineClock, step_s
 
     multi = Scenario("isolated", 16, "a100-80g", "llama2-7b")
     cluster, clock = multi.build()
@@ -285,9 +285,9 @@ def test_gpu_scenarios_price_steps_by_the_roofline_and_size_pools_from_memory():
     home2 = roofline.step_time(100, 5050, 100, 1) + roofline.exchange_s(False)
     home3 = roofline.step_time(50, 50 * 20 + 1275, 70, 1)
     assert roofline.exchange_s(False) > roofline.exchange_s(True) > 0
-    assert clock.step_s(plan, view) == pytest.approx(max(home0, home2, home3))
-    assert clock.step_s(StepPlan(chunks=plan.chunks[:2]), view) == pytest.approx(home0)
-    assert clock.step_s(StepPlan(chunks=()), view) == 0.0
+    assert step_s(clock, plan, view) == pytest.approx(max(home0, home2, home3))
+    assert step_s(clock, StepPlan(chunks=plan.chunks[:2]), view) == pytest.approx(home0)
+    assert step_s(clock, StepPlan(chunks=()), view) == 0.0
 
     with pytest.raises(ValueError, match="give --cost-model"):
         Scenario("pooled", 2, kv_tokens=512)
@@ -327,3 +327,36 @@ def test_a_request_beyond_one_gpu_is_refused_by_vllm_multi_and_served_pooled(tmp
     bad = subprocess.run([sys.executable, "-m", "infinite_llm.cli", "simulate", "--device",
                           "a100-80g", "--model", "gpt-9"], capture_output=True, text=True)
     assert bad.returncode == 2 and "llama2-7b" in bad.stderr
+
+
+@pytest.mark.parametrize("mode, dgfm", [("isolated", 0), ("pooled", 0), ("pooled", 5),
+                                        ("planner", 0)])
+def test_fast_forward_gives_what_stepping_one_by_one_gives(mode, dgfm):
+    from dataclasses import replace
+
+    from infinite_llm.config import CacheConfig, SchedulerConfig
+    from infinite_llm.core.cluster import Cluster
+    from infinite_llm.sim.scenario import Scenario
+    from infinite_llm.sim.timeline import Timeline
+
+    # Bursts with quiet gaps (steady decodes to skip), prompts that borrow, a long one.
+    trace = synthetic(120, 3.0, Lognormal(5.5, 0.9, high=3000), Lognormal(4.0, 0.8, high=300),
+                      seed=11, burstiness=0.3) + [TraceRequest(5.0, 2500, 200)]
+
+    def run(fast):
+        cluster, clock = Scenario(mode, 3, "a100-80g", "llama2-7b", kv_tokens=1536).build()
+        if dgfm:  # (the planner's mode runs DGFM every 8 steps already)
+            pooling = replace(cluster.pooling, dgfm_period=dgfm)
+            cluster = Cluster(96, CacheConfig(block_size=16), SchedulerConfig(), pooling, 3)
+        sim, timeline = Simulator(cluster, clock, fast_forward=fast), Timeline(0.25)
+        records = sim.run(trace, timeline=timeline)
+        return sim, records, timeline, cluster.snapshot()
+
+    slow, fast = run(False), run(True)
+    assert fast[0].fast_forwarded > fast[0].steps // 3  # many steps were skipped
+    assert slow[0].fast_forwarded == 0
+    assert fast[0].steps == slow[0].steps and fast[0].now == slow[0].now
+    assert fast[1] == slow[1]  # every request's token times, to the last bit
+    assert fast[2].steps == slow[2].steps and fast[2].samples == slow[2].samples
+    assert fast[3] == slow[3]  # counters, locality, migrations, ledger, pools
+    assert fast[3].pools_full

@@ -292,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--chrome-trace",
                           help="steps, migrations, pools and requests for chrome://tracing")
     simulate.add_argument("--plot", help="a PNG of throughput, blocks and queues over time")
+    simulate.add_argument("--no-fast-forward", action="store_true",
+                          help="schedule every step, steady decodes too (same result, slower)")
     simulate.add_argument("--sample-interval", type=float, default=1.0,
                           help="simulated seconds between utilisation samples")
     return parser
@@ -421,7 +423,7 @@ def _simulate(args: argparse.Namespace) -> int:
               f"each, one request up to {cluster.max_request_tokens}; engine time per step "
               + (f"{r.overhead_s * 1e3:.3f} ms (from {args.cost_model})" if args.cost_model
                  else "not counted (give --cost-model from infinite-llm profile)"))
-    sim = Simulator(cluster, clock)
+    sim = Simulator(cluster, clock, fast_forward=not args.no_fast_forward)
     wants_timeline = args.utilization_csv or args.chrome_trace or args.plot
     timeline = Timeline(args.sample_interval) if wants_timeline else None
     records = sim.run(trace, args.duration, timeline)

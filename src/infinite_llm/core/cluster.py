@@ -379,6 +379,60 @@ class Cluster:
         self.heartbeat()
         return advanced
 
+    def steady_steps(self, plan: StepPlan, token_id: int) -> int:
+        """How many steps after ``plan`` (just updated) are sure to repeat it with only
+        counters changing, were each of its requests to sample ``token_id``: ``plan``
+        decoded one token of every running request and nothing else happened (nobody
+        waits, nothing was added, ended, preempted or moved, no migration is under
+        way, no host block is in use); none of them ends in those steps, nor needs a
+        new block; no DGFM pass falls in them. The planner may: with nobody waiting it
+        has no debtor and orders nothing. 0 when ``plan`` is not such a step."""
+        if (plan.new_requests or plan.finished or plan.preempted or plan.moves
+                or self.migrator.active or self._new or self._finished or self._preempted):
+            return 0
+        live = self.alive_instances
+        if any(inst.scheduler.waiting for inst in live) or self._host_in_use():
+            return 0
+        if len(plan.chunks) != sum(len(inst.scheduler.running) for inst in live):
+            return 0
+        steps = None
+        for chunk in plan.chunks:
+            request = self.requests.get(chunk.request_id)
+            if request is None or chunk.num_tokens != 1 or not chunk.sample:
+                return 0
+            params = request.params
+            if token_id in params.stop_token_ids or (
+                    not params.ignore_eos and token_id in self.eos_token_ids):
+                return 0
+            # Outputs before the one that ends it; steps before a block is needed (the
+            # j-th next step computes the token at num_tokens - 2 + j).
+            to_last = request.max_tokens - len(request.output_token_ids) - 1
+            room = request.block_table.num_blocks * self.block_size - request.num_tokens + 1
+            steps = min(to_last, room) if steps is None else min(steps, to_last, room)
+        if steps is None:
+            return 0
+        period = self.pooling.dgfm_period
+        if period:
+            steps = min(steps, period - 1 - self._steps % period)
+        return max(0, steps)
+
+    def fast_forward(self, plan: StepPlan, steps: int, token_id: int) -> None:
+        """Account ``steps`` repeats of the steady decode ``plan`` at once (see
+        ``steady_steps``): each of its requests computes and samples ``token_id``
+        ``steps`` times; the counters a step moves move as ``steps`` of them would."""
+        if not 0 < steps <= self.steady_steps(plan, token_id):
+            raise ValueError(f"{steps} steps are not all steady after this plan")
+        self._steps += steps
+        for chunk in plan.chunks:
+            request = self.requests[chunk.request_id]
+            request.num_computed_tokens += steps
+            request.output_token_ids.extend([token_id] * steps)
+            blocks = request.block_table.blocks_by_owner()
+            total = sum(blocks.values())
+            self._attended_block_steps += steps * total
+            self._remote_block_steps += steps * (total - blocks.get(request.home, 0))
+        self._computed_tokens += steps * len(plan.chunks)
+
     def heartbeat(self) -> None:
         """Tell the gManager what changed on every live instance: one message for all of
         them (an actor call on Ray), none when nothing did. Sent at the end of every

@@ -59,7 +59,7 @@ class BlockPool:
 
     @property
     def num_free(self) -> int:
-        return sum(len(free) for free in self._free.values())
+        return len(self._free[Tier.DEVICE]) + len(self._free[Tier.HOST])
 
     def free_in(self, tier: Tier) -> int:
         return len(self._free[tier])

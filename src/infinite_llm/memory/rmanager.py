@@ -66,6 +66,8 @@ def lendable(config: PoolingConfig, capacity: int, num_free: int, num_lent: int)
 
 
 def _changed(old: dict[int, int], new: dict[int, int]) -> tuple[tuple[int, int], ...]:
+    if old == new:  # most heartbeats: nothing lent or borrowed changed
+        return ()
     return tuple((p, new.get(p, 0)) for p in sorted(old.keys() | new.keys())
                  if old.get(p, 0) != new.get(p, 0))
 
