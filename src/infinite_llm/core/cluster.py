@@ -250,6 +250,9 @@ class Cluster:
         assert self.planner is not None, "the planner is off (planner_period = 0)"
         self.heartbeat()
         done: list[MoveOrder | RehomeOrder] = []
+        if not any(inst.scheduler.waiting for inst in self.alive_instances):
+            return done  # nobody waits: no debtor, nothing to rehome
+
         for rehome in self.planner.rehome(self._loads()[0]):
             request = self.requests[rehome.request_id]
             # The target's own count is the authority (the ledger may be stale).
@@ -385,8 +388,9 @@ class Cluster:
         decoded one token of every running request and nothing else happened (nobody
         waits, nothing was added, ended, preempted or moved, no migration is under
         way, no host block is in use); none of them ends in those steps, nor needs a
-        new block; no DGFM pass falls in them. The planner may: with nobody waiting it
-        has no debtor and orders nothing. 0 when ``plan`` is not such a step."""
+        new block; no DGFM pass falls in them unless nobody owes anybody (then it has
+        nothing to recall or cancel). The planner may: with nobody waiting it has no
+        debtor and orders nothing. 0 when ``plan`` is not such a step."""
         if (plan.new_requests or plan.finished or plan.preempted or plan.moves
                 or self.migrator.active or self._new or self._finished or self._preempted):
             return 0
@@ -412,7 +416,7 @@ class Cluster:
         if steps is None:
             return 0
         period = self.pooling.dgfm_period
-        if period:
+        if period and any(inst.rmanager.borrowed_from for inst in live):
             steps = min(steps, period - 1 - self._steps % period)
         return max(0, steps)
 
