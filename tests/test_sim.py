@@ -267,27 +267,46 @@ def test_gpu_scenarios_price_steps_by_the_roofline_and_size_pools_from_memory():
     pooled, _ = Scenario("pooled", 16, "a100-80g", "llama2-7b").build()
     assert pooled.max_request_tokens > 8 * cluster.max_request_tokens
 
-    # The clock: each home's chunks priced by the roofline, the slowest home sets the
-    # step; a remote owner on the home's node (8 one-GPU instances a node) costs an
-    # NVLink exchange, one on another node the network's.
+    # The clock: each instance's own tokens priced by the roofline, and the attention
+    # over the KV it holds (its debtors' queries too); the slowest sets the step. A
+    # remote owner on the home's node (8 one-GPU instances a node) costs an NVLink
+    # exchange, one on another node the network's.
     from types import SimpleNamespace
 
-    def request(*owners):
-        return SimpleNamespace(block_table=SimpleNamespace(owners=lambda: set(owners)))
+    def request(*spans):  # (owner, first block, blocks) runs of 16-token blocks
+        return SimpleNamespace(block_table=SimpleNamespace(spans=lambda: list(spans)))
 
-    view = SimpleNamespace(requests={"a": request(0), "b": request(0, 1), "c": request(2, 9),
-                                     "d": request(3)})
+    view = SimpleNamespace(block_size=16, requests={
+        "a": request((0, 0, 19)),  # all at home
+        "b": request((0, 0, 20), (1, 20, 12)),  # keys 0-319 at home, 320-500 on 1
+        "c": request((2, 0, 4), (9, 4, 3)),  # keys 0-63 at home, 64-99 on 9 (next node)
+        "d": request((3, 0, 5)),
+    })
     plan = StepPlan(chunks=(
         Chunk("a", 0, (0,), 300, True), Chunk("b", 0, (0,), 500, True),
         Chunk("c", 2, (0,) * 100, 0, True), Chunk("d", 3, (0,) * 50, 20, False),
     ))
-    home0 = roofline.step_time(2, 802, 802, 2) + roofline.exchange_s(True)
-    home2 = roofline.step_time(100, 5050, 100, 1) + roofline.exchange_s(False)
-    home3 = roofline.step_time(50, 50 * 20 + 1275, 70, 1)
+    # A prefill of 100 from 0: query q scores min(q + 1, 64) keys on 2, the rest on 9.
+    on2, on9 = 64 * 65 // 2 + 36 * 64, 36 * 37 // 2
+    assert on2 + on9 == 100 * 101 // 2
+    times = [
+        roofline.step_time(2, 301 + 320, 301 + 320, 2) + roofline.exchange_s(True),
+        roofline.step_time(0, 181, 181, 0),
+        roofline.step_time(100, on2, 64, 1) + roofline.exchange_s(False),
+        roofline.step_time(50, 50 * 20 + 50 * 51 // 2, 70, 1),
+        roofline.step_time(0, on9, 36, 0),
+    ]
     assert roofline.exchange_s(False) > roofline.exchange_s(True) > 0
-    assert step_s(clock, plan, view) == pytest.approx(max(home0, home2, home3))
-    assert step_s(clock, StepPlan(chunks=plan.chunks[:2]), view) == pytest.approx(home0)
+    assert roofline.step_time(0, 181, 181, 0) > 0  # serving attention costs its reads
+    assert step_s(clock, plan, view) == pytest.approx(max(times))
+    assert step_s(clock, StepPlan(chunks=plan.chunks[:2]), view) == pytest.approx(
+        max(times[:2]))
     assert step_s(clock, StepPlan(chunks=()), view) == 0.0
+    # Repeats of the two decodes add a key to the owner of each one's newest block.
+    loads = clock.loads(StepPlan(chunks=plan.chunks[:2]), view)
+    assert clock.price(loads, 3) == pytest.approx(max(
+        roofline.step_time(2, 301 + 320 + 3, 301 + 320 + 3, 2) + roofline.exchange_s(True),
+        roofline.step_time(0, 184, 184, 0)))
 
     with pytest.raises(ValueError, match="give --cost-model"):
         Scenario("pooled", 2, kv_tokens=512)

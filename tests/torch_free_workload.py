@@ -78,7 +78,7 @@ def main() -> None:
     for i in range(40):
         prompt = [rng.randrange(40) for _ in range(rng.choice([3, 9, 30, 120, 200]))]
         params = SamplingParams(
-            max_tokens=rng.choice([4, 20, 60]), ignore_eos=i % 3 == 0,
+            max_tokens=rng.choice([4, 20, 90]), ignore_eos=i % 3 == 0,
             stop_token_ids=[STOP_TOKEN] if i % 2 else None,
         )
         ids.append(f"r{i}")

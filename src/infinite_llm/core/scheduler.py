@@ -99,8 +99,12 @@ class Scheduler:
             and self.arbiter.admission_open()
         ):
             request = self.waiting[0]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
-            need = self._blocks_needed(request, n)
+            left = request.num_tokens - request.num_computed_tokens
+            n = min(left, budget)
+            # Blocks for the whole prompt, not only this step's chunk: a long prompt
+            # admitted for its first chunk would find no room for the next ones and be
+            # preempted half prefilled, again and again.
+            need = self._blocks_needed(request, left)
             # The room for the running requests' growth and this one's (where outputs
             # are reserved) must be free here; the request's own blocks may be borrowed
             # where they do not fit beside it. What the others could lend is asked only

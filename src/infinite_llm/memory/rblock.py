@@ -167,6 +167,10 @@ class BlockTable:
     def owners(self) -> set[int]:
         return set(self._owners)
 
+    def spans(self) -> list[tuple[int, int, int]]:
+        """(owner, first logical block, blocks) of every run, in order; no ids copied."""
+        return [(o, s, len(ids)) for o, s, ids in zip(self._owners, self._starts, self._ids)]
+
     def blocks_by_owner(self) -> dict[int, int]:
         """owner -> how many of this request's blocks it holds."""
         counts: dict[int, int] = {}

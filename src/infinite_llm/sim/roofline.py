@@ -94,20 +94,47 @@ class Roofline:
         tokens after p: pairs = n p + n (n + 1) / 2, keys = p + n), ``remote_pairs`` of
         whose (sequence, remote owner) pairs exchange partials with another instance
         (on the same node when ``remote_same_node``). ``sequences`` costs nothing apart:
-        per-sequence work is in ``overhead_s``. An empty step costs 0."""
+        per-sequence work is in ``overhead_s``. Without tokens of its own an instance
+        only serves attention over its KV (to other instances' queries); an empty step
+        costs 0."""
         for name, value in (("tokens", tokens), ("pairs", pairs), ("keys", keys),
                             ("sequences", sequences), ("remote_pairs", remote_pairs)):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
-        if tokens == 0:
-            return 0.0
         m = self.model
-        linear = max(tokens * m.matmul_flops_per_token / self._flops_per_s,
-                     m.weight_bytes / self._bytes_per_s)
         attention = max(pairs * m.attention_flops_per_pair / self._flops_per_s,
                         keys * m.kv_bytes_per_token / self._bytes_per_s)
+        if tokens == 0:  # no tokens of its own: it only serves attention over its KV
+            return attention
+        linear = max(tokens * m.matmul_flops_per_token / self._flops_per_s,
+                     m.weight_bytes / self._bytes_per_s)
         return (self.overhead_s + linear + attention + self.allreduce_s(tokens)
                 + remote_pairs * self.exchange_s(remote_same_node))
+
+    def long_decode_attention_s(self, context: int, shards: int, ring: bool) -> float:
+        """Attention of one decode token whose ``context`` keys are spread evenly over
+        ``shards`` instances like this one (they fill nodes in order; links as
+        ``exchange_s``). DistAttention (``ring`` False): the query goes out to every
+        shard at once, each reads its share of the KV, the partials come back and
+        merge; one round of messages per layer. RingAttention (``ring`` True), at its
+        best for a single query: the query and its running partial travel the ring,
+        each shard adding its share in turn (passing the KV instead would move
+        gigabytes over links far slower than memory); the shards work one after
+        another. Both read the same bytes; the ring serialises them."""
+        if context < 1 or shards < 1:
+            raise ValueError(f"context and shards must be >= 1, got {context}, {shards}")
+        m = self.model
+        per_shard = -(-context // shards) * m.kv_bytes_per_token / self._bytes_per_s
+        per_node = max(1, self.device.gpus_per_node // self.gpus_per_instance)
+        latency, bandwidth = self._link(same_node=shards <= per_node)
+        out_bytes = m.heads * m.head_dim * m.dtype_bytes
+        back_bytes = m.heads * (m.head_dim + 1) * _PARTIAL_BYTES
+        hop = latency + (out_bytes + back_bytes) / bandwidth  # a query with its partial
+        if shards == 1:
+            return per_shard
+        if ring:
+            return shards * per_shard + (shards - 1) * hop * m.layers
+        return per_shard + 2 * hop * m.layers
 
     def kv_capacity_tokens(
         self, memory_utilization: float = 0.9, activation_reserve_bytes: int = 0,

@@ -59,45 +59,83 @@ def pooling_for(mode: str, cost_model: str) -> PoolingConfig:
 
 
 @dataclass
-class HomeLoad:
-    """What one home computes in a step: ``tokens`` of ``sequences`` sequences whose
-    queries score ``pairs`` (query, key) pairs over ``keys`` keys' KV (a chunk of n
-    tokens after p: n p + n (n + 1) / 2 pairs, p + n keys), with ``near`` (sequence,
-    remote owner) pairs on its own node and ``far`` on others."""
+class InstanceLoad:
+    """What one instance does in a step: as a home, ``tokens`` of ``sequences``
+    sequences, ``near`` of whose (sequence, remote owner) pairs are on its own node and
+    ``far`` on others; as an owner of KV (its own requests' and its debtors'), the
+    attention over it: ``pairs`` (query, key) pairs scored over ``keys`` keys.
+    ``growth``: the chunks whose newest key it holds (a repeat of a steady decode
+    adds one key and one pair for each)."""
 
     tokens: int = 0
+    sequences: int = 0
     pairs: int = 0
     keys: int = 0
-    sequences: int = 0
     near: int = 0
     far: int = 0
+    growth: int = 0
 
     def shifted(self, steps: int) -> tuple[int, int, int]:
-        """(tokens, pairs, keys) of the same chunks ``steps`` tokens further on."""
-        return self.tokens, self.pairs + self.tokens * steps, self.keys + self.sequences * steps
+        """(tokens, pairs, keys) of the same decodes ``steps`` tokens further on."""
+        return (self.tokens, self.pairs + self.growth * steps,
+                self.keys + self.growth * steps)
 
 
-def home_loads(plan: StepPlan, cluster: Cluster, per_node: int) -> list[HomeLoad]:
-    """Each home's share of ``plan`` (instances fill nodes of ``per_node`` in id order)."""
-    per: dict[int, HomeLoad] = {}
-    for chunk in plan.chunks:
-        load = per.get(chunk.home)
+def _pairs(a: int, b: int, first: int, n: int) -> int:
+    """(query, key) pairs the causal queries ``first .. first + n - 1`` score over keys
+    ``a .. b - 1``: query q scores the keys up to itself."""
+    width = b - a
+
+    def upto(x: int) -> int:  # sum of clamp(y, 0, width) for y = 0 .. x
+        if x < 0:
+            return 0
+        if x <= width:
+            return x * (x + 1) // 2
+        return width * (width + 1) // 2 + (x - width) * width
+
+    return upto(first + n - a) - upto(first - a)
+
+
+def instance_loads(plan: StepPlan, cluster: Cluster, per_node: int) -> list[InstanceLoad]:
+    """Each instance's share of ``plan`` (instances fill nodes of ``per_node`` in id
+    order): DistAttention scores each query over the KV where it lives."""
+    per: dict[int, InstanceLoad] = {}
+
+    def at(instance: int) -> InstanceLoad:
+        load = per.get(instance)
         if load is None:
-            load = per[chunk.home] = HomeLoad()
-        n = chunk.num_tokens
-        load.tokens += n
-        load.pairs += n * chunk.first_pos + n * (n + 1) // 2
-        load.keys += chunk.first_pos + n
-        load.sequences += 1
-        owners = cluster.requests[chunk.request_id].block_table.owners()
-        if len(owners) > 1:
-            node = chunk.home // per_node
-            for owner in owners:
-                if owner != chunk.home:
-                    if owner // per_node == node:
-                        load.near += 1
-                    else:
-                        load.far += 1
+            load = per[instance] = InstanceLoad()
+        return load
+
+    bs = cluster.block_size
+    for chunk in plan.chunks:
+        home = at(chunk.home)
+        n, first = chunk.num_tokens, chunk.first_pos
+        home.tokens += n
+        home.sequences += 1
+        spans = cluster.requests[chunk.request_id].block_table.spans()
+        if len(spans) == 1 and spans[0][0] == chunk.home:
+            home.pairs += n * first + n * (n + 1) // 2
+            home.keys += first + n
+            home.growth += 1
+            continue
+        end, remote = first + n, set()
+        for owner, start, blocks in spans:
+            a, b = start * bs, min((start + blocks) * bs, end)
+            if a >= b:
+                continue
+            load = at(owner)
+            load.keys += b - a
+            load.pairs += _pairs(a, b, first, n)
+            if owner != chunk.home:
+                remote.add(owner)
+        at(spans[-1][0]).growth += 1
+        node = chunk.home // per_node
+        for owner in remote:
+            if owner // per_node == node:
+                home.near += 1
+            else:
+                home.far += 1
     return list(per.values())
 
 
@@ -105,9 +143,9 @@ class StepClock(Protocol):
     """Prices steps: ``loads`` of a plan, then ``price`` of those loads ``shift``
     tokens further on (a repeat of a steady decode: see ``Cluster.steady_steps``)."""
 
-    def loads(self, plan: StepPlan, cluster: Cluster) -> list[HomeLoad]: ...
+    def loads(self, plan: StepPlan, cluster: Cluster) -> list[InstanceLoad]: ...
 
-    def price(self, loads: list[HomeLoad], shift: int = 0) -> float: ...
+    def price(self, loads: list[InstanceLoad], shift: int = 0) -> float: ...
 
 
 def step_s(clock: StepClock, plan: StepPlan, cluster: Cluster) -> float:
@@ -125,19 +163,21 @@ class MeasuredClock:
         self.cost = cost
         self.parallel = parallel
 
-    def loads(self, plan: StepPlan, cluster: Cluster) -> list[HomeLoad]:
-        return home_loads(plan, cluster, per_node=1)
+    def loads(self, plan: StepPlan, cluster: Cluster) -> list[InstanceLoad]:
+        return instance_loads(plan, cluster, per_node=1)
 
-    def price(self, loads: list[HomeLoad], shift: int = 0) -> float:
+    def price(self, loads: list[InstanceLoad], shift: int = 0) -> float:
         if not loads:
             return 0.0
-        costs = []  # the cost model's (tokens, pairs, remote pairs, sequences) per home
+        costs = []  # the cost model's (tokens, pairs, remote pairs, sequences) each
         for load in loads:
             tokens, pairs, _ = load.shifted(shift)
             costs.append((tokens, pairs, load.near + load.far, load.sequences))
-        if self.parallel:
-            return max(self.cost.step_time(*c) for c in costs)
-        return self.cost.step_time(*(sum(column) for column in zip(*costs)))
+        if not self.parallel:  # one forward of everything
+            return self.cost.step_time(*(sum(column) for column in zip(*costs)))
+        # An instance with no tokens of its own only serves attention over its KV.
+        return max(self.cost.step_time(*c) if c[0] else self.cost.per_context_token_s * c[1]
+                   for c in costs)
 
 
 class RooflineClock:
@@ -151,10 +191,10 @@ class RooflineClock:
         self.per_node = max(1, roofline.device.gpus_per_node // roofline.gpus_per_instance)
         self.near, self.far = roofline.exchange_s(True), roofline.exchange_s(False)
 
-    def loads(self, plan: StepPlan, cluster: Cluster) -> list[HomeLoad]:
-        return home_loads(plan, cluster, self.per_node)
+    def loads(self, plan: StepPlan, cluster: Cluster) -> list[InstanceLoad]:
+        return instance_loads(plan, cluster, self.per_node)
 
-    def price(self, loads: list[HomeLoad], shift: int = 0) -> float:
+    def price(self, loads: list[InstanceLoad], shift: int = 0) -> float:
         r = self.roofline
         return max(
             (r.step_time(*load.shifted(shift), load.sequences)
@@ -219,7 +259,7 @@ class Simulator:
                 self.fast_forwarded += repeats
         return records
 
-    def _step(self, plan: StepPlan, loads: list[HomeLoad], shift: int,
+    def _step(self, plan: StepPlan, loads: list[InstanceLoad], shift: int,
               timeline: Timeline | None) -> None:
         """The clock moves by ``plan``'s step, ``shift`` tokens on."""
         start = self.now
