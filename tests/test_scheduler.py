@@ -302,3 +302,32 @@ def test_with_the_planner_on_growth_borrows_only_when_cheaper_than_a_recompute(
     assert c.num_preemptions == preempted and (owners > 1) == spanned
     assert a.output_token_ids == [3] * 12 and b.output_token_ids == [3] * 8
     assert c.snapshot().pools_full
+
+
+def test_admission_takes_the_whole_prompts_blocks_and_a_prompt_that_cannot_fit_waits():
+    """Chunked prefill computes a long prompt over several steps, but its KV is taken at
+    admission: a prompt admitted for its first chunk only would find no room for the
+    next ones and be preempted half prefilled (again and again, on long traces)."""
+    from infinite_llm.config import CacheConfig, PoolingConfig, SchedulerConfig
+    from infinite_llm.core.cluster import Cluster
+    from infinite_llm.core.request import Request
+    from infinite_llm.core.sampling_params import SamplingParams
+    from infinite_llm.core.step import SampledToken, StepResult
+
+    cluster = Cluster(12, CacheConfig(1, 16), SchedulerConfig(32, 8, 4096),
+                      PoolingConfig(enabled=False), 1)
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    first, second = Request("a", [1] * 100, params, 2), Request("b", [1] * 100, params, 2)
+    cluster.add(first)
+    cluster.add(second)
+    plan = cluster.schedule()
+    assert [(c.request_id, c.num_tokens) for c in plan.chunks] == [("a", 32)]
+    assert first.block_table.num_blocks == 7  # 100 tokens, not 32
+    assert second.status.name == "WAITING"  # 7 more blocks do not fit beside them
+    steps = 0
+    while cluster.has_work():
+        plan = cluster.schedule()
+        tokens = {c.request_id: SampledToken(0) for c in plan.chunks if c.sample}
+        cluster.update(plan, StepResult(tokens))
+        steps += 1
+    assert cluster.num_preemptions == 0 and first.finished and second.finished
