@@ -99,3 +99,18 @@ def test_profile_refuses_prefills_its_kv_cache_cannot_hold(tiny_llama_dir, tmp_p
     assert done.returncode == 2
     assert "a prefill of 8 x 200 tokens needs KV for" in done.stderr
     assert "raise --kv-cache-memory" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_fit_weighs_every_point_by_its_own_time():
+    """A prefill step hundreds of times longer than a decode step, measured 30% off,
+    must not pull the decode steps (most of a simulation) off their measurements."""
+    truth = CostModel(0.030, 0.002, 5e-7, per_sequence_s=0.003)
+    decode = [ProfilePoint(b, s, truth.step_time(b, s)) for b in (1, 4, 16) for s in (64, 2048)]
+    prefill = [ProfilePoint(1, n * (n + 1) // 2, truth.step_time(n, n * (n + 1) // 2, sequences=1),
+                            tokens=n) for n in (128, 512)]
+    off = ProfilePoint(8, 8 * 4096 * 4097 // 2,
+                       1.3 * truth.step_time(8 * 4096, 8 * 4096 * 4097 // 2, sequences=8),
+                       tokens=8 * 4096)
+    fit = CostModel.fit(decode + prefill + [off])
+    for p in decode:
+        assert fit.step_time(p.batch, p.context_tokens) == pytest.approx(p.step_s, rel=0.03)

@@ -79,7 +79,8 @@ class CostModel:
 
     @staticmethod
     def fit(points: list[ProfilePoint], source: dict[str, object] | None = None) -> CostModel:
-        """Least squares of step time on (1, tokens, context tokens, sequences),
+        """Least squares of step time on (1, tokens, context tokens, sequences) in
+        relative terms (every point's error as a share of its time),
         coefficients kept non-negative (a negative one is dropped and the rest
         refitted). Without a point computing more tokens than sequences (decode steps
         only), tokens and sequences are one column, all in ``per_token_s``."""
@@ -87,10 +88,12 @@ class CostModel:
             raise ValueError(f"a fit needs at least 3 measured points, got {len(points)}")
         columns = [0, 1, 2, 3] if any(p.computed != p.batch for p in points) else [0, 1, 2]
         while True:
+            # Relative residuals (each row divided by its step time): a 5 s prefill point
+            # must not outweigh a 30 ms decode point, the steps a simulation has most of.
             coef = _least_squares(
-                [[(1.0, float(p.computed), float(p.context_tokens), float(p.batch))[c]
+                [[(1.0, float(p.computed), float(p.context_tokens), float(p.batch))[c] / p.step_s
                   for c in columns] for p in points],
-                [p.step_s for p in points],
+                [1.0 for _ in points],
             )
             negative = [c for c, v in zip(columns, coef) if v < 0]
             if not negative:
