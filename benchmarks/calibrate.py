@@ -122,6 +122,8 @@ def main() -> None:
         llm.shutdown()
     cluster, clock = Scenario(
         args.mode, args.instances, cost_model=args.cost_model, kv_tokens=blocks * block_size,
+        # On Ray the actors compute side by side (the profile's points are one actor's
+        # share there): each priced apart, the slowest sets the step.
         block_size=block_size, parallel=args.backend == "ray",
         admission_output_reserve=args.admission_output_reserve,
     ).build()

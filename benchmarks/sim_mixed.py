@@ -18,13 +18,8 @@ from pool_common import KV_BYTES_PER_TOKEN, print_table  # noqa: E402
 from infinite_llm.config import CacheConfig, SchedulerConfig  # noqa: E402
 from infinite_llm.core.cluster import Cluster  # noqa: E402
 from infinite_llm.core.cost_model import CostModel  # noqa: E402
-from infinite_llm.sim.simulator import (  # noqa: E402
-    MODES,
-    MeasuredClock,
-    Simulator,
-    pooling_for,
-    summary,
-)
+from infinite_llm.sim.clock import MeasuredClock  # noqa: E402
+from infinite_llm.sim.simulator import MODES, Simulator, pooling_for, summary  # noqa: E402
 from infinite_llm.workload.traces import TraceRequest  # noqa: E402
 
 

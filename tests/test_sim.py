@@ -10,7 +10,8 @@ import pytest
 
 from infinite_llm import SamplingParams
 from infinite_llm.core.cost_model import CostModel
-from infinite_llm.sim.simulator import MeasuredClock, Simulator, summary
+from infinite_llm.sim.clock import MeasuredClock
+from infinite_llm.sim.simulator import Simulator, summary
 from infinite_llm.workload.traces import (
     Lognormal,
     TraceRequest,
@@ -251,7 +252,7 @@ def test_gpu_scenarios_price_steps_by_the_roofline_and_size_pools_from_memory():
     from infinite_llm.sim.roofline import Roofline
     from infinite_llm.sim.hardware import device_spec, model_shape
     from infinite_llm.sim.scenario import Scenario
-    from infinite_llm.sim.simulator import RooflineClock, step_s
+    from infinite_llm.sim.clock import RooflineClock, step_s
 
     multi = Scenario("isolated", 16, "a100-80g", "llama2-7b")
     cluster, clock = multi.build()

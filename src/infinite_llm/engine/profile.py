@@ -25,8 +25,28 @@ from infinite_llm.core.sampling_params import SamplingParams
 from infinite_llm.engine.engine import LLMEngine
 
 
+def side_by_side(engine: LLMEngine) -> bool:
+    """Whether the instances compute side by side, in processes of their own (Ray), so
+    that a step lasts as long as the busiest one's share; in one process every
+    instance's chunks are one forward."""
+    return (getattr(engine.runner, "exchange_latency", None) is not None
+            and len(engine.cluster.alive_instances) > 1)
+
+
+def _busiest(engine: LLMEngine, requests: list) -> list:
+    """The requests whose share sets the step: all of them in one process; where the
+    instances run side by side, those of the instance with the most tokens."""
+    if not side_by_side(engine):
+        return requests
+    homes: dict[int, list] = {}
+    for r in requests:
+        homes.setdefault(r.home, []).append(r)
+    return max(homes.values(), key=lambda rs: (sum(r.num_tokens for r in rs), len(rs)))
+
+
 def measure(engine: LLMEngine, batch: int, context: int, steps: int, seed: int = 0) -> ProfilePoint:
-    """The median decode step of ``batch`` requests with ``context``-token prompts."""
+    """The median decode step of ``batch`` requests with ``context``-token prompts (as
+    a point: the busiest instance's share, where instances run side by side)."""
     rng = random.Random(seed)
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True)
@@ -39,14 +59,15 @@ def measure(engine: LLMEngine, batch: int, context: int, steps: int, seed: int =
             engine.step()
         engine.step()  # the first decode step (warm)
         times, contexts, engine_s = [], [], []
+        share = _busiest(engine, requests)
         for _ in range(steps):
-            contexts.append(sum(r.num_tokens for r in requests))
+            contexts.append(sum(r.num_tokens for r in share))
             start = time.perf_counter()
             engine.step()
             times.append(time.perf_counter() - start)
             engine_s.append(times[-1] - engine.last_execute_s)
-        return ProfilePoint(batch, int(statistics.median(contexts)), statistics.median(times),
-                            engine_s=statistics.median(engine_s))
+        return ProfilePoint(len(share), int(statistics.median(contexts)),
+                            statistics.median(times), engine_s=statistics.median(engine_s))
     finally:
         for request in requests:
             engine.abort_request(request.request_id)
@@ -74,23 +95,27 @@ def measure_prefill(
     rng = random.Random(seed)
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
-    times = []
+    times, shares = [], []
     for k in range(steps + 1):  # the first one warms up
         requests = [
             engine.add_request([rng.randrange(vocab) for _ in range(tokens)], params)
             for _ in range(prompts)
         ]
+        share = len(_busiest(engine, requests))
         start = time.perf_counter()
         engine.step()
         if k:
             times.append(time.perf_counter() - start)
+            shares.append(share)
         if any(r.num_computed_tokens != tokens for r in requests):
             raise RuntimeError(f"{prompts} prompts of {tokens} tokens took more than one step")
         while engine.has_unfinished_requests():
             engine.step()
-    # Causal attention over each prompt: token i scores i keys.
-    return ProfilePoint(prompts, prompts * tokens * (tokens + 1) // 2, statistics.median(times),
-                        tokens=prompts * tokens)
+    # Causal attention over each prompt: token i scores i keys. The point: the busiest
+    # instance's prompts, where instances run side by side.
+    n = max(shares)
+    return ProfilePoint(n, n * tokens * (tokens + 1) // 2, statistics.median(times),
+                        tokens=n * tokens)
 
 
 def profile(
@@ -113,6 +138,9 @@ def profile(
         "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "steps_per_point": steps,
+        # Points (and so the fit) are one instance's share of a step: where instances run
+        # side by side, the busiest one's; price each instance apart (simulate --parallel).
+        "per_instance": side_by_side(engine),
     }
     fit = CostModel.fit(points, source)
     exchange = getattr(engine.runner, "exchange_latency", None)

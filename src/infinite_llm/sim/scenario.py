@@ -15,7 +15,8 @@ from infinite_llm.core.cluster import Cluster
 from infinite_llm.core.cost_model import CostModel
 from infinite_llm.sim.hardware import device_spec, model_shape
 from infinite_llm.sim.roofline import Roofline
-from infinite_llm.sim.simulator import MeasuredClock, RooflineClock, StepClock, pooling_for
+from infinite_llm.sim.clock import MeasuredClock, RooflineClock, StepClock
+from infinite_llm.sim.simulator import pooling_for
 
 CPU = "cpu"
 
