@@ -114,3 +114,27 @@ def test_the_fit_weighs_every_point_by_its_own_time():
     fit = CostModel.fit(decode + prefill + [off])
     for p in decode:
         assert fit.step_time(p.batch, p.context_tokens) == pytest.approx(p.step_s, rel=0.03)
+
+
+def test_decode_steps_follow_the_measured_grid_where_a_line_cannot():
+    """Where the measured decode steps bend away from the fitted line (on this machine a
+    batch of 64 over 131K context tokens ran faster than over 33K), a decode step is the
+    line corrected by the residuals interpolated over the grid: the grid's own points
+    come back exactly, steps between them lie between, prefill steps keep the line."""
+    measured = {(1, 64): 0.035, (1, 512): 0.037, (1, 2048): 0.039,
+                (16, 64): 0.064, (16, 512): 0.102, (16, 2048): 0.126,
+                (64, 64): 0.171, (64, 512): 0.243, (64, 2048): 0.155}
+    points = [ProfilePoint(b, b * c, t) for (b, c), t in measured.items()]
+    points += [ProfilePoint(1, 128 * 129 // 2, 0.33, tokens=128),
+               ProfilePoint(8, 8 * 1024 * 1025 // 2, 1.99, tokens=8 * 1024)]
+    model = CostModel.fit(points)
+    for (b, c), t in measured.items():
+        assert model.step_time(b, b * c) == pytest.approx(t)
+    between = model.step_time(64, 64 * 1024)
+    assert min(0.243, 0.155) < between < max(0.243, 0.155)
+    assert model.step_time(40, 40 * 512) == pytest.approx((0.102 + 0.243) / 2, rel=0.05)
+    line = CostModel(model.fixed_s, model.per_token_s, model.per_context_token_s,
+                     per_sequence_s=model.per_sequence_s)  # the same line, no points
+    assert model.step_time(1024, 1024 * 9, sequences=1) == line.step_time(
+        1024, 1024 * 9, sequences=1)
+    assert line.step_time(64, 64 * 2048) != pytest.approx(0.155, rel=0.05)

@@ -18,7 +18,9 @@ tokens, tell the two apart).
 from __future__ import annotations
 
 import json
+from bisect import bisect_right
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 
@@ -68,8 +70,28 @@ class CostModel:
         (None: one token each, a decode step) whose attention scores
         ``context_tokens`` (query, key) pairs (a decode step: its contexts' sum)."""
         n = tokens if sequences is None else sequences
-        return (self.fixed_s + self.per_token_s * tokens + self.per_sequence_s * n
+        line = (self.fixed_s + self.per_token_s * tokens + self.per_sequence_s * n
                 + self.per_context_token_s * context_tokens + self.per_remote_s * remote_pairs)
+        if n == tokens and tokens > 0 and self._decode_residuals:
+            # A decode step: the line, corrected by what the measured grid says it misses
+            # there (the cost is not linear in batch and context on every machine).
+            line += _interpolate(self._decode_residuals, tokens, context_tokens / tokens)
+        return line
+
+    @cached_property
+    def _decode_residuals(self) -> list[tuple[int, list[tuple[float, float]]]]:
+        """(batch, [(context per sequence, measured - line)...]) over the decode points,
+        by batch; empty unless they form a grid (two batches or more, each with the
+        same number of contexts)."""
+        rows: dict[int, list[tuple[float, float]]] = {}
+        for p in self.points:
+            if p.tokens is None and p.batch > 0:
+                line = (self.fixed_s + (self.per_token_s + self.per_sequence_s) * p.batch
+                        + self.per_context_token_s * p.context_tokens)
+                rows.setdefault(p.batch, []).append((p.context_tokens / p.batch, p.step_s - line))
+        if len(rows) < 2 or len({len(r) for r in rows.values()}) != 1:
+            return []
+        return sorted((b, sorted(r)) for b, r in rows.items())
 
     def decode_rate(self, batch: int, context_tokens: int, remote_pairs: int = 0) -> float:
         """Output tokens per second of a decode step of ``batch`` requests (0 when idle)."""
@@ -114,6 +136,26 @@ class CostModel:
         data = json.loads(Path(path).read_text())
         points = tuple(ProfilePoint(**p) for p in data.pop("points", ()))
         return CostModel(**data, points=points)
+
+
+def _along(row: list[tuple[float, float]], x: float) -> float:
+    """Piecewise-linear through ``row``'s (x, y), held at its ends."""
+    xs = [p[0] for p in row]
+    k = bisect_right(xs, x)
+    if k == 0:
+        return row[0][1]
+    if k == len(row):
+        return row[-1][1]
+    (x0, y0), (x1, y1) = row[k - 1], row[k]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else y1
+
+
+def _interpolate(grid: list[tuple[int, list[tuple[float, float]]]], batch: int,
+                 context: float) -> float:
+    """The residual at (``batch``, ``context`` per sequence): along context in the two
+    batch rows around it, then linearly between them; held at the grid's edges."""
+    row = [(b, _along(points, context)) for b, points in grid]
+    return _along(row, batch)
 
 
 def _least_squares(rows: list[list[float]], y: list[float]) -> list[float]:
