@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import sys
 import time
 
@@ -103,6 +104,8 @@ def main() -> None:
     parser.add_argument("--admission-output-reserve", type=float, default=0.0)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="real runs (one engine, one after another); measured = median")
     parser.add_argument("--json")
     args = parser.parse_args()
     if args.workload == "trace" and not args.trace:
@@ -117,7 +120,7 @@ def main() -> None:
         engine = llm.engine
         replay(engine, [(0.0, requests[0][1][:32], 2)])  # warm-up
         blocks, block_size = engine.cluster.blocks_per_instance, engine.cluster.block_size
-        real, measured_steps = replay(engine, requests)
+        runs = [replay(engine, requests) for _ in range(args.repeats)]
     finally:
         llm.shutdown()
     cluster, clock = Scenario(
@@ -129,18 +132,23 @@ def main() -> None:
     ).build()
     sim = Simulator(cluster, clock)
     simulated = sim.run([TraceRequest(a, len(p), n) for a, p, n in requests])
-    got, want = summary(simulated), summary(real)
-    rows = [[m, f"{want[m]:.2f}", f"{got[m]:.2f}",
+    got = summary(simulated)
+    measured = [summary(records) for records, _ in runs]
+    want = {m: statistics.median(run[m] for run in measured) for m in METRICS}
+    rows = [[m, f"{want[m]:.2f}", f"{min(r[m] for r in measured):.2f}-"
+             f"{max(r[m] for r in measured):.2f}", f"{got[m]:.2f}",
              f"{100 * (got[m] - want[m]) / want[m]:+.1f}%" if want[m] else "-"]
             for m in METRICS]
-    rows.append(["steps", measured_steps, sim.steps, ""])
+    steps = "/".join(str(n) for _, n in runs)
+    rows.append(["steps", steps, "", sim.steps, ""])
     print(f"{args.workload}: {len(requests)} requests, {args.instances} instances "
           f"({args.backend}) of {blocks * block_size} KV tokens, {args.mode}; "
           f"KV {KV_BYTES_PER_TOKEN[args.dtype]} bytes a token")
-    print_table(["metric", "measured", "simulated", "error"], rows)
+    print_table(["metric", f"measured (median of {args.repeats})", "range", "simulated",
+                 "error"], rows)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"measured": want, "simulated": got, "args": vars(args)}, f, indent=2)
+            json.dump({"measured": measured, "simulated": got, "args": vars(args)}, f, indent=2)
 
 
 if __name__ == "__main__":
