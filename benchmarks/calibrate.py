@@ -7,11 +7,12 @@ and simulated on the same cluster configuration with a profile's clock; prints e
         --batches 1 4 16 --contexts 64 512 2048 --steps 8 --kv-cache-memory 2GiB
     python benchmarks/calibrate.py --cost-model cost.json --workload w1
     python benchmarks/calibrate.py --cost-model cost.json --workload trace \
-        --trace ../shared/traces/splitwise_conv.csv --num-prompts 60 --length-scale 0.1 \
+        --trace splitwise_conv.csv --num-prompts 60 --length-scale 0.1 \
         --request-rate 1
 
 Workloads: w1 and w2 (docs/WORKLOADS.md, all at once), mixed (``mixed.py``'s, all at
-once), trace (a Mooncake .jsonl or Vidur .csv file: its first ``--num-prompts`` requests,
+once), trace (a Mooncake .jsonl or Vidur .csv file, e.g. the Azure conversation trace
+``splitwise_conv.csv`` of microsoft/vidur: its first ``--num-prompts`` requests,
 lengths times ``--length-scale``, arriving at their own times or, with
 ``--request-rate``, as a Poisson process).
 """
