@@ -70,13 +70,16 @@ class CostModel:
         (None: one token each, a decode step) whose attention scores
         ``context_tokens`` (query, key) pairs (a decode step: its contexts' sum)."""
         n = tokens if sequences is None else sequences
-        line = (self.fixed_s + self.per_token_s * tokens + self.per_sequence_s * n
-                + self.per_context_token_s * context_tokens + self.per_remote_s * remote_pairs)
+        line = self._line(tokens, context_tokens, remote_pairs, n)
         if n == tokens and tokens > 0 and self._decode_residuals:
             # A decode step: the line, corrected by what the measured grid says it misses
             # there (the cost is not linear in batch and context on every machine).
             line += _interpolate(self._decode_residuals, tokens, context_tokens / tokens)
         return line
+
+    def _line(self, tokens: int, context_tokens: float, remote_pairs: int, sequences: int) -> float:
+        return (self.fixed_s + self.per_token_s * tokens + self.per_sequence_s * sequences
+                + self.per_context_token_s * context_tokens + self.per_remote_s * remote_pairs)
 
     @cached_property
     def _decode_residuals(self) -> list[tuple[int, list[tuple[float, float]]]]:
@@ -86,8 +89,7 @@ class CostModel:
         rows: dict[int, list[tuple[float, float]]] = {}
         for p in self.points:
             if p.tokens is None and p.batch > 0:
-                line = (self.fixed_s + (self.per_token_s + self.per_sequence_s) * p.batch
-                        + self.per_context_token_s * p.context_tokens)
+                line = self._line(p.batch, p.context_tokens, 0, p.batch)
                 rows.setdefault(p.batch, []).append((p.context_tokens / p.batch, p.step_s - line))
         if len(rows) < 2 or len({len(r) for r in rows.values()}) != 1:
             return []

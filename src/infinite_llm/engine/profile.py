@@ -143,9 +143,9 @@ def profile(
         "per_instance": side_by_side(engine),
     }
     fit = CostModel.fit(points, source)
-    exchange = getattr(engine.runner, "exchange_latency", None)
-    if exchange is None or len(engine.cluster.alive_instances) < 2:
+    if not side_by_side(engine):
         return fit
+    exchange = engine.runner.exchange_latency
     config = engine.model_config
     # Out: a query and the new k, v; back: a partial (output and log-sum-exp per head).
     out = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim

@@ -73,11 +73,6 @@ def step_loads(plan: StepPlan, cluster: Cluster, per_node: int) -> list[StepLoad
         home.tokens += n
         home.sequences += 1
         spans = cluster.requests[chunk.request_id].block_table.spans()
-        if len(spans) == 1 and spans[0][0] == chunk.home:
-            home.pairs += n * first + n * (n + 1) // 2
-            home.keys += first + n
-            home.newest += 1
-            continue
         end, remote = first + n, set()
         for owner, start, blocks in spans:
             a, b = start * bs, min((start + blocks) * bs, end)
