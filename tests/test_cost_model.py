@@ -88,6 +88,23 @@ def test_profile_measures_a_model_and_writes_the_fit(tiny_llama_dir, tmp_path):
     assert "T = " in done.stdout and "engine's own work" in done.stdout and json.loads(out.read_text())["points"]
 
 
+def test_profile_leaves_out_grid_points_its_kv_cache_cannot_hold(tiny_llama_dir, tmp_path):
+    out = tmp_path / "p.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "infinite_llm.cli", "profile", "--model", str(tiny_llama_dir),
+         "--out", str(out), "--batches", "1", "2", "--contexts", "16", "800",
+         "--steps", "2", "--prefills", "16", "--kv-cache-memory", "1MiB",
+         "--dtype", "float32", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "2 requests of 800 tokens do not fit the KV cache" in done.stderr
+    assert "1 requests of 800" not in done.stderr
+    decode = [(p.batch, p.context_tokens // p.batch) for p in CostModel.load(out).points
+              if p.tokens is None]
+    assert [(b, c // 100) for b, c in decode] == [(1, 0), (1, 8), (2, 0)]
+
+
 def test_profile_refuses_prefills_its_kv_cache_cannot_hold(tiny_llama_dir, tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "infinite_llm.cli", "profile", "--model", str(tiny_llama_dir),
@@ -138,3 +155,9 @@ def test_decode_steps_follow_the_measured_grid_where_a_line_cannot():
     assert model.step_time(1024, 1024 * 9, sequences=1) == line.step_time(
         1024, 1024 * 9, sequences=1)
     assert line.step_time(64, 64 * 2048) != pytest.approx(0.155, rel=0.05)
+    # A batch whose longest contexts did not fit the profile's KV cache: its row stops
+    # short, and beyond it the residual is held at its last point.
+    ragged = CostModel.fit([p for p in points if (p.batch, p.context_tokens) != (64, 64 * 2048)])
+    assert ragged.step_time(64, 64 * 512) == pytest.approx(0.243)
+    assert ragged.step_time(64, 64 * 4096) - ragged._line(64, 64 * 4096, 0, 64) == (
+        pytest.approx(0.243 - ragged._line(64, 64 * 512, 0, 64)))

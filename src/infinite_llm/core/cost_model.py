@@ -84,14 +84,14 @@ class CostModel:
     @cached_property
     def _decode_residuals(self) -> list[tuple[int, list[tuple[float, float]]]]:
         """(batch, [(context per sequence, measured - line)...]) over the decode points,
-        by batch; empty unless they form a grid (two batches or more, each with the
-        same number of contexts)."""
+        by batch; empty unless two batches or more were measured (a batch's row may
+        stop short of the longest context where its KV did not fit: held there)."""
         rows: dict[int, list[tuple[float, float]]] = {}
         for p in self.points:
             if p.tokens is None and p.batch > 0:
                 line = self._line(p.batch, p.context_tokens, 0, p.batch)
                 rows.setdefault(p.batch, []).append((p.context_tokens / p.batch, p.step_s - line))
-        if len(rows) < 2 or len({len(r) for r in rows.values()}) != 1:
+        if len(rows) < 2:
             return []
         return sorted((b, sorted(r)) for b, r in rows.items())
 

@@ -11,6 +11,7 @@ is what the planner and the simulator load.
 
 from __future__ import annotations
 
+import logging
 import platform
 import random
 import statistics
@@ -23,6 +24,8 @@ import torch
 from infinite_llm.core.cost_model import CostModel, ProfilePoint
 from infinite_llm.core.sampling_params import SamplingParams
 from infinite_llm.engine.engine import LLMEngine
+
+logger = logging.getLogger(__name__)
 
 
 def side_by_side(engine: LLMEngine) -> bool:
@@ -126,7 +129,16 @@ def profile(
     processes of their own (``exchange_latency`` on the runner, 2 or more instances),
     the per-layer exchange is timed too: ``per_remote_s``, the two all-to-alls of
     every layer (a query and its new k, v out; the partial result back)."""
-    points = [measure(engine, b, s, steps) for b in batches for s in contexts]
+    block = engine.config.cache.block_size
+    grid = [(b, s) for b in batches for s in contexts]
+    # A point whose requests' KV (prompt, steps + 2 outputs, a block each of headroom)
+    # outgrows the cache would time preemptions, not steps: left out, and said so.
+    fits = [(b, s) for b, s in grid
+            if b * (-(-(s + steps + 2) // block) + 1) * block <= engine.capacity_tokens]
+    for b, s in sorted(set(grid) - set(fits)):
+        logger.warning("profile: %d requests of %d tokens do not fit the KV cache "
+                       "(%d tokens): left out", b, s, engine.capacity_tokens)
+    points = [measure(engine, b, s, steps) for b, s in fits]
     budget = engine.config.scheduler.max_num_batched_tokens
     points += [measure_prefill(engine, n, steps, k) for k in prefill_prompts for n in prefills
                if n * k <= budget]
