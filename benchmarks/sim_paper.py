@@ -69,7 +69,7 @@ def main() -> None:
                 model, name, "vLLM-multi" if kind == "short" else "vLLM-single",
                 f"{ours['output_throughput']:.0f}", f"{theirs['output_throughput']:.0f}",
                 f"**{ratio:.2f}x**", f"{ours['preemptions']} / {theirs['preemptions']}",
-                f"{ours['refused']} / {theirs['refused']}", PAPER[kind],
+                f"{ours['failed']} / {theirs['failed']}", PAPER[kind],
             ])
     print(markdown(["model", "trace", "baseline", "infinite-llm out tok/s",
                     "baseline out tok/s", "ratio", "preemptions (ours / theirs)",

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from workloads import get_workload  # noqa: E402
+from infinite_llm.bench.workloads import get_workload  # noqa: E402
 
 from infinite_llm import LLM, SamplingParams  # noqa: E402
 from infinite_llm.kernels import cpu as kernels  # noqa: E402

@@ -44,7 +44,7 @@ from hf_baseline import (  # noqa: E402
     run_hf,
     with_output_len,
 )
-from workloads import BUILDERS, Workload, get_workload  # noqa: E402
+from infinite_llm.bench.workloads import BUILDERS, Workload, get_workload  # noqa: E402
 
 ENGINES = ("infinite-llm", "transformers")
 WARMUP_TOKENS = 8

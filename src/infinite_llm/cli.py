@@ -1,4 +1,5 @@
-"""Command line: ``infinite-llm generate``, ``serve``, ``profile`` and ``simulate``."""
+"""Command line: ``infinite-llm generate``, ``serve``, ``profile``, ``simulate`` and
+``bench``."""
 
 from __future__ import annotations
 
@@ -178,6 +179,96 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_dataset_flags(parser: argparse.ArgumentParser, seed: bool = True) -> None:
+    """What a benchmark sends, as ``vllm bench serve`` names it where it has a name."""
+    group = parser.add_argument_group("dataset")
+    group.add_argument("--dataset", default="random", choices=["random", "trace", "w1", "w2"],
+                       help="random token ids, a trace's lengths, or a standard workload "
+                       "(docs/WORKLOADS.md) (default: %(default)s)")
+    group.add_argument("--trace", help="with --dataset trace: a Mooncake .jsonl or a "
+                       "Vidur-style .csv (arrived_at, num_prefill_tokens, num_decode_tokens)")
+    group.add_argument("--num-prompts", type=int, default=None,
+                       help="requests to send (default: all of w1, w2 or the trace)")
+    group.add_argument("--random-input-len", type=int, default=1024)
+    group.add_argument("--random-output-len", type=int, default=128)
+    group.add_argument("--random-range-ratio", type=float, default=0.0,
+                       help="random lengths uniform within this share of the above")
+    group.add_argument("--length-scale", type=float, default=None,
+                       help="trace lengths times this (default: what fits the longest "
+                       "request into the context, at most 1; printed)")
+    group.add_argument("--request-rate", type=float, default=float("inf"),
+                       help="requests per second, Poisson (default: inf, all at once)")
+    group.add_argument("--burstiness", type=float, default=1.0,
+                       help="gamma shape of the gaps between requests: 1 is Poisson, below "
+                       "1 burstier, above more regular (default: %(default)s)")
+    group.add_argument("--fixed-schedule", action="store_true",
+                       help="send at the trace's own times (--dataset trace)")
+    if seed:
+        group.add_argument("--seed", type=int, default=0, help="of the prompts and arrivals")
+    run = parser.add_argument_group("run")
+    run.add_argument("--max-concurrency", type=int, default=None,
+                     help="requests in flight at most (default: no limit)")
+    run.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                     help="generate every requested token (default: on, as vLLM does for "
+                     "random prompts)")
+    run.add_argument("--goodput", nargs="+", default=[], metavar="METRIC:MS",
+                     help="SLOs a good request meets, e.g. ttft:500 tpot:50 e2el:5000")
+    run.add_argument("--metric-percentiles", default="99",
+                     help="comma-separated percentiles reported (default: %(default)s)")
+    run.add_argument("--result-filename", help="write the result JSON (vLLM's keys) here")
+    run.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
+
+
+def _add_bench_parsers(commands) -> None:
+    bench = commands.add_parser(
+        "bench", help="benchmark a server, the engine, or a sweep of cluster shapes",
+        description="Benchmarks reported under vllm bench serve's keys. See docs/BENCHMARKS.md.",
+    )
+    kinds = bench.add_subparsers(dest="bench_command", required=True)
+    serve = kinds.add_parser(
+        "serve", help="send a dataset to an OpenAI-compatible server (ours or a peer's)",
+        description="Stream completions from any OpenAI-compatible server at the dataset's "
+        "times; TTFT, TPOT, ITL and E2E latency, throughput and goodput.",
+    )
+    serve.add_argument("--base-url", required=True, nargs="+",
+                       help="e.g. http://127.0.0.1:8000; several: each in turn with the same "
+                       "requests, then side by side (the result file holds a list)")
+    serve.add_argument("--model", default=None,
+                       help="the model name to ask for (default: the first the server lists)")
+    serve.add_argument("--api-key", default=None)
+    serve.add_argument("--timeout", type=float, default=None,
+                       help="seconds one request may take (default: no limit)")
+    serve.add_argument("--return-token-ids", action=argparse.BooleanOptionalAction,
+                       default=True, help="ask for each chunk's token ids (vLLM's and our "
+                       "extension): every token timed as it comes (default: on)")
+    serve.add_argument("--vocab-size", type=int, default=None,
+                       help="random token ids stay below it: give the model's vocabulary "
+                       "when it is smaller than 49,000 (default: ids from [1000, 49000))")
+    _add_dataset_flags(serve)
+    offline = kinds.add_parser(
+        "offline", help="the same, through the engine in this process (no HTTP)",
+        description="Run a dataset through the engine in this process at its times.",
+    )
+    offline.add_argument("--model", default="smollm2", help=f"{_MODEL_HELP} (default: %(default)s)")
+    _add_dataset_flags(offline, seed=False)
+    _add_engine_flags(offline)
+    sweep = kinds.add_parser(
+        "sweep", help="a dataset over instance counts, pooling modes and request rates",
+        description="Run a dataset offline on every (instances, mode, request rate), a "
+        "fresh engine each; a table, a JSON of the rows and PNG plots.",
+    )
+    sweep.add_argument("--model", default="smollm2", help=f"{_MODEL_HELP} (default: %(default)s)")
+    sweep.add_argument("--instance-counts", type=int, nargs="+", default=[1, 2, 4])
+    sweep.add_argument("--modes", nargs="+", default=["isolated", "pooled"],
+                       choices=["isolated", "pooled", "planner"],
+                       help="planner needs --cost-model (default: %(default)s)")
+    sweep.add_argument("--request-rates", type=float, nargs="+", default=[float("inf")])
+    sweep.add_argument("--plot-prefix", help="write PREFIX_throughput.png, _latency.png, "
+                       "_context.png and _distributions.png")
+    _add_dataset_flags(sweep, seed=False)
+    _add_engine_flags(sweep)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="infinite-llm",
@@ -242,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_engine_flags(profile)
 
+    _add_bench_parsers(commands)
+
     simulate = commands.add_parser(
         "simulate", help="run a trace through the cluster code on simulated time",
         description="Drive the real schedulers, rManagers, gManager, planner, migration "
@@ -285,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--duration", type=float, help="only requests arriving before (s)")
     simulate.add_argument("--admission-output-reserve", type=float, default=0.0)
     simulate.add_argument("--seed", type=int, default=0)
+    simulate.add_argument("--goodput", nargs="+", default=[], metavar="METRIC:MS",
+                          help="SLOs a good request meets, e.g. ttft:500 tpot:50 e2el:5000")
     simulate.add_argument("--json", help="write the summary here too")
     simulate.add_argument("--requests-csv", help="one row per request: times and latencies")
     simulate.add_argument("--utilization-csv",
@@ -392,6 +487,123 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from infinite_llm.bench import results as results_
+    from infinite_llm.bench.datasets import Dataset
+    from infinite_llm.workload.summary import parse_goodput
+
+    slos = parse_goodput(args.goodput)
+    try:
+        percentiles = [float(p) for p in args.metric_percentiles.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"--metric-percentiles {args.metric_percentiles!r}: e.g. 50,90,99") from None
+    if not all(0 <= p <= 100 for p in percentiles):
+        raise ValueError("--metric-percentiles are between 0 and 100")
+    if args.max_concurrency is not None and args.max_concurrency < 1:
+        raise ValueError("--max-concurrency must be >= 1")
+    dataset = Dataset(
+        args.dataset, args.num_prompts, args.trace, args.random_input_len,
+        args.random_output_len, args.random_range_ratio, args.length_scale,
+        args.request_rate, args.burstiness, args.fixed_schedule, args.seed,
+    )
+    progress = not args.disable_tqdm
+    config = {"backend": "infinite-llm" if args.bench_command != "serve" else "openai",
+              "dataset": args.dataset, "num_prompts": args.num_prompts,
+              "request_rate": args.request_rate, "burstiness": args.burstiness,
+              "max_concurrency": args.max_concurrency}
+    if args.bench_command == "sweep":
+        return _sweep(args, dataset, slos, progress)
+    if args.bench_command == "serve":
+        from infinite_llm.bench import client
+
+        # Every server gets the same requests: a trace scaled to the smallest context.
+        served = [client.server_model(url, args.api_key) for url in args.base_url]
+        contexts = [n for _, n in served if n is not None]
+        requests, notes = dataset.requests(min(contexts, default=None), args.vocab_size)
+        for note in notes:
+            print(note)
+        runs = []
+        for url, (listed, _) in zip(args.base_url, served):
+            model = args.model or listed
+            print(f"{url}: {model}")
+            results, duration = client.run(url, model, requests, args.max_concurrency,
+                                           args.ignore_eos, args.api_key, progress, args.timeout,
+                                           args.return_token_ids)
+            runs.append((results, duration, {**config, "endpoint_type": "openai", "base_url": url,
+                                             "model_id": model, "tokenizer_id": model}))
+    else:
+        from infinite_llm.bench import offline
+
+        llm = _build_llm(args)
+        try:
+            engine = llm.engine
+            requests, notes = dataset.requests(engine.max_model_len,
+                                               engine.model_config.vocab_size)
+            for note in notes:
+                print(note)
+            results, duration = offline.run(engine, requests, args.max_concurrency,
+                                            args.ignore_eos, progress)
+        finally:
+            llm.shutdown()
+        runs = [(results, duration, {**config, "endpoint_type": "offline", "model_id": args.model,
+                                     "tokenizer_id": args.model, "instances": args.instances,
+                                     "kv_pooling": args.kv_pooling})]
+    reports = []
+    for results, duration, run_config in runs:
+        reports.append(results_.report(results, duration, run_config, slos, percentiles))
+        print(results_.table(reports[-1]))
+        failed = [r.error for r in results if not r.ok]
+        if failed:
+            print(f"{len(failed)} request(s) failed; the first: {failed[0]}")
+    if len(reports) > 1:
+        print(results_.side_by_side(reports))
+    if args.result_filename:
+        results_.save(reports[0] if len(reports) == 1 else reports, args.result_filename)
+    return 0
+
+
+def _sweep(args: argparse.Namespace, dataset, slos, progress: bool) -> int:
+    from infinite_llm import LLM
+    from infinite_llm.bench.sweep import sweep
+    from infinite_llm.sim.simulator import pooling_for
+
+    if "planner" in args.modes and not args.cost_model:
+        raise ValueError("--modes planner needs --cost-model (infinite-llm profile writes it)")
+    if min(args.instance_counts) < 1 or not all(r > 0 for r in args.request_rates):
+        raise ValueError("--instance-counts and --request-rates must be positive")
+
+    def build(instances: int, mode: str):
+        pooling = pooling_for(mode, args.cost_model)
+        options = {name: getattr(args, name) for name in _ENGINE_FLAGS}
+        options.update(instances=instances, kv_pooling=pooling.enabled,
+                       planner_period=pooling.planner_period, dgfm_period=pooling.dgfm_period)
+        return LLM(args.model, **options)
+
+    header = (f"{'instances':>9} {'mode':>9} {'rate':>6} {'done':>5} {'failed':>6} "
+              f"{'req/s':>7} {'out tok/s':>10} {'TTFT ms':>9} {'TPOT ms':>9} "
+              f"{'E2E ms':>9} {'longest':>8}")
+    print(header)
+
+    def show(row):
+        print(f"{row['instances']:>9} {row['mode']:>9} {row['request_rate']:>6g} "
+              f"{row['completed']:>5} {row['failed']:>6} {row['request_throughput']:>7.2f} "
+              f"{row['output_throughput']:>10.1f} {row['mean_ttft_ms']:>9.1f} "
+              f"{row['mean_tpot_ms']:>9.1f} {row['mean_e2el_ms']:>9.1f} "
+              f"{row['longest_request_tokens']:>8}")
+
+    rows = sweep(build, dataset, args.instance_counts, args.modes, args.request_rates,
+                 args.max_concurrency, args.ignore_eos, slos, progress, on_point=show)
+    if args.result_filename:
+        Path(args.result_filename).write_text(json.dumps(rows, indent=2) + "\n")
+    if args.plot_prefix:
+        from infinite_llm.plots import plot_sweep
+
+        for path in plot_sweep(rows, args.plot_prefix, f"{args.model}, {args.dataset}"):
+            print(f"wrote {path}")
+    return 0
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from infinite_llm.sim.scenario import CPU, Scenario
     from infinite_llm.sim.simulator import Simulator, summary
@@ -401,8 +613,10 @@ def _simulate(args: argparse.Namespace) -> int:
         write_requests_csv,
         write_utilization_csv,
     )
+    from infinite_llm.workload.summary import parse_goodput
     from infinite_llm.workload.traces import Lognormal, read_trace, synthetic
 
+    slos = parse_goodput(args.goodput)
     scenario = Scenario(
         args.mode, args.instances, args.device, args.model, args.gpus_per_instance,
         args.cost_model, args.kv_tokens, args.block_size, args.memory_utilization,
@@ -427,9 +641,11 @@ def _simulate(args: argparse.Namespace) -> int:
     wants_timeline = args.utilization_csv or args.chrome_trace or args.plot
     timeline = Timeline(args.sample_interval) if wants_timeline else None
     records = sim.run(trace, args.duration, timeline)
-    numbers = {**summary(records), "steps": sim.steps, "preemptions": cluster.num_preemptions}
+    numbers = {**summary(records, slos), "steps": sim.steps,
+               "preemptions": cluster.num_preemptions}
     for key, value in numbers.items():
-        print(f"{key:>24}  {value:.2f}" if isinstance(value, float) else f"{key:>24}  {value}")
+        if value is not None:
+            print(f"{key:>24}  {value:.2f}" if isinstance(value, float) else f"{key:>24}  {value}")
     if args.json:
         Path(args.json).write_text(json.dumps(numbers, indent=2) + "\n")
     if args.requests_csv:
@@ -458,6 +674,8 @@ def main(argv: list[str] | None = None) -> int:
             return _profile(args)
         if args.command == "simulate":
             return _simulate(args)
+        if args.command == "bench":
+            return _bench(args)
     except ValueError as error:
         parser.exit(2, f"infinite-llm: error: {error}\n")
     return 1

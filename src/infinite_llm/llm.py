@@ -13,7 +13,7 @@ from infinite_llm.core.sampling_params import SamplingParams
 from infinite_llm.engine.chat import Message, chat_prompt
 from infinite_llm.engine.device import torch_dtype
 from infinite_llm.engine.engine import LLMEngine
-from infinite_llm.engine.outputs import RequestOutput
+from infinite_llm.engine.outputs import RequestMetrics, RequestOutput
 from infinite_llm.model.checkpoint import Checkpoint, load_checkpoint
 from infinite_llm.model.tokenizer import Tokenizer
 
@@ -108,7 +108,9 @@ class LLM:
         for ids in added:
             first = finals[ids[0]]
             outputs = [replace(finals[rid].outputs[0], index=i) for i, rid in enumerate(ids)]
-            results.append(RequestOutput(first.request_id, first.prompt, first.prompt_token_ids, outputs, True))
+            metrics = RequestMetrics.of_samples([finals[rid].metrics for rid in ids])
+            results.append(RequestOutput(first.request_id, first.prompt, first.prompt_token_ids,
+                                         outputs, True, metrics=metrics))
         return results
 
     def chat(

@@ -1,5 +1,6 @@
-"""Pictures of a simulated run, with matplotlib (``pip install -e ".[plot]"``): imported
-only when a plot is asked for, so the simulator itself needs neither it nor numpy."""
+"""Pictures of a simulated run and of a benchmark sweep, with matplotlib (``pip install
+-e ".[plot]"``): imported only when a plot is asked for, so the simulator and the
+benchmarks themselves need neither it nor numpy."""
 
 from __future__ import annotations
 
@@ -57,3 +58,81 @@ def plot_timeline(timeline: Timeline, path: str | Path, title: str = "") -> None
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_sweep(rows: list[dict], prefix: str | Path, title: str = "") -> list[Path]:
+    """A ``bench sweep``'s pictures, ``PREFIX_throughput.png`` (output tokens/s against
+    instances, a line per mode, at the highest rate), ``PREFIX_latency.png`` (mean TTFT
+    and TPOT against the request rate, per mode, on the most instances),
+    ``PREFIX_context.png`` (the longest request the cluster holds against instances)
+    and ``PREFIX_distributions.png`` (TTFT and TPOT CDFs per mode, most instances,
+    highest rate). Returns the paths written."""
+    plt = _pyplot()
+    prefix = Path(prefix)
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    top_rate = max(r["request_rate"] for r in rows)
+    top_n = max(r["instances"] for r in rows)
+    paths = []
+
+    def save(fig, name: str) -> None:
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+        path = prefix.with_name(f"{prefix.name}_{name}.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+
+    def per_mode(mode: str, key: str, value: float, x: str) -> tuple[list, list]:
+        chosen = sorted((r for r in rows if r["mode"] == mode and r[key] == value),
+                        key=lambda r: r[x])
+        return [r[x] for r in chosen], chosen
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode in modes:
+        xs, chosen = per_mode(mode, "request_rate", top_rate, "instances")
+        ax.plot(xs, [r["output_throughput"] for r in chosen], marker="o", label=mode)
+    ax.set_xlabel("instances")
+    ax.set_ylabel("output tokens / s")
+    ax.set_title(f"throughput, request rate {top_rate:g}/s")
+    ax.legend()
+    save(fig, "throughput")
+
+    fig, (ttft, tpot) = plt.subplots(1, 2, figsize=(10, 4))
+    for mode in modes:
+        chosen = sorted((r for r in rows if r["mode"] == mode and r["instances"] == top_n
+                         and r["request_rate"] != float("inf")), key=lambda r: r["request_rate"])
+        rates = [r["request_rate"] for r in chosen]
+        ttft.plot(rates, [r["mean_ttft_ms"] for r in chosen], marker="o", label=mode)
+        tpot.plot(rates, [r["mean_tpot_ms"] for r in chosen], marker="o", label=mode)
+    for ax, name in ((ttft, "mean TTFT (ms)"), (tpot, "mean TPOT (ms)")):
+        ax.set_xlabel("request rate (/s)")
+        ax.set_ylabel(name)
+        ax.legend()
+    ttft.set_title(f"{top_n} instances")
+    save(fig, "latency")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode in modes:
+        xs, chosen = per_mode(mode, "request_rate", top_rate, "instances")
+        ax.plot(xs, [r["longest_request_tokens"] for r in chosen], marker="o", label=mode)
+    ax.set_xlabel("instances")
+    ax.set_ylabel("longest request (tokens)")
+    ax.legend()
+    save(fig, "context")
+
+    fig, (ttft, tpot) = plt.subplots(1, 2, figsize=(10, 4))
+    for mode in modes:
+        for r in rows:
+            if r["mode"] == mode and r["instances"] == top_n and r["request_rate"] == top_rate:
+                for ax, values in ((ttft, r["ttfts"]), (tpot, r["tpots"])):
+                    ms = sorted(v * 1000 for v in values)
+                    ax.step(ms, [(i + 1) / len(ms) for i in range(len(ms))], where="post",
+                            label=mode)
+    for ax, name in ((ttft, "TTFT (ms)"), (tpot, "TPOT (ms)")):
+        ax.set_xlabel(name)
+        ax.set_ylabel("share of requests")
+        ax.legend()
+    ttft.set_title(f"{top_n} instances, rate {top_rate:g}/s")
+    save(fig, "distributions")
+    return paths

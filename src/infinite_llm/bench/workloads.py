@@ -6,7 +6,7 @@ definition and must not change.
 
 Check the totals against the table in docs/WORKLOADS.md:
 
-    . .venv/bin/activate && PYTHONPATH=src python benchmarks/workloads.py
+    . .venv/bin/activate && python -m infinite_llm.bench.workloads
 """
 
 from __future__ import annotations

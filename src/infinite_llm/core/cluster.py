@@ -145,6 +145,7 @@ class Cluster:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         request.arrival = self._arrivals
+        request.stall_mark = self._stall_s
         self._arrivals += 1
         self.requests[request.request_id] = request
         self._new[request.request_id] = NewRequest(request.request_id, request.params)
@@ -161,6 +162,10 @@ class Cluster:
         if request.finished:
             return
         self.migrator.abort(request.request_id)
+        blocks = request.block_table.blocks_by_owner()
+        held = sum(blocks.values())
+        request.remote_kv_share = (held - blocks.get(request.home, 0)) / held if held else 0.0
+        request.migration_stall_s = self._stall_s - request.stall_mark
         self.instances[request.home].scheduler.finish(request, reason, stop_reason)
         self.load.remove(request)
         self._forget(request)
@@ -553,7 +558,7 @@ class Cluster:
         return ClusterSnapshot(
             self.block_size, self.max_request_tokens, instances, requests, self.ledger(),
             migration, self._attended_block_steps, self._remote_block_steps,
-            self._computed_tokens,
+            self._computed_tokens, self._steps,
         )
 
     def check_integrity(self) -> None:

@@ -42,6 +42,13 @@ class Request:
     stop_reason: str | int | None = None
     error: str | None = None  # set with finish_reason "error"
     num_preemptions: int = 0
+    # When it finishes: the share of its KV blocks that instances other than its home
+    # held then, and the seconds steps spent copying migrated KV while it was in the
+    # cluster (every request waits for a step's copies); ``stall_mark``: that total
+    # when it arrived.
+    remote_kv_share: float = 0.0
+    migration_stall_s: float = 0.0
+    stall_mark: float = 0.0
 
     def num_blocks_needed(self, block_size: int) -> int:
         """Blocks its tokens so far take (what a waiting request needs to start)."""

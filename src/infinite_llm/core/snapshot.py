@@ -71,6 +71,7 @@ class ClusterSnapshot:
     attended_block_steps: int = 0
     remote_block_steps: int = 0
     computed_tokens: int = 0  # tokens the runners computed, recomputes after preemption included
+    steps: int = 0  # steps scheduled since the start
 
     @property
     def remote_share(self) -> float:

@@ -17,7 +17,7 @@ from infinite_llm.core.sampling_params import SamplingParams
 from infinite_llm.core.snapshot import ClusterSnapshot
 from infinite_llm.core.step import InstanceFailure, Runner, SampledToken
 from infinite_llm.engine.detokenizer import Detokenizer
-from infinite_llm.engine.outputs import CompletionOutput, RequestOutput
+from infinite_llm.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
 if TYPE_CHECKING:
     from infinite_llm.model.tokenizer import Tokenizer
@@ -208,9 +208,12 @@ class LLMEngine:
             ),
             logprobs=None if logprobs is None else list(logprobs),
         )
+        metrics = RequestMetrics(
+            request.remote_kv_share, request.migration_stall_s, request.num_preemptions,
+        ) if request.finished else None
         return RequestOutput(
             request.request_id, request.prompt, request.prompt_token_ids, [completion],
-            request.finished, request.error,
+            request.finished, request.error, metrics,
         )
 
     def _when_idle(self) -> None:

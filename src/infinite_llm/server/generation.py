@@ -21,7 +21,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from infinite_llm.core.sampling_params import SamplingParams
-from infinite_llm.engine.outputs import CompletionOutput, RequestOutput
+from infinite_llm.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from infinite_llm.server import protocol as p
 from infinite_llm.server.engine_loop import EngineDeadError, EngineLoop, EngineRequest, RequestGroup
 from infinite_llm.server.errors import ApiError, error_body
@@ -154,10 +154,17 @@ class Generation:
         )
 
     def _usage(self, finals) -> p.Usage:
+        finals = list(finals)
         completion = sum(len(o.outputs[0].token_ids) for o in finals)
+        measured = [o.metrics for o in finals if o.metrics is not None]
+        pooled = RequestMetrics.of_samples(measured) if measured else None
         # n samples of a prompt share it: it counts once, as in OpenAI's API.
-        return p.Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion,
-                       total_tokens=self.prompt_tokens + completion)
+        return p.Usage(
+            prompt_tokens=self.prompt_tokens, completion_tokens=completion,
+            total_tokens=self.prompt_tokens + completion,
+            kv_remote_share=None if pooled is None else pooled.remote_kv_share,
+            migration_stall_ms=None if pooled is None else pooled.migration_stall_s * 1000,
+        )
 
     def _logprobs(self, token_ids: list[int], entries: list[dict[int, float]] | None):
         """Logprobs of ``token_ids`` (entries[i] holds token i's and the top ones)."""

@@ -92,6 +92,11 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # Ours, beyond OpenAI's (clients ignore them): the share of the request's KV that
+    # instances other than its home held when it finished (the mean over n samples),
+    # and the milliseconds steps spent copying migrated KV while it ran (the longest).
+    kv_remote_share: float | None = None
+    migration_stall_ms: float | None = None
 
 
 class CompletionLogprobs(BaseModel):

@@ -9,6 +9,7 @@ No torch.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from infinite_llm.config import PoolingConfig
@@ -139,13 +140,16 @@ class Simulator:
         ))
 
 
-def summary(records: list[RequestRecord]) -> dict[str, float]:
+def summary(
+    records: list[RequestRecord], slos: Mapping[str, float] | None = None,
+) -> dict[str, float | int | None]:
     """``vllm bench serve``'s numbers for the served requests, over the simulated time
-    from the first arrival to the last token; ``refused`` counts the rest."""
+    from the first arrival to the last token; ``failed`` counts the refused ones;
+    goodput against ``slos`` (ms), where given."""
     served = [r for r in records if r.finished]
     if not served:
         raise ValueError("no request was served")
     start = min(r.arrival_s for r in records)
     end = max(r.token_times[-1] for r in served)
     timings = [Timing(r.arrival_s, r.token_times, r.input_tokens) for r in served]
-    return {**summarize(timings, end - start), "refused": len(records) - len(served)}
+    return summarize(timings, end - start, failed=len(records) - len(served), slos=slos)

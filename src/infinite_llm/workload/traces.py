@@ -103,17 +103,40 @@ def synthetic(
     """``num_requests`` requests with lognormal lengths arriving at ``rate`` per second
     (``inf``: all at once); gaps are gamma-distributed with shape ``burstiness``
     (1: Poisson arrivals, below 1 burstier, above 1 more regular), as vLLM's benchmark."""
-    if num_requests < 0:
-        raise ValueError(f"num_requests must be >= 0, got {num_requests}")
-    if not rate > 0 or not burstiness > 0:
-        raise ValueError(f"rate and burstiness must be positive, got {rate} and {burstiness}")
+    _check_arrivals(num_requests, rate, burstiness)
     rng = random.Random(seed)
     t, requests = 0.0, []
     for _ in range(num_requests):
         requests.append(TraceRequest(t, inputs.draw(rng), outputs.draw(rng)))
-        if math.isfinite(rate):
-            t += rng.gammavariate(burstiness, 1.0 / (rate * burstiness))
+        t += _gap(rng, rate, burstiness)
     return requests
+
+
+def arrival_times(num_requests: int, rate: float, burstiness: float = 1.0,
+                  seed: int = 0) -> list[float]:
+    """When ``num_requests`` requests arrive at ``rate`` per second (``inf``: all at 0),
+    the first at 0; gaps gamma-distributed with shape ``burstiness`` as in ``synthetic``."""
+    _check_arrivals(num_requests, rate, burstiness)
+    rng = random.Random(seed)
+    t, times = 0.0, []
+    for _ in range(num_requests):
+        times.append(t)
+        t += _gap(rng, rate, burstiness)
+    return times
+
+
+def _check_arrivals(num_requests: int, rate: float, burstiness: float) -> None:
+    if num_requests < 0:
+        raise ValueError(f"num_requests must be >= 0, got {num_requests}")
+    if not rate > 0 or not (burstiness > 0 and math.isfinite(burstiness)):
+        raise ValueError(f"rate and burstiness must be positive, got {rate} and {burstiness}")
+
+
+def _gap(rng: random.Random, rate: float, burstiness: float) -> float:
+    """One gap between arrivals: gamma with mean 1 / rate and shape ``burstiness``."""
+    if not math.isfinite(rate):
+        return 0.0
+    return rng.gammavariate(burstiness, 1.0 / (rate * burstiness))
 
 
 @dataclass(frozen=True)
