@@ -96,7 +96,8 @@ def main() -> None:
     try:
         engine = llm.engine
         measure(engine, [BenchRequest(requests[0].prompt_token_ids[:32], 2, 0.0)])  # warm-up
-        blocks, block_size = engine.cluster.blocks_per_instance, engine.cluster.block_size
+        snapshot = engine.snapshot()
+        blocks, block_size = snapshot.instances[0].capacity, snapshot.block_size
         runs = [measure(engine, requests) for _ in range(args.repeats)]
     finally:
         llm.shutdown()

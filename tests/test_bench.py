@@ -130,6 +130,25 @@ def test_random_and_standard_datasets():
         Dataset("w1").requests(vocab_size=320)
 
 
+def test_the_papers_shapes_scaled_to_the_context():
+    """A long shape: a few requests far beyond the rest, the longest fitted to the
+    context, the others scaled with it; arrivals at the rate."""
+    d = Dataset("shaped", num_prompts=300, shape="long-2", request_rate=4.0, seed=1)
+    requests, notes = d.requests(max_model_len=8192)
+    totals = sorted(len(r.prompt_token_ids) + r.output_tokens for r in requests)
+    assert totals[-1] <= 8192 and totals[-1] > 8192 * 0.99
+    assert totals[-1] > 5 * totals[len(totals) // 2]  # far beyond the median
+    assert "fits the context (8192)" in notes[0]
+    times = [r.arrival_s for r in requests]
+    assert times == sorted(times) and times[0] == 0.0
+    assert statistics.fmean(b - a for a, b in zip(times, times[1:])) == pytest.approx(0.25, rel=0.2)
+    assert d.requests(8192)[0] == requests
+    for kwargs, says in (({"name": "shaped", "num_prompts": 3}, "go together"),
+                         ({"name": "shaped", "num_prompts": 3, "shape": "huge"}, "unknown shape")):
+        with pytest.raises(ValueError, match=says):
+            Dataset(**kwargs)
+
+
 def test_a_trace_is_scaled_to_fit_the_context_and_replayed_on_its_own_times(tmp_path):
     trace = tmp_path / "t.jsonl"
     trace.write_text("".join(json.dumps({"timestamp": t, "input_length": i, "output_length": o})

@@ -201,6 +201,9 @@ def test_a_run_leaves_its_steps_pools_and_requests_in_files(tmp_path):
     for row, rec in served:
         assert float(row["ttft_ms"]) == pytest.approx((rec.token_times[0] - rec.arrival_s) * 1e3)
         assert float(row["e2el_ms"]) == pytest.approx((rec.token_times[-1] - rec.arrival_s) * 1e3)
+    # Where each request's KV lived when it finished: some of it borrowed here.
+    shares = [float(row["remote_kv_share"]) for row, _ in served]
+    assert all(0 <= x < 1 for x in shares) and any(x > 0 for x in shares)
     write_utilization_csv(timeline, tmp_path / "u.csv")
     assert len(list(csv.DictReader((tmp_path / "u.csv").open()))) == len(timeline.samples)
 

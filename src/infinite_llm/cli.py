@@ -16,6 +16,7 @@ from infinite_llm.config import (
     option_default,
     parse_memory_size,
 )
+from infinite_llm.bench.datasets import DATASETS
 from infinite_llm.sim.simulator import MODES
 
 _MODEL_HELP = "built-in name (smollm2), a .gguf file or a Hugging Face model directory"
@@ -182,9 +183,11 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
 def _add_dataset_flags(parser: argparse.ArgumentParser, seed: bool = True) -> None:
     """What a benchmark sends, as ``vllm bench serve`` names it where it has a name."""
     group = parser.add_argument_group("dataset")
-    group.add_argument("--dataset", default="random", choices=["random", "trace", "w1", "w2"],
-                       help="random token ids, a trace's lengths, or a standard workload "
-                       "(docs/WORKLOADS.md) (default: %(default)s)")
+    group.add_argument("--dataset", default="random", choices=DATASETS,
+                       help="random token ids, a trace's lengths, one of the paper's trace "
+                       "shapes, or a standard workload (docs/WORKLOADS.md) (default: %(default)s)")
+    group.add_argument("--shape", help="with --dataset shaped: short-1..3 or long-1..6 "
+                       "(lognormal lengths; see docs/SIMULATION.md)")
     group.add_argument("--trace", help="with --dataset trace: a Mooncake .jsonl or a "
                        "Vidur-style .csv (arrived_at, num_prefill_tokens, num_decode_tokens)")
     group.add_argument("--num-prompts", type=int, default=None,
@@ -505,7 +508,7 @@ def _bench(args: argparse.Namespace) -> int:
     dataset = Dataset(
         args.dataset, args.num_prompts, args.trace, args.random_input_len,
         args.random_output_len, args.random_range_ratio, args.length_scale,
-        args.request_rate, args.burstiness, args.fixed_schedule, args.seed,
+        args.request_rate, args.burstiness, args.fixed_schedule, args.seed, args.shape,
     )
     progress = not args.disable_tqdm
     config = {"backend": "infinite-llm" if args.bench_command != "serve" else "openai",

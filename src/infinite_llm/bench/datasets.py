@@ -7,7 +7,10 @@ and when each is sent.
   drawn uniformly within ``range_ratio`` of them, as ``vllm bench serve``'s random set;
 - ``trace``: a Mooncake JSON-lines or Vidur-style CSV trace's lengths, scaled by
   ``length_scale`` (by default, so that its longest request fits the server's context),
-  with random token ids.
+  with random token ids;
+- ``shaped``: lengths drawn from one of the paper's trace shapes
+  (``workload.traces.PAPER_SHAPES``: ``short-1..3``, lognormal contexts whose spread
+  rises; ``long-1..6``, 2% of requests far beyond one instance), scaled the same way.
 
 Requests are sent at ``request_rate`` per second (``inf``: all at once) with gamma gaps
 of shape ``burstiness`` (1: Poisson), or, with ``fixed_schedule``, at the trace's own
@@ -20,10 +23,18 @@ import math
 import random
 from dataclasses import dataclass
 
-from infinite_llm.bench.workloads import HIGH_TOKEN_ID, LOW_TOKEN_ID, get_workload
-from infinite_llm.workload.traces import TraceRequest, arrival_times, read_trace
+from infinite_llm.workload.traces import (
+    PAPER_SHAPES,
+    TraceRequest,
+    arrival_times,
+    read_trace,
+    shaped,
+)
 
-DATASETS = ("random", "trace", "w1", "w2")
+DATASETS = ("random", "trace", "shaped", "w1", "w2")
+# Token ids of random prompts: SmolLM2's vocabulary, clear of its special tokens (the
+# standard workloads' range, docs/WORKLOADS.md).
+LOW_TOKEN_ID, HIGH_TOKEN_ID = 1000, 49000
 
 
 @dataclass(frozen=True)
@@ -46,10 +57,17 @@ class Dataset:
     burstiness: float = 1.0
     fixed_schedule: bool = False
     seed: int = 0
+    shape: str | None = None  # with name "shaped": a key of PAPER_SHAPES
 
     def __post_init__(self) -> None:
         if self.name not in DATASETS:
             raise ValueError(f"unknown dataset {self.name!r}: one of {', '.join(DATASETS)}")
+        if (self.name == "shaped") != (self.shape is not None):
+            raise ValueError("--dataset shaped and --shape NAME go together")
+        if self.shape is not None and self.shape not in PAPER_SHAPES:
+            raise ValueError(f"unknown shape {self.shape!r}: one of {', '.join(PAPER_SHAPES)}")
+        if self.name == "shaped" and self.num_prompts is None:
+            raise ValueError("--dataset shaped needs --num-prompts")
         if (self.name == "trace") != (self.trace is not None):
             raise ValueError("--dataset trace and --trace FILE go together")
         if self.fixed_schedule and self.name != "trace":
@@ -80,6 +98,8 @@ class Dataset:
             raise ValueError(f"{self.name}'s token ids reach {HIGH_TOKEN_ID - 1}; this model's "
                              f"vocabulary has {vocab_size}: use --dataset random or trace")
         if self.name in ("w1", "w2"):
+            from infinite_llm.bench.workloads import get_workload  # NumPy, only for these
+
             workload = get_workload(self.name.upper())
             n = self.num_prompts or workload.num_requests
             shapes = list(zip(workload.prompts, workload.output_lens))[:n]
@@ -91,7 +111,11 @@ class Dataset:
                 n_out = _around(rng, self.output_len, self.range_ratio)
                 shapes.append((_prompt(rng, n_in, ids), n_out))
             return self._at_rate(shapes), notes
-        trace = read_trace(self.trace)[: self.num_prompts]
+        if self.name == "shaped":  # arrivals at the rate, as drawn with the lengths
+            trace = shaped(PAPER_SHAPES[self.shape], self.num_prompts or 0, self.request_rate,
+                           self.seed, self.burstiness)
+        else:
+            trace = read_trace(self.trace)[: self.num_prompts]
         if not trace:
             raise ValueError(f"{self.trace}: no requests")
         scale = self.length_scale
@@ -105,9 +129,11 @@ class Dataset:
             notes.append(f"trace lengths x {scale:.4g}")
         scaled = [scale_lengths(r, scale) for r in trace]
         shapes = [(_prompt(rng, r.input_tokens, ids), r.output_tokens) for r in scaled]
-        if self.fixed_schedule:
+        if self.fixed_schedule or self.name == "shaped":
             first = trace[0].arrival_s
-            notes.append(f"replaying the trace's own times ({trace[-1].arrival_s - first:.1f} s)")
+            if self.fixed_schedule:
+                notes.append(
+                    f"replaying the trace's own times ({trace[-1].arrival_s - first:.1f} s)")
             return [BenchRequest(p, o, r.arrival_s - first)
                     for (p, o), r in zip(shapes, trace)], notes
         return self._at_rate(shapes), notes

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-LOW_TOKEN_ID = 1000  # inclusive; avoids SmolLM2's special tokens
-HIGH_TOKEN_ID = 49000  # exclusive
+from infinite_llm.bench.datasets import HIGH_TOKEN_ID, LOW_TOKEN_ID
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ class RequestRecord:
     output_tokens: int
     token_times: list[float] = field(default_factory=list)  # when each output token came
     refused: str | None = None  # why it was refused at arrival
+    remote_kv_share: float | None = None  # of its KV, on other instances when it finished
 
     @property
     def finished(self) -> bool:
@@ -98,7 +99,10 @@ class Simulator:
             self._step(plan, loads, 0, timeline)
             tokens = {c.request_id: SampledToken(TOKEN) for c in plan.chunks if c.sample}
             for request in cluster.update(plan, StepResult(tokens)):
-                by_id[request.request_id].token_times.append(self.now)
+                record = by_id[request.request_id]
+                record.token_times.append(self.now)
+                if request.finished:
+                    record.remote_kv_share = request.remote_kv_share
             if not self.fast_forward:
                 continue
             # Repeats of a steady decode, up to the next arrival (it would join them).

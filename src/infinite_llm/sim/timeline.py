@@ -71,12 +71,14 @@ class Timeline:
 
 
 REQUEST_COLUMNS = ("request_id", "arrival_s", "input_tokens", "output_tokens",
-                   "first_token_s", "finish_s", "ttft_ms", "tpot_ms", "e2el_ms", "refused")
+                   "first_token_s", "finish_s", "ttft_ms", "tpot_ms", "e2el_ms",
+                   "remote_kv_share", "refused")
 
 
 def write_requests_csv(records: list[RequestRecord], path: str | Path) -> None:
-    """One row per request: its times in simulated seconds and latencies in ms (empty
-    for a refused request, whose reason is in the last column)."""
+    """One row per request: its times in simulated seconds, latencies in ms and the
+    share of its KV other instances held when it finished (empty for a refused request,
+    whose reason is in the last column)."""
     with Path(path).open("w", newline="") as f:
         out = csv.writer(f)
         out.writerow(REQUEST_COLUMNS)
@@ -89,8 +91,9 @@ def write_requests_csv(records: list[RequestRecord], path: str | Path) -> None:
                           (last - r.arrival_s) * 1e3]
             else:
                 timing = [""] * 5
+            share = "" if r.remote_kv_share is None else r.remote_kv_share
             out.writerow([r.request_id, r.arrival_s, r.input_tokens, r.output_tokens,
-                          *timing, r.refused or ""])
+                          *timing, share, r.refused or ""])
 
 
 def write_utilization_csv(timeline: Timeline, path: str | Path) -> None:
