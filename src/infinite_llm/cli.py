@@ -476,9 +476,9 @@ def _profile(args: argparse.Namespace) -> int:
     finally:
         llm.shutdown()
     model.save(args.out)
-    print(f"{'batch':>6} {'tokens':>7} {'context tokens':>15} {'step ms':>9} {'fit ms':>9}")
+    print(f"{'batch':>6} {'tokens':>7} {'context tokens':>15} {'step ms':>9} {'line ms':>9}")
     for p in model.points:
-        fit = model.step_time(p.computed, p.context_tokens, sequences=p.batch) * 1e3
+        fit = model.line(p.computed, p.context_tokens, sequences=p.batch) * 1e3
         print(f"{p.batch:>6} {p.computed:>7} {p.context_tokens:>15} {p.step_s * 1e3:>9.2f} "
               f"{fit:>9.2f}")
     print(f"T = {model.fixed_s * 1e3:.3f} ms + {model.per_token_s * 1e3:.4f} ms/token "

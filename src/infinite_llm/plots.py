@@ -63,7 +63,8 @@ def plot_timeline(timeline: Timeline, path: str | Path, title: str = "") -> None
 def plot_sweep(rows: list[dict], prefix: str | Path, title: str = "") -> list[Path]:
     """A ``bench sweep``'s pictures, ``PREFIX_throughput.png`` (output tokens/s against
     instances, a line per mode, at the highest rate), ``PREFIX_latency.png`` (mean TTFT
-    and TPOT against the request rate, per mode, on the most instances),
+    and TPOT against the request rate, per mode, on the most instances; with rates
+    other than all at once),
     ``PREFIX_context.png`` (the longest request the cluster holds against instances)
     and ``PREFIX_distributions.png`` (TTFT and TPOT CDFs per mode, most instances,
     highest rate). Returns the paths written."""
@@ -72,6 +73,8 @@ def plot_sweep(rows: list[dict], prefix: str | Path, title: str = "") -> list[Pa
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     top_rate = max(r["request_rate"] for r in rows)
     top_n = max(r["instances"] for r in rows)
+    counts = sorted({r["instances"] for r in rows})
+    at_rate = "all at once" if top_rate == float("inf") else f"{top_rate:g} requests/s"
     paths = []
 
     def save(fig, name: str) -> None:
@@ -93,30 +96,34 @@ def plot_sweep(rows: list[dict], prefix: str | Path, title: str = "") -> list[Pa
         xs, chosen = per_mode(mode, "request_rate", top_rate, "instances")
         ax.plot(xs, [r["output_throughput"] for r in chosen], marker="o", label=mode)
     ax.set_xlabel("instances")
+    ax.set_xticks(counts)
     ax.set_ylabel("output tokens / s")
-    ax.set_title(f"throughput, request rate {top_rate:g}/s")
+    ax.set_title(f"throughput, {at_rate}")
     ax.legend()
     save(fig, "throughput")
 
-    fig, (ttft, tpot) = plt.subplots(1, 2, figsize=(10, 4))
-    for mode in modes:
-        chosen = sorted((r for r in rows if r["mode"] == mode and r["instances"] == top_n
-                         and r["request_rate"] != float("inf")), key=lambda r: r["request_rate"])
-        rates = [r["request_rate"] for r in chosen]
-        ttft.plot(rates, [r["mean_ttft_ms"] for r in chosen], marker="o", label=mode)
-        tpot.plot(rates, [r["mean_tpot_ms"] for r in chosen], marker="o", label=mode)
-    for ax, name in ((ttft, "mean TTFT (ms)"), (tpot, "mean TPOT (ms)")):
-        ax.set_xlabel("request rate (/s)")
-        ax.set_ylabel(name)
-        ax.legend()
-    ttft.set_title(f"{top_n} instances")
-    save(fig, "latency")
+    if any(r["request_rate"] != float("inf") for r in rows):  # latency against the rate
+        fig, (ttft, tpot) = plt.subplots(1, 2, figsize=(10, 4))
+        for mode in modes:
+            chosen = sorted((r for r in rows if r["mode"] == mode and r["instances"] == top_n
+                             and r["request_rate"] != float("inf")),
+                            key=lambda r: r["request_rate"])
+            rates = [r["request_rate"] for r in chosen]
+            ttft.plot(rates, [r["mean_ttft_ms"] for r in chosen], marker="o", label=mode)
+            tpot.plot(rates, [r["mean_tpot_ms"] for r in chosen], marker="o", label=mode)
+        for ax, name in ((ttft, "mean TTFT (ms)"), (tpot, "mean TPOT (ms)")):
+            ax.set_xlabel("request rate (/s)")
+            ax.set_ylabel(name)
+            ax.legend()
+        ttft.set_title(f"{top_n} instances")
+        save(fig, "latency")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for mode in modes:
         xs, chosen = per_mode(mode, "request_rate", top_rate, "instances")
         ax.plot(xs, [r["longest_request_tokens"] for r in chosen], marker="o", label=mode)
     ax.set_xlabel("instances")
+    ax.set_xticks(counts)
     ax.set_ylabel("longest request (tokens)")
     ax.legend()
     save(fig, "context")
@@ -133,6 +140,6 @@ def plot_sweep(rows: list[dict], prefix: str | Path, title: str = "") -> list[Pa
         ax.set_xlabel(name)
         ax.set_ylabel("share of requests")
         ax.legend()
-    ttft.set_title(f"{top_n} instances, rate {top_rate:g}/s")
+    ttft.set_title(f"{top_n} instances, {at_rate}")
     save(fig, "distributions")
     return paths

@@ -64,21 +64,32 @@ class CostModel:
 
     def step_time(
         self, tokens: int, context_tokens: int, remote_pairs: int = 0,
-        sequences: int | None = None,
+        sequences: int | None = None, decodes: int | None = None,
     ) -> float:
         """Seconds of one step computing ``tokens`` tokens of ``sequences`` sequences
-        (None: one token each, a decode step) whose attention scores
+        (None: one token each, a decode step), ``decodes`` of which decode one token
+        (None: all of them when each computes one, else none), whose attention scores
         ``context_tokens`` (query, key) pairs (a decode step: its contexts' sum)."""
         n = tokens if sequences is None else sequences
-        line = self._line(tokens, context_tokens, remote_pairs, n)
-        if n == tokens and tokens > 0 and self._decode_residuals:
-            # A decode step: the line, corrected by what the measured grid says it misses
-            # there (the cost is not linear in batch and context on every machine).
+        d = (n if n == tokens else 0) if decodes is None else decodes
+        line = self.line(tokens, context_tokens, remote_pairs, n)
+        if tokens <= 0:
+            return line
+        # The line, corrected by what the measured points say it misses where the step
+        # is like them (the cost is not linear on every machine): a decode step by the
+        # decode grid's residual; a step of prompts only by the prefill points' ratio
+        # (prompts x tokens a prompt). A step mixing both keeps the line.
+        if d == n == tokens and self._decode_residuals:
             line += _interpolate(self._decode_residuals, tokens, context_tokens / tokens)
+        elif d == 0 and self._prefill_ratios:
+            line *= _interpolate(self._prefill_ratios, n, tokens / n)
         return line
 
-    def _line(self, tokens: int, context_tokens: float, remote_pairs: int, sequences: int) -> float:
-        return (self.fixed_s + self.per_token_s * tokens + self.per_sequence_s * sequences
+    def line(self, tokens: int, context_tokens: float, remote_pairs: int = 0,
+             sequences: int | None = None) -> float:
+        """The fitted line alone, without the measured points' corrections."""
+        n = tokens if sequences is None else sequences
+        return (self.fixed_s + self.per_token_s * tokens + self.per_sequence_s * n
                 + self.per_context_token_s * context_tokens + self.per_remote_s * remote_pairs)
 
     @cached_property
@@ -89,10 +100,22 @@ class CostModel:
         rows: dict[int, list[tuple[float, float]]] = {}
         for p in self.points:
             if p.tokens is None and p.batch > 0:
-                line = self._line(p.batch, p.context_tokens, 0, p.batch)
+                line = self.line(p.batch, p.context_tokens)
                 rows.setdefault(p.batch, []).append((p.context_tokens / p.batch, p.step_s - line))
         if len(rows) < 2:
             return []
+        return sorted((b, sorted(r)) for b, r in rows.items())
+
+    @cached_property
+    def _prefill_ratios(self) -> list[tuple[int, list[tuple[float, float]]]]:
+        """(prompts, [(tokens a prompt, measured / line)...]) over the prefill points,
+        by prompts; a ratio, not a difference, because a step of prompts scales beyond
+        the points (a step of several instances' prompts in one forward)."""
+        rows: dict[int, list[tuple[float, float]]] = {}
+        for p in self.points:
+            if p.tokens is not None and p.batch > 0:
+                line = self.line(p.tokens, p.context_tokens, 0, p.batch)
+                rows.setdefault(p.batch, []).append((p.tokens / p.batch, p.step_s / line))
         return sorted((b, sorted(r)) for b, r in rows.items())
 
     def decode_rate(self, batch: int, context_tokens: int, remote_pairs: int = 0) -> float:

@@ -24,10 +24,12 @@ class StepLoad:
     ``far`` on others; as an owner of KV (its own requests' and its debtors'), the
     attention over it: ``pairs`` (query, key) pairs scored over ``keys`` keys.
     ``newest``: the chunks whose newest key it holds (a repeat of a steady decode
-    adds one key and one pair for each)."""
+    adds one key and one pair for each); ``decodes``: of its sequences, those computing
+    one token."""
 
     tokens: int = 0
     sequences: int = 0
+    decodes: int = 0
     pairs: int = 0
     keys: int = 0
     near: int = 0
@@ -72,6 +74,7 @@ def step_loads(plan: StepPlan, cluster: Cluster, per_node: int) -> list[StepLoad
         n, first = chunk.num_tokens, chunk.first_pos
         home.tokens += n
         home.sequences += 1
+        home.decodes += n == 1
         spans = cluster.requests[chunk.request_id].block_table.spans()
         end, remote = first + n, set()
         for owner, start, blocks in spans:
@@ -123,10 +126,10 @@ class MeasuredClock:
     def price(self, loads: list[StepLoad], shift: int = 0) -> float:
         if not loads:
             return 0.0
-        costs = []  # the cost model's (tokens, pairs, remote pairs, sequences) each
+        costs = []  # the cost model's (tokens, pairs, remote pairs, sequences, decodes)
         for load in loads:
             tokens, pairs, _ = load.shifted(shift)
-            costs.append((tokens, pairs, load.near + load.far, load.sequences))
+            costs.append((tokens, pairs, load.near + load.far, load.sequences, load.decodes))
         if not self.parallel:  # one forward of everything
             return self.cost.step_time(*(sum(column) for column in zip(*costs)))
         # An instance with no tokens of its own only serves attention over its KV.
