@@ -23,8 +23,17 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
+    from transformers import AutoModelForCausalLM
+
     directory, filename = gguf_location()
-    model = load_hf_model(torch.float32)
+    loaded = load_hf_model(torch.float32)
+    # transformers will not save a model it loaded from a GGUF: the same weights go into
+    # a plain model of the same config, which it saves.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
     model.save_pretrained(args.out)
     AutoTokenizer.from_pretrained(directory, gguf_file=filename).save_pretrained(args.out)
     print(f"wrote {args.out}: {sum(p.numel() for p in model.parameters()):,} parameters, float32")

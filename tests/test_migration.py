@@ -66,6 +66,8 @@ def test_blocks_move_to_a_third_instance_mid_decode_and_tokens_do_not_change(
     assert snap.migration.copied_blocks == count
     assert snap.migration.moved_bytes == count * TINY_BLOCK_BYTES
     assert snap.migration.stall_s > 0
+    # The request waited for every copy, and its finished output says so.
+    assert request.migration_stall_s == pytest.approx(snap.migration.stall_s)
     assert [(i.migrated_out, i.migrated_in) for i in snap.instances] == [
         (count if i == source else 0, count if i == target else 0) for i in range(3)
     ]
