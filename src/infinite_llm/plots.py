@@ -86,21 +86,24 @@ def plot_sweep(rows: list[dict], prefix: str | Path, title: str = "") -> list[Pa
         plt.close(fig)
         paths.append(path)
 
-    def per_mode(mode: str, key: str, value: float, x: str) -> tuple[list, list]:
-        chosen = sorted((r for r in rows if r["mode"] == mode and r[key] == value),
-                        key=lambda r: r[x])
-        return [r[x] for r in chosen], chosen
+    def against_instances(key: str, label: str, name: str, subtitle: str = "") -> None:
+        """``key`` against instances, a line per mode, at the highest rate."""
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for mode in modes:
+            chosen = sorted((r for r in rows if r["mode"] == mode
+                             and r["request_rate"] == top_rate), key=lambda r: r["instances"])
+            ax.plot([r["instances"] for r in chosen], [r[key] for r in chosen], marker="o",
+                    label=mode)
+        ax.set_xlabel("instances")
+        ax.set_xticks(counts)
+        ax.set_ylabel(label)
+        if subtitle:
+            ax.set_title(subtitle)
+        ax.legend()
+        save(fig, name)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for mode in modes:
-        xs, chosen = per_mode(mode, "request_rate", top_rate, "instances")
-        ax.plot(xs, [r["output_throughput"] for r in chosen], marker="o", label=mode)
-    ax.set_xlabel("instances")
-    ax.set_xticks(counts)
-    ax.set_ylabel("output tokens / s")
-    ax.set_title(f"throughput, {at_rate}")
-    ax.legend()
-    save(fig, "throughput")
+    against_instances("output_throughput", "output tokens / s", "throughput",
+                      f"throughput, {at_rate}")
 
     if any(r["request_rate"] != float("inf") for r in rows):  # latency against the rate
         fig, (ttft, tpot) = plt.subplots(1, 2, figsize=(10, 4))
@@ -118,15 +121,7 @@ def plot_sweep(rows: list[dict], prefix: str | Path, title: str = "") -> list[Pa
         ttft.set_title(f"{top_n} instances")
         save(fig, "latency")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for mode in modes:
-        xs, chosen = per_mode(mode, "request_rate", top_rate, "instances")
-        ax.plot(xs, [r["longest_request_tokens"] for r in chosen], marker="o", label=mode)
-    ax.set_xlabel("instances")
-    ax.set_xticks(counts)
-    ax.set_ylabel("longest request (tokens)")
-    ax.legend()
-    save(fig, "context")
+    against_instances("longest_request_tokens", "longest request (tokens)", "context")
 
     fig, (ttft, tpot) = plt.subplots(1, 2, figsize=(10, 4))
     for mode in modes:
