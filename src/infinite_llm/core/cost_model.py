@@ -35,6 +35,9 @@ class ProfilePoint:
     step_s: float
     tokens: int | None = None
     engine_s: float | None = None  # of step_s, the engine's own work (not the runner's)
+    # Measured in several rounds (``profile --rounds``): each round's step, of which
+    # ``step_s`` is the median.
+    round_s: tuple[float, ...] = ()
 
     @property
     def computed(self) -> int:
@@ -159,7 +162,8 @@ class CostModel:
     @staticmethod
     def load(path: str | Path) -> CostModel:
         data = json.loads(Path(path).read_text())
-        points = tuple(ProfilePoint(**p) for p in data.pop("points", ()))
+        points = tuple(ProfilePoint(**{**p, "round_s": tuple(p.get("round_s", ()))})
+                       for p in data.pop("points", ()))
         return CostModel(**data, points=points)
 
 

@@ -124,11 +124,18 @@ def measure_prefill(
 def profile(
     engine: LLMEngine, batches: Sequence[int], contexts: Sequence[int], steps: int,
     model: str = "", prefills: Sequence[int] = (), prefill_prompts: Sequence[int] = (1,),
+    rounds: int = 1,
 ) -> CostModel:
     """Every (batch, context) of the grid measured, then fitted; where instances run in
     processes of their own (``exchange_latency`` on the runner, 2 or more instances),
     the per-layer exchange is timed too: ``per_remote_s``, the two all-to-alls of
-    every layer (a query and its new k, v out; the partial result back)."""
+    every layer (a query and its new k, v out; the partial result back). With
+    ``rounds`` > 1 the whole grid is measured that many times over, one round after
+    another, and each point is the median of its rounds: a machine whose speed drifts
+    from one minute to the next is then priced by its typical minute, not by the one
+    a point happened to fall in."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
     block = engine.config.cache.block_size
     grid = [(b, s) for b in batches for s in contexts]
     # A point whose requests' KV (prompt, steps + 2 outputs, a block each of headroom)
@@ -138,10 +145,15 @@ def profile(
     for b, s in sorted(set(grid) - set(fits)):
         logger.warning("profile: %d requests of %d tokens do not fit the KV cache "
                        "(%d tokens): left out", b, s, engine.capacity_tokens)
-    points = [measure(engine, b, s, steps) for b, s in fits]
     budget = engine.config.scheduler.max_num_batched_tokens
-    points += [measure_prefill(engine, n, steps, k) for k in prefill_prompts for n in prefills
-               if n * k <= budget]
+    prefill_grid = [(n, k) for k in prefill_prompts for n in prefills if n * k <= budget]
+    measured: list[list[ProfilePoint]] = []
+    for r in range(rounds):
+        if rounds > 1:
+            logger.info("profile: round %d of %d", r + 1, rounds)
+        measured.append([measure(engine, b, s, steps) for b, s in fits]
+                        + [measure_prefill(engine, n, steps, k) for n, k in prefill_grid])
+    points = [_median_of_rounds(list(same)) for same in zip(*measured)]
     source = {
         "model": model,
         "dtype": engine.config.dtype,
@@ -150,6 +162,7 @@ def profile(
         "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "steps_per_point": steps,
+        "rounds": rounds,
         # Points (and so the fit) are one instance's share of a step: where instances run
         # side by side, the busiest one's; price each instance apart (simulate --parallel).
         "per_instance": side_by_side(engine),
@@ -163,3 +176,12 @@ def profile(
     out = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
     back = config.num_attention_heads * (config.head_dim + 1)
     return replace(fit, per_remote_s=config.num_hidden_layers * (exchange(out) + exchange(back)))
+
+
+def _median_of_rounds(rounds: list[ProfilePoint]) -> ProfilePoint:
+    """One point measured in several rounds: the median round (its context as
+    measured), each round's time kept in ``round_s``."""
+    if len(rounds) == 1:
+        return rounds[0]
+    median = sorted(rounds, key=lambda p: p.step_s)[len(rounds) // 2]
+    return replace(median, round_s=tuple(p.step_s for p in rounds))
