@@ -5,16 +5,27 @@ Two hot spots of CPU serving have no good PyTorch form: attention over paged blo
 counts of decoding (PyTorch's matrix-vector products read weights at ~11-13 GB/s of the
 ~27 GB/s the memory gives, and MKL repacks the weight on every call, ~70 GFLOP/s at 64
 rows where a pre-packed weight gives ~130). The kernels
-need x86 AVX2 + FMA and a C++ compiler; they are built once per machine by
-``torch.utils.cpp_extension`` (cached under ``~/.cache/torch_extensions``). Where either
-is missing every caller keeps its PyTorch path, which computes the same thing.
+need x86 AVX2 + FMA and a C++ compiler. They are built by ``torch.utils.cpp_extension``
+on first use (about a minute, said when it starts and ends) and kept in
+``~/.cache/infinite-llm/kernels/<key>`` (``$INFINITE_LLM_CACHE`` or ``$XDG_CACHE_HOME``
+move it), where the key hashes everything the binary depends on: the source, the
+compiler flags, torch's version and build, the Python ABI and the compiler. So every
+virtual environment with the same torch loads the same build, and none rebuilds
+another's. Where AVX2 or a compiler is missing every caller keeps its PyTorch path,
+which computes the same thing, and says so once.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib.util
 import logging
+import os
 import platform
+import shutil
+import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -39,20 +50,73 @@ def _has_avx2_fma() -> bool:
     return "avx2" in flags and "fma" in flags
 
 
-@functools.cache
-def cpu_kernels() -> ModuleType | None:
-    """The compiled module, or None when this machine cannot build or run it."""
-    if not _has_avx2_fma():
-        return None
-    try:
+_NAME = "infinite_llm_cpu_kernels"
+_CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp")
+_LDFLAGS = ("-fopenmp",)
+
+
+def cache_root() -> Path:
+    """Where built kernels are kept: ``$INFINITE_LLM_CACHE/kernels``, else under
+    ``$XDG_CACHE_HOME`` (``~/.cache``) ``/infinite-llm/kernels``."""
+    root = os.environ.get("INFINITE_LLM_CACHE")
+    if root:
+        return Path(root) / "kernels"
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "infinite-llm" / "kernels"
+
+
+def build_key(source: Path, cflags: tuple[str, ...] = _CFLAGS,
+              ldflags: tuple[str, ...] = _LDFLAGS) -> str:
+    """What a built binary depends on, hashed: its source, the flags, torch's version
+    and build, the Python ABI, the machine and the compiler."""
+    digest = hashlib.sha256(source.read_bytes())
+    for part in (*cflags, "|", *ldflags, "|", torch.__version__, str(torch.version.git_version),
+                 sys.implementation.cache_tag, platform.machine(), os.environ.get("CXX", "c++")):
+        digest.update(part.encode() + b"\0")
+    return digest.hexdigest()[:20]
+
+
+def build_or_load(source: Path, name: str, root: Path, cflags: tuple[str, ...] = _CFLAGS,
+                  ldflags: tuple[str, ...] = _LDFLAGS) -> ModuleType:
+    """The extension ``name`` of ``source``, loaded from ``root/<key>`` when it was
+    built there before (by any environment), else built (saying so, and how long it
+    took) and kept there. Raises what the build raises."""
+    key_dir = root / build_key(source, cflags, ldflags)
+    binary = key_dir / f"{name}.so"
+    if not binary.exists():
         from torch.utils.cpp_extension import load
 
-        return load(
-            name="infinite_llm_cpu_kernels",
-            sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-        )
+        logger.warning("building the CPU kernels (once per torch version, about a minute) "
+                       "into %s", key_dir)
+        start = time.perf_counter()
+        build = key_dir / "build"  # torch's own lock guards processes building at once
+        build.mkdir(parents=True, exist_ok=True)
+        module = load(name=name, sources=[str(source)], extra_cflags=list(cflags),
+                      extra_ldflags=list(ldflags), build_directory=str(build))
+        if not binary.exists():  # whole or absent: copied aside, then renamed into place
+            partial = key_dir / f".{name}.{os.getpid()}.so"
+            shutil.copyfile(build / f"{name}.so", partial)
+            os.replace(partial, binary)
+        logger.warning("CPU kernels built in %.0f s", time.perf_counter() - start)
+        return module
+    spec = importlib.util.spec_from_file_location(name, binary)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {binary}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@functools.cache
+def cpu_kernels() -> ModuleType | None:
+    """The compiled module, or None when this machine cannot build or run it (said
+    once)."""
+    if not _has_avx2_fma():
+        logger.warning("this CPU has no AVX2 + FMA: the CPU kernels are off, PyTorch ops "
+                       "compute instead")
+        return None
+    try:
+        return build_or_load(_SOURCE, _NAME, cache_root())
     except Exception as error:  # noqa: BLE001 - no compiler, no ninja, a build error: keep PyTorch's path
         logger.warning("CPU kernels unavailable, using PyTorch ops instead: %s", error)
         return None
