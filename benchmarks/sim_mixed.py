@@ -3,6 +3,9 @@ same cluster code on a profile's clock, to set beside what ``mixed.py`` measures
 
     . .venv/bin/activate && infinite-llm profile --model smollm2 --out cost.json
     python benchmarks/sim_mixed.py --cost-model cost.json --admission-output-reserve 1.0
+
+Needs: the base install (`pip install -e .`) and a profile (`infinite-llm profile`); no
+model.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ DistAttention against RingAttention for one long request's decode. Prints markdo
 tables; ``--plots DIR`` draws them.
 
     python benchmarks/sim_paper.py [--requests 600] [--plots docs/img]
+
+Needs: the `[plot]` extra (matplotlib); no model.
 """
 
 from __future__ import annotations

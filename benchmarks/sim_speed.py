@@ -3,6 +3,8 @@ LLaMA2-7B, one GPU each) under a Poisson trace of thousands of requests, in each
 with steady decodes fast-forwarded and (``--also-stepped``) without.
 
     python benchmarks/sim_speed.py [--instances 32] [--rate 2] [--duration 3600]
+
+Needs: the base install (`pip install -e .`); no model.
 """
 
 from __future__ import annotations

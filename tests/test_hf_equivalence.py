@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import pytest
 import torch
@@ -32,11 +33,14 @@ def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
 @torch.no_grad()
 def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     """Greedy decoding with transformers' forward and its KV cache, never stopping at EOS."""
+    # transformers 5 calls the KV cache ``cache`` (``past_key_values`` before, and
+    # deprecated there until 5.40).
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = model(torch.tensor([prompt_ids]), use_cache=True)
     tokens = []
     for _ in range(max_new_tokens):
         tokens.append(int(out.logits[0, -1].argmax()))
-        out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+        out = model(torch.tensor([[tokens[-1]]]), use_cache=True, **{name: getattr(out, name)})
     return tokens
 
 

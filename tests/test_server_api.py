@@ -172,3 +172,74 @@ def test_a_plain_request_may_leave_out_the_model(server):
                            json={"messages": CHAT, "max_tokens": 2, "temperature": 0})
     assert response.status_code == 200
     assert response.json()["choices"][0]["message"]["role"] == "assistant"
+
+
+@pytest.mark.parametrize("extra", [
+    {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+    {"tool_choice": "required"},
+    {"logit_bias": {"5": 10}},
+    {"presence_penalty": 0.5},
+    {"extra_body": {"guided_regex": "[0-9]+"}},
+    {"extra_body": {"chat_template": "{{ messages }}"}},
+])
+def test_fields_that_change_a_request_are_refused_not_ignored(client, extra):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=2, **extra)
+    assert "is not supported by this server; leave it out" in str(refused.value)
+    assert refused.value.status_code == 400
+
+
+def test_such_fields_at_their_neutral_values_are_served(client):
+    plain = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=4,
+                                           temperature=0)
+    neutral = client.chat.completions.create(
+        model=NAME, messages=CHAT, max_tokens=4, temperature=0, presence_penalty=0,
+        frequency_penalty=0, logit_bias={}, user="someone",
+        response_format={"type": "text"}, extra_body={"echo": False},
+    )
+    assert neutral.choices[0].message.content == plain.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="best_of is not supported"):
+        complete(client, best_of=3, n=1)
+
+
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 20},
+                   "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                   "colors": {"type": "array", "items": {"enum": ["red", "green", "blue"]},
+                              "maxItems": 3}},
+    "required": ["name", "age", "colors"], "additionalProperties": False,
+}
+
+
+def test_response_format_json_schema_streamed_or_not(client):
+    import json
+
+    jsonschema = pytest.importorskip("jsonschema")
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON,
+                                                  "strict": True}}
+    messages = [{"role": "user", "content": "Describe a person as JSON."}]
+    reply = client.chat.completions.create(model=NAME, messages=messages, max_tokens=200,
+                                           temperature=0.8, seed=3, n=2, response_format=fmt)
+    stream = client.chat.completions.create(model=NAME, messages=messages, max_tokens=200,
+                                            temperature=0.8, seed=3, n=2, response_format=fmt,
+                                            stream=True)
+    texts, finish, _ = streamed(stream)
+    assert [c.message.content for c in reply.choices] == [texts[0], texts[1]]
+    for choice in reply.choices:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content), PERSON)
+    anything = complete(client, prompt="A JSON object about cats:", max_tokens=120,
+                        extra_body={"response_format": {"type": "json_object"}})
+    text = anything.choices[0].text
+    assert text.startswith("{")
+    if anything.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+    with pytest.raises(openai.BadRequestError, match="json_schema cannot be followed"):
+        client.chat.completions.create(
+            model=NAME, messages=messages, max_tokens=5,
+            response_format={"type": "json_schema",
+                             "json_schema": {"name": "x", "schema": {"type": "nonsense"}}})
+    with pytest.raises(openai.BadRequestError, match="json_schema is given with type"):
+        client.chat.completions.create(model=NAME, messages=messages, max_tokens=5,
+                                       response_format={"type": "json_schema"})

@@ -6,11 +6,11 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from infinite_llm.core.sampling_params import SamplingParams
+    from infinite_llm.core.sampling_params import SamplingParams, StructuredOutput
     from infinite_llm.engine.outputs import CompletionOutput, RequestOutput
     from infinite_llm.llm import LLM
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutput", "RequestOutput", "CompletionOutput"]
 __version__ = "0.1.0"
 
 # Resolved on first use, so `import infinite_llm.memory...` (the torch-free bookkeeping
@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "LLM": "infinite_llm.llm",
     "SamplingParams": "infinite_llm.core.sampling_params",
+    "StructuredOutput": "infinite_llm.core.sampling_params",
     "RequestOutput": "infinite_llm.engine.outputs",
     "CompletionOutput": "infinite_llm.engine.outputs",
 }

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
+import socket
 import sys
 from pathlib import Path
 
@@ -16,7 +18,9 @@ from infinite_llm.config import (
     option_default,
     parse_memory_size,
 )
+from infinite_llm import __version__
 from infinite_llm.bench.datasets import DATASETS
+from infinite_llm.engine.errors import RequestTooLarge
 from infinite_llm.sim.simulator import MODES
 
 _MODEL_HELP = "built-in name (smollm2), a .gguf file or a Hugging Face model directory"
@@ -277,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="infinite-llm",
         description="LLM serving that treats the KV memory of a cluster as one pool.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser(
         "generate", help="generate from one prompt, streaming tokens to the terminal",
@@ -408,6 +413,20 @@ def _build_llm(args: argparse.Namespace):
     return LLM(args.model, **{name: getattr(args, name) for name in _ENGINE_FLAGS})
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse a port another process holds now, before minutes of model loading (the
+    server binds it again when it starts; this is a check, not a reservation)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise ValueError(f"cannot serve on {host}:{port}: {error.strerror or error} "
+                             f"(is another server on port {port}? choose one with --port)"
+                             ) from error
+
+
 def _serve(args: argparse.Namespace) -> int:
     try:
         from infinite_llm.server import run_server
@@ -416,7 +435,8 @@ def _serve(args: argparse.Namespace) -> int:
             "infinite-llm serve needs the server extra: "
             f"pip install 'infinite-llm[server]' ({error})"
         ) from error
-    # Cheap checks first, so a typo fails before the model loads.
+    # Cheap checks first, so a typo or a busy port fails before the model loads.
+    _check_port_free(args.host, args.port)
     config = ServerConfig(
         served_model_names=tuple(args.served_model_name or [args.model]),
         host=args.host,
@@ -433,8 +453,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from infinite_llm import SamplingParams
 
-    llm = _build_llm(args)
-    params = SamplingParams(
+    params = SamplingParams(  # checked before the model loads
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
@@ -443,6 +462,7 @@ def _generate(args: argparse.Namespace) -> int:
         stop=args.stop,
         ignore_eos=args.ignore_eos,
     )
+    llm = _build_llm(args)
     prompt: str | list[int] = args.prompt
     if args.chat:
         messages = [{"role": "user", "content": args.prompt}]
@@ -672,6 +692,27 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+# The remedies of a refused request, named as flags (the engine names its arguments).
+_CLI_NAMES = {
+    "max_tokens": "--max-tokens",
+    "kv_cache_memory": "--kv-cache-memory",
+    "instances": "--instances",
+    "kv_pooling": "leave out --no-kv-pooling",
+}
+
+
+# Options a message may name that are flags here under the same name (--max-tokens for
+# max_tokens): those whose names cannot be plain words of a sentence.
+_FLAG_NAMED = tuple(name for name in (*_ENGINE_FLAGS, "max_tokens", "top_p", "top_k")
+                    if "_" in name)
+_OPTION_NAME = re.compile(r"(?<![\w-])(" + "|".join(_FLAG_NAMED) + r")\b")
+
+
+def _as_flags(message: str) -> str:
+    """An error message from the engine with its option names as this CLI's flags."""
+    return _OPTION_NAME.sub(lambda m: "--" + m.group(1).replace("_", "-"), message)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -687,8 +728,13 @@ def main(argv: list[str] | None = None) -> int:
             return _simulate(args)
         if args.command == "bench":
             return _bench(args)
+    except RequestTooLarge as error:
+        parser.exit(2, f"infinite-llm: error: {error.render(_CLI_NAMES)}\n")
     except ValueError as error:
-        parser.exit(2, f"infinite-llm: error: {error}\n")
+        parser.exit(2, f"infinite-llm: error: {_as_flags(str(error))}\n")
+    except KeyboardInterrupt:  # Ctrl-C: the user knows; no traceback
+        sys.stderr.write("\n")
+        return 130
     return 1
 
 

@@ -24,7 +24,14 @@ Builder = Callable[[EngineConfig, Callable[[], Checkpoint]], LLMEngine]
 def _builder(backend: str) -> Builder:
     """Each backend's builder, imported only when chosen (Ray is an optional extra)."""
     if backend == "ray":
-        from infinite_llm.transport.ray import build_ray
+        try:
+            from infinite_llm.transport.ray import build_ray
+        except ModuleNotFoundError as error:
+            if error.name != "ray":
+                raise
+            raise ValueError(
+                "backend 'ray' needs Ray: pip install 'infinite-llm[ray]'"
+            ) from error
 
         return build_ray
     from infinite_llm.engine.builder import build_local

@@ -2,7 +2,41 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """Output constrained to JSON: any JSON object (``json_object``), or JSON valid under
+    ``json_schema`` (a JSON Schema, as a dict or its text). Every token sampled keeps
+    the text a prefix of such JSON, and the output ends where the JSON does."""
+
+    json_schema: dict[str, Any] | str | None = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.json_schema is None) == (not self.json_object):
+            raise ValueError("a structured output is either json_object or a json_schema")
+        if isinstance(self.json_schema, str):
+            try:
+                parsed = json.loads(self.json_schema)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"json_schema is not valid JSON: {error}") from error
+            if not isinstance(parsed, dict):
+                raise ValueError("json_schema must be a JSON object")
+        elif self.json_schema is not None and not isinstance(self.json_schema, dict):
+            raise ValueError("json_schema must be a dict or its JSON text")
+
+    @property
+    def schema(self) -> dict[str, Any]:
+        """The schema to follow (json_object: any object)."""
+        if self.json_schema is None:
+            return {"type": "object"}
+        if isinstance(self.json_schema, str):
+            return json.loads(self.json_schema)
+        return self.json_schema
 
 
 @dataclass
@@ -13,6 +47,7 @@ class SamplingParams:
     filters. ``stop`` strings end generation and are not included in the text;
     ``stop_token_ids`` end it too (the token is kept in ``token_ids``, as for EOS).
     ``logprobs`` = k returns the sampled token's log-probability and the k most likely.
+    ``structured_output`` constrains the output to JSON (``StructuredOutput``).
     """
 
     n: int = 1
@@ -26,6 +61,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured_output: StructuredOutput | None = None
     _stop: tuple[str, ...] = field(init=False, repr=False, default=())
 
     def __post_init__(self) -> None:
@@ -49,6 +85,9 @@ class SamplingParams:
         if any(not isinstance(s, str) or not s for s in stop):
             raise ValueError("stop strings must be non-empty strings")
         self._stop = tuple(stop)
+        if self.structured_output is not None and self.ignore_eos:
+            raise ValueError("ignore_eos cannot be combined with a structured output: the "
+                             "output ends where its JSON does")
         self.stop_token_ids = list(self.stop_token_ids or [])
 
     def samples(self) -> list[SamplingParams]:

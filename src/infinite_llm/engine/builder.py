@@ -19,6 +19,7 @@ from infinite_llm.engine.engine import LLMEngine
 from infinite_llm.engine.host_memory import keep_freed_host_memory
 from infinite_llm.engine.model_runner import ModelRunner, build_model
 from infinite_llm.engine.sampler import Sampler
+from infinite_llm.engine.structured import Grammars
 from infinite_llm.memory.block_pool import Tiers
 from infinite_llm.memory.gmanager import GManager
 from infinite_llm.model.checkpoint import Checkpoint
@@ -85,6 +86,15 @@ def assemble(
     return LLMEngine(config, checkpoint.config, checkpoint.tokenizer, cluster, runner)
 
 
+def sampler_for(config: EngineConfig, checkpoint: Checkpoint) -> Sampler:
+    """The sampler, seeded; with the model's tokenizer, it follows structured outputs."""
+    grammars = None
+    if checkpoint.tokenizer is not None:
+        grammars = Grammars(checkpoint.tokenizer, checkpoint.config.vocab_size,
+                            checkpoint.config.eos_token_ids)
+    return Sampler(config.seed, grammars)
+
+
 def build_local(config: EngineConfig, load: Callable[[], Checkpoint]) -> LLMEngine:
     """Every instance in this process: one model, one KV cache per instance. A device
     that is not there is refused before ``load`` reads any weight."""
@@ -99,5 +109,5 @@ def build_local(config: EngineConfig, load: Callable[[], Checkpoint]) -> LLMEngi
         i: KVCache(checkpoint.config, tiers.total, config.cache.block_size, dtype, device)
         for i in range(config.parallel.instances)
     }
-    runner = ModelRunner(model, kv_caches, Sampler(config.seed))
+    runner = ModelRunner(model, kv_caches, sampler_for(config, checkpoint))
     return assemble(config, checkpoint, tiers, runner)

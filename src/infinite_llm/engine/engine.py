@@ -17,6 +17,8 @@ from infinite_llm.core.sampling_params import SamplingParams
 from infinite_llm.core.snapshot import ClusterSnapshot
 from infinite_llm.core.step import InstanceFailure, Runner, SampledToken
 from infinite_llm.engine.detokenizer import Detokenizer
+from infinite_llm.engine.errors import RequestTooLarge
+from infinite_llm.engine.structured import grammar_of
 from infinite_llm.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
 if TYPE_CHECKING:
@@ -94,6 +96,10 @@ class LLMEngine:
             )
         if params.stop_strings and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this model has none")
+        if params.structured_output is not None:
+            if self.tokenizer is None:
+                raise ValueError("structured outputs need a tokenizer, and this model has none")
+            grammar_of(params.structured_output)  # a schema it cannot follow: refused now
         request = Request(request_id, token_ids, params, max_tokens, prompt=text)
         self.cluster.add(request)
         if self.tokenizer is not None:
@@ -116,39 +122,52 @@ class LLMEngine:
         return None, token_ids
 
     def _check_lengths(self, num_prompt: int, params: SamplingParams) -> int:
-        """The request's max_tokens, after checking it fits the context and the KV cache."""
+        """The request's max_tokens, after checking it fits the context and the KV cache;
+        what does not is refused with what would fit (``RequestTooLarge``)."""
         max_len = self.max_model_len
         if num_prompt == 0:
             raise ValueError("the prompt is empty")
         if num_prompt >= max_len:
-            raise ValueError(
+            raise RequestTooLarge(
                 f"the prompt has {num_prompt} tokens; this model's maximum context length "
-                f"is {max_len} tokens, which must also leave room for at least one output token"
+                f"is {max_len} tokens, which must also leave room for at least one output token",
+                ("shorten the prompt",),
             )
         max_tokens = params.max_tokens if params.max_tokens is not None else max_len - num_prompt
         if num_prompt + max_tokens > max_len:
-            raise ValueError(
+            raise RequestTooLarge(
                 f"this model's maximum context length is {max_len} tokens, but the request "
                 f"asks for {num_prompt + max_tokens} ({num_prompt} in the prompt, "
-                f"{max_tokens} to generate)"
+                f"{max_tokens} to generate)",
+                (f"lower {{max_tokens}} to at most {max_len - num_prompt}",),
             )
-        if num_prompt + max_tokens > self.capacity_tokens:
+        capacity = self.capacity_tokens
+        if num_prompt + max_tokens > capacity:
             instances = len(self.cluster.alive_instances)
+            pooled = self.cluster.pooling.enabled
             device = self.cluster.max_request_device_tokens
             tokens = (
-                f"{self.capacity_tokens} tokens: {device} in device memory + "
-                f"{self.capacity_tokens - device} in host memory"
-                if self.capacity_tokens > device else f"{self.capacity_tokens} tokens"
+                f"{capacity} tokens: {device} in device memory + "
+                f"{capacity - device} in host memory"
+                if capacity > device else f"{capacity} tokens"
             )
             where = (
                 f"the whole KV cache holds ({tokens})" if instances == 1
                 else f"one request can hold in this cluster of {instances} instances "
-                f"({tokens}{'' if self.cluster.pooling.enabled else ', pooling off'})"
+                f"({tokens}{'' if pooled else ', pooling off'})"
             )
-            raise ValueError(
+            remedies = []
+            if num_prompt < capacity:  # the prompt fits with some output
+                remedies.append(f"lower {{max_tokens}} to at most {capacity - num_prompt}")
+            remedies.append("raise {kv_cache_memory}")
+            if instances > 1 and not pooled:
+                remedies.append("pool the instances' KV ({kv_pooling})")
+            elif pooled:
+                remedies.append("raise {instances}")
+            raise RequestTooLarge(
                 f"the request needs KV cache for {num_prompt + max_tokens} tokens "
-                f"({num_prompt} prompt + {max_tokens} to generate), more than {where}; "
-                f"raise kv_cache_memory or the number of instances"
+                f"({num_prompt} prompt + {max_tokens} to generate), more than {where}",
+                tuple(remedies),
             )
         return max_tokens
 

@@ -2,18 +2,24 @@
 
 Random choices use the exponential race: ``argmax(p / E)`` with ``E ~ Exp(1)`` draws
 from ``p``. The noise of a request with a seed comes from its own generator, so its
-tokens do not depend on what else is in the batch.
+tokens do not depend on what else is in the batch. A request with a structured output
+samples only among the tokens its grammar allows next (``engine.structured``); its
+logprobs stay those of the model's raw distribution.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from infinite_llm.core.sampling_params import SamplingParams
 from infinite_llm.core.step import Chunk, SampledToken, StepPlan, StepResult
+
+if TYPE_CHECKING:
+    from infinite_llm.engine.structured import Grammars, Matcher
 
 
 @dataclass(frozen=True)
@@ -27,20 +33,30 @@ class SampleRequest:
 class Sampler:
     """Samples for the requests the plans announce (their params kept until they end)."""
 
-    def __init__(self, seed: int | None = None) -> None:
+    def __init__(self, seed: int | None = None, grammars: Grammars | None = None) -> None:
         self._generator = torch.Generator()
         if seed is not None:
             self._generator.manual_seed(seed)
         self._params: dict[str, SamplingParams] = {}
         self._request_generators: dict[str, torch.Generator] = {}
+        self._grammars = grammars
+        self._matchers: dict[str, Matcher] = {}
 
     def apply(self, plan: StepPlan) -> None:
-        """Forget the requests that ended (params, generator), note the new ones."""
+        """Forget the requests that ended (params, generator, grammar), note the new ones."""
         for request_id in plan.finished:
             self._params.pop(request_id, None)
             self._request_generators.pop(request_id, None)
+            self._matchers.pop(request_id, None)
         for new in plan.new_requests:
             self._params[new.request_id] = new.params
+            # A request announced again (the survivors of a failure re-learn them all)
+            # keeps its matcher: the tokens it has are the ones the matcher consumed.
+            if new.params.structured_output is not None and new.request_id not in self._matchers:
+                if self._grammars is None:
+                    raise ValueError("structured outputs need the model's tokenizer")
+                self._matchers[new.request_id] = self._grammars.matcher(
+                    new.params.structured_output)
 
     @property
     def num_requests(self) -> int:
@@ -56,6 +72,10 @@ class Sampler:
         """logits: (B, V) float32 on any device, one row per entry of ``rows``. Greedy rows
         take the argmax where the logits are; random draws and logprobs are computed on
         the CPU (the generators live there), so seeded outputs do not depend on the device."""
+        raw = logits
+        constrained = [i for i, r in enumerate(rows) if r.request_id in self._matchers]
+        if constrained:
+            logits = self._masked(logits, rows, constrained)
         tokens = logits.argmax(dim=-1).cpu()
         random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
         want = [r.params.logprobs for r in rows]
@@ -66,9 +86,22 @@ class Sampler:
             chosen = self._sample_random(logits.index_select(0, index), [rows[i] for i in random_rows])
             tokens.index_copy_(0, index, chosen)
         token_list = tokens.tolist()
+        for i in constrained:
+            self._matchers[rows[i].request_id].accept(token_list[i])
         if all(k is None for k in want):
             return [SampledToken(t) for t in token_list]
-        return self._with_logprobs(logits, tokens, token_list, want)
+        return self._with_logprobs(raw.cpu(), tokens, token_list, want)
+
+    def _masked(self, logits: torch.Tensor, rows: list[SampleRequest],
+                constrained: list[int]) -> torch.Tensor:
+        """``logits`` with the tokens each constrained row's grammar forbids at -inf."""
+        from infinite_llm.engine.structured import apply_masks
+
+        masks = self._grammars.masks([self._matchers[rows[i].request_id] for i in constrained])
+        index = torch.tensor(constrained, device=logits.device)
+        masked = logits.clone()
+        masked[index] = apply_masks(logits.index_select(0, index), masks)
+        return masked
 
     def _sample_random(self, logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
         temperature = torch.tensor([r.params.temperature for r in rows]).unsqueeze(1)

@@ -79,9 +79,15 @@ class GGUFFile:
     """A parsed GGUF file; tensors are dequantized only when `weights()` walks them."""
 
     def __init__(self, path: str) -> None:
-        reader = _Reader(path)
-        self.metadata: dict[str, Any] = {k: field.contents() for k, field in reader.fields.items()}
-        self.arch: str = self.metadata["general.architecture"]
+        try:
+            reader = _Reader(path)
+            self.metadata: dict[str, Any] = {
+                k: field.contents() for k, field in reader.fields.items()
+            }
+            self.arch: str = self.metadata["general.architecture"]
+        except (ValueError, KeyError, IndexError, OSError) as error:
+            # A truncated, corrupt or foreign file: gguf's own message names no file.
+            raise ValueError(f"{path} is not a readable GGUF model file ({error})") from error
         if self.arch not in SUPPORTED_ARCHS:
             raise ValueError(
                 f"{path}: GGUF architecture {self.arch!r} is not supported "

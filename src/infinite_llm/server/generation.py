@@ -20,7 +20,7 @@ from fastapi import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from infinite_llm.core.sampling_params import SamplingParams
+from infinite_llm.core.sampling_params import SamplingParams, StructuredOutput
 from infinite_llm.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from infinite_llm.server import protocol as p
 from infinite_llm.server.engine_loop import EngineDeadError, EngineLoop, EngineRequest, RequestGroup
@@ -68,9 +68,19 @@ def sampling_params(
             ignore_eos=body.ignore_eos,
             logprobs=logprobs,
             skip_special_tokens=body.skip_special_tokens,
+            structured_output=structured_output(body.response_format),
         )
     except ValueError as error:
         raise ApiError(400, str(error)) from error
+
+
+def structured_output(response_format: p.ResponseFormat | None) -> StructuredOutput | None:
+    """OpenAI's ``response_format`` as the engine's structured output (text: none)."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return StructuredOutput(json_object=True)
+    return StructuredOutput(json_schema=response_format.json_schema.schema_)
 
 
 class Generation:

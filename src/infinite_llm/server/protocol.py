@@ -1,6 +1,9 @@
 """The OpenAI wire format: request bodies as pydantic models, and response shapes.
 
-Requests ignore fields they do not know, as OpenAI's clients send many. Bounds that
+Requests ignore fields they do not know, as OpenAI's clients send many (``user``,
+``metadata``, ``store``...), except those that would change what a request means: those
+this server does not implement (``_UNSUPPORTED``) are accepted only at the value that
+changes nothing and refused with a 400 otherwise, never silently dropped. Bounds that
 do not depend on the model (n, logprobs, seed) live in the schema, so the OpenAPI
 document says them and validation refuses them with a 400; bounds that do (the
 context length, the KV capacity, the vocabulary) are the engine's to check.
@@ -8,19 +11,86 @@ context length, the KV capacity, the vocabulary) are the engine's to check.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 _INT64 = 2**63
+
+
+def _absent(value: Any) -> bool:
+    return value is None or value == [] or value == {} or value is False or value == ""
+
+
+# OpenAI's and vLLM's request fields that change a request's meaning and that this server
+# does not implement, with the values at which they change nothing.
+_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "tools": _absent,
+    "tool_choice": lambda v: v in (None, "none", "auto"),
+    "functions": _absent,
+    "function_call": lambda v: v in (None, "none", "auto"),
+    "logit_bias": _absent,
+    "presence_penalty": lambda v: v in (None, 0),
+    "frequency_penalty": lambda v: v in (None, 0),
+    "repetition_penalty": lambda v: v in (None, 1),
+    "min_p": lambda v: v in (None, 0),
+    "min_tokens": lambda v: v in (None, 0),
+    "best_of": lambda v: v in (None, 1),
+    "use_beam_search": _absent,
+    "echo": _absent,
+    "suffix": _absent,
+    "prompt_logprobs": lambda v: v is None,
+    "guided_json": lambda v: v is None,
+    "guided_regex": lambda v: v is None,
+    "guided_choice": lambda v: v is None,
+    "guided_grammar": lambda v: v is None,
+    "structured_outputs": lambda v: v is None,
+    "prediction": lambda v: v is None,
+    "audio": lambda v: v is None,
+    "modalities": lambda v: v in (None, ["text"]),
+    "chat_template": lambda v: v is None,
+    "chat_template_kwargs": _absent,
+    "continue_final_message": _absent,
+    "add_generation_prompt": lambda v: v in (None, True),
+}
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
+def _refuse_unsupported(data: Any, fields: dict[str, Callable[[Any], bool]]) -> Any:
+    if isinstance(data, dict):
+        for name, neutral in fields.items():
+            if name in data and not neutral(data[name]):
+                raise ValueError(f"{name} is not supported by this server; leave it out")
+    return data
+
+
 class StreamOptions(_Request):
     include_usage: bool | None = False
+
+
+class JsonSchemaFormat(_Request):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None  # followed strictly either way
+
+
+class ResponseFormat(_Request):
+    """OpenAI's ``response_format``: text, any JSON object, or JSON under a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("response_format.json_schema is given with type json_schema, "
+                             "and only then")
+        return self
 
 
 class _SamplingFields(_Request):
@@ -40,6 +110,12 @@ class _SamplingFields(_Request):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     return_token_ids: bool = False  # each choice (and chunk) also carries its token ids
+    response_format: ResponseFormat | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, data: Any) -> Any:
+        return _refuse_unsupported(data, _UNSUPPORTED)
 
     @property
     def include_usage(self) -> bool:
@@ -61,6 +137,11 @@ class ContentPart(_Request):
 class ChatMessage(_Request):
     role: str
     content: str | list[ContentPart] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, data: Any) -> Any:  # a past tool call: tools are not served
+        return _refuse_unsupported(data, {"tool_calls": _absent, "function_call": _absent})
 
 
 class ChatCompletionRequest(_SamplingFields):

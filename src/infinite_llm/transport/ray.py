@@ -56,7 +56,7 @@ from infinite_llm.core.step import (
     decode_plan,
     encode_plan,
 )
-from infinite_llm.engine.builder import assemble, blocks_per_instance
+from infinite_llm.engine.builder import assemble, blocks_per_instance, sampler_for
 from infinite_llm.engine.device import torch_dtype
 from infinite_llm.engine.engine import LLMEngine
 from infinite_llm.engine.host_memory import keep_freed_host_memory
@@ -377,7 +377,8 @@ def build_ray(config: EngineConfig, load: Callable[[], Checkpoint]) -> LLMEngine
         checkpoint = load()
         tiers = blocks_per_instance(config, checkpoint, dtype, ray_runner.device)
         ray_runner.start(
-            config.model, dtype, tiers.total, config.cache.block_size, Sampler(config.seed),
+            config.model, dtype, tiers.total, config.cache.block_size,
+            sampler_for(config, checkpoint),
             config.pooling,
         )
         return assemble(config, checkpoint, tiers, ray_runner, ray_runner.gmanager)
