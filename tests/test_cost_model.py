@@ -209,3 +209,27 @@ def test_steps_of_prompts_follow_the_prefill_points_and_mixed_steps_the_line():
     assert model.step_time(*mixed, sequences=21, decodes=20) == model.line(*mixed, sequences=21)
     # Decode steps are still the decode grid's: the prefill ratios do not touch them.
     assert model.step_time(16, 16 * 2048) == pytest.approx(truth.step_time(16, 16 * 2048))
+
+
+def test_a_decode_point_times_its_whole_batch_when_prompts_take_several_steps(tiny_llama_dir):
+    """4 prompts of 40 tokens at 32 tokens a step take 6 steps to prefill; the first
+    requests decode meanwhile and must not finish before the timed steps."""
+    from infinite_llm import LLM
+    from infinite_llm.engine.profile import measure
+
+    llm = LLM(str(tiny_llama_dir), dtype="float32", device="cpu", kv_cache_memory="4MiB",
+              max_num_batched_tokens=32)
+    engine = llm.engine
+    decoded = []
+    step = engine.step
+
+    def counting():
+        outputs = step()
+        decoded.append(len(outputs))
+        return outputs
+
+    engine.step = counting
+    point = measure(engine, batch=4, context=40, steps=3)
+    assert decoded[-3:] == [4, 4, 4]
+    assert point.batch == 4 and point.context_tokens >= 4 * 40
+    assert engine.snapshot().pools_full

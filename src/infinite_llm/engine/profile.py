@@ -47,12 +47,25 @@ def _busiest(engine: LLMEngine, requests: list) -> list:
     return max(homes.values(), key=lambda rs: (sum(r.num_tokens for r in rs), len(rs)))
 
 
+def decode_max_tokens(engine: LLMEngine, batch: int, context: int, steps: int) -> int:
+    """Outputs each request of a decode point may need: one a step while the others'
+    prompts are still being prefilled (the prompts of a batch beyond one step's token
+    budget take several steps, and the first ones decode meanwhile), then a warm step
+    and the timed ones. With fewer, early requests would finish before the timing and
+    the point would time a smaller batch."""
+    budget = engine.config.scheduler.max_num_batched_tokens
+    prefill_steps = -(-(batch * context) // max(1, budget - batch)) + 1  # decodes take budget
+    return prefill_steps + steps + 2
+
+
 def measure(engine: LLMEngine, batch: int, context: int, steps: int, seed: int = 0) -> ProfilePoint:
     """The median decode step of ``batch`` requests with ``context``-token prompts (as
-    a point: the busiest instance's share, where instances run side by side)."""
+    a point: the busiest instance's share, where instances run side by side); every
+    request decodes in every timed step (checked)."""
     rng = random.Random(seed)
     vocab = engine.model_config.vocab_size
-    params = SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=decode_max_tokens(engine, batch, context, steps),
+                            temperature=0, ignore_eos=True)
     requests = [
         engine.add_request([rng.randrange(vocab) for _ in range(context)], params)
         for _ in range(batch)
@@ -66,9 +79,12 @@ def measure(engine: LLMEngine, batch: int, context: int, steps: int, seed: int =
         for _ in range(steps):
             contexts.append(sum(r.num_tokens for r in share))
             start = time.perf_counter()
-            engine.step()
+            outputs = engine.step()
             times.append(time.perf_counter() - start)
             engine_s.append(times[-1] - engine.last_execute_s)
+            if len(outputs) != batch:
+                raise RuntimeError(f"a decode point of {batch} requests timed a step in which "
+                                   f"{len(outputs)} decoded")
         return ProfilePoint(len(share), int(statistics.median(contexts)),
                             statistics.median(times), engine_s=statistics.median(engine_s))
     finally:
@@ -138,10 +154,11 @@ def profile(
         raise ValueError(f"rounds must be at least 1, got {rounds}")
     block = engine.config.cache.block_size
     grid = [(b, s) for b in batches for s in contexts]
-    # A point whose requests' KV (prompt, steps + 2 outputs, a block each of headroom)
-    # outgrows the cache would time preemptions, not steps: left out, and said so.
+    # A point whose requests' KV (prompt, outputs, a block each of headroom) outgrows
+    # the cache would time preemptions, not steps: left out, and said so.
     fits = [(b, s) for b, s in grid
-            if b * (-(-(s + steps + 2) // block) + 1) * block <= engine.capacity_tokens]
+            if b * (-(-(s + decode_max_tokens(engine, b, s, steps)) // block) + 1) * block
+            <= engine.capacity_tokens]
     for b, s in sorted(set(grid) - set(fits)):
         logger.warning("profile: %d requests of %d tokens do not fit the KV cache "
                        "(%d tokens): left out", b, s, engine.capacity_tokens)
