@@ -135,3 +135,19 @@ def test_serve_refuses_a_busy_port_before_the_model_loads():
     assert f"cannot serve on 127.0.0.1:{port}" in done.stderr
     assert f"port {port}" in done.stderr and "cannot load model" not in done.stderr
     assert time.monotonic() - start < 30
+
+
+def test_float16_runs_on_the_cpu_through_pytorch_ops(tiny_llama_dir):
+    """The README says float16 is accepted and, on the CPU, computed by PyTorch's ops:
+    it runs, and its greedy tokens are float32's (a random tiny model, 8 tokens)."""
+    from infinite_llm import LLM
+
+    prompts = [[5, 6, 7, 8, 9], [11] * 12]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    tokens = {}
+    for dtype in ("float32", "float16"):
+        llm = LLM(str(tiny_llama_dir), dtype=dtype, device="cpu", kv_cache_memory="2MiB")
+        assert next(llm.engine.runner.model.parameters()).dtype.is_floating_point
+        tokens[dtype] = [o.outputs[0].token_ids for o in llm.generate(prompts, params,
+                                                                      use_tqdm=False)]
+    assert tokens["float16"] == tokens["float32"]

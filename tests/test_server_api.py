@@ -243,3 +243,36 @@ def test_response_format_json_schema_streamed_or_not(client):
     with pytest.raises(openai.BadRequestError, match="json_schema is given with type"):
         client.chat.completions.create(model=NAME, messages=messages, max_tokens=5,
                                        response_format={"type": "json_schema"})
+
+
+def test_a_lone_surrogate_is_a_400_not_a_500(server):
+    import httpx
+
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    body = '{"model": "%s", "prompt": "ab\\ud800c", "max_tokens": 2}' % NAME
+    for path, text in (("/v1/completions", body), ("/tokenize", '{"prompt": "\\ud800"}')):
+        response = httpx.post(server.url + path, content=text, headers=headers, timeout=30)
+        error = assert_openai_error(response, 400)
+        assert "not valid Unicode (a lone surrogate at character" in error["message"]
+
+
+@pytest.mark.parametrize("body, where", [
+    ({"prompt": "hi", "temperature": "0.5"}, "temperature"),
+    ({"prompt": [True, False]}, "prompt"),
+    ({"prompt": "hi", "max_tokens": "3"}, "max_tokens"),
+    ({"prompt": "hi", "n": 1.5}, "n"),
+])
+def test_types_are_strict_as_openai_has_them(server, body, where):
+    import httpx
+
+    response = httpx.post(server.url + "/v1/completions", json={"model": NAME, **body},
+                          headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    error = assert_openai_error(response, 400)
+    assert where in error["message"]
+
+
+def test_extreme_temperature_and_top_p_sample_the_greedy_token(client):
+    greedy = complete(client, max_tokens=6).choices[0].text
+    for extreme in ({"temperature": 1e-40}, {"temperature": 1.0, "top_p": 1e-46},
+                    {"temperature": 1e-7, "top_p": 1e-30}):
+        assert complete(client, max_tokens=6, **extreme).choices[0].text == greedy, extreme

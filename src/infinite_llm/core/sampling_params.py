@@ -7,6 +7,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 
+# A temperature this small samples the argmax anyway; below it, logits / temperature
+# overflows float32 (vLLM draws the same line).
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class StructuredOutput:
     """Output constrained to JSON: any JSON object (``json_object``), or JSON valid under
@@ -43,7 +48,8 @@ class StructuredOutput:
 class SamplingParams:
     """Per-request sampling settings; validated on construction.
 
-    temperature 0 means greedy. ``top_k`` -1 (or 0) and ``top_p`` 1.0 disable those
+    temperature 0 (or below ``GREEDY_BELOW``, where dividing the logits by it would
+    overflow) means greedy. ``top_k`` -1 (or 0) and ``top_p`` 1.0 disable those
     filters. ``stop`` strings end generation and are not included in the text;
     ``stop_token_ids`` end it too (the token is kept in ``token_ids``, as for EOS).
     ``logprobs`` = k returns the sampled token's log-probability and the k most likely.
@@ -102,7 +108,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def stop_strings(self) -> tuple[str, ...]:

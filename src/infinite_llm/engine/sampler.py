@@ -156,8 +156,10 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[floa
     k = torch.tensor([kk if kk > 0 else vocab for kk in top_k]).unsqueeze(1)
     drop = rank >= k
     probs = torch.softmax(sorted_logits.masked_fill(drop, -torch.inf), dim=-1)
-    # A token stays if the mass strictly before it is below p: the top one always stays.
+    # A token stays if the mass strictly before it is below p; the top one always stays
+    # (a top_p below float32's smallest number would otherwise drop it too).
     mass_before = probs.cumsum(dim=-1) - probs
     drop |= mass_before >= torch.tensor(top_p).unsqueeze(1)
+    drop[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(drop, -torch.inf)
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)

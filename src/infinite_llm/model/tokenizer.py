@@ -120,7 +120,14 @@ class Tokenizer:
         return cls(backend, bos_token=bos, eos_token=eos, chat_template=template)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of ``text``; ValueError for text that is not Unicode the tokenizer
+        can take (a lone surrogate, from JSON's "\\ud800")."""
+        try:
+            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except (TypeError, UnicodeError) as error:
+            bad = next((i for i, c in enumerate(text) if 0xD800 <= ord(c) <= 0xDFFF), None)
+            where = f" (a lone surrogate at character {bad})" if bad is not None else ""
+            raise ValueError(f"the text is not valid Unicode{where}") from error
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -22,7 +22,11 @@ def _need(tokenizer: Tokenizer | None, what: str) -> Tokenizer:
 
 
 def encode(text: str, tokenizer: Tokenizer | None, add_special_tokens: bool = True) -> list[int]:
-    return _need(tokenizer, "no text prompts").encode(text, add_special_tokens=add_special_tokens)
+    try:
+        return _need(tokenizer, "no text prompts").encode(text,
+                                                          add_special_tokens=add_special_tokens)
+    except ValueError as error:  # text the tokenizer cannot take: the client's
+        raise ApiError(400, str(error), "prompt") from error
 
 
 def completion_prompts(

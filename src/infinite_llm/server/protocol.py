@@ -57,7 +57,9 @@ _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # strict: types as OpenAI's API has them (a string is no number, a boolean no token
+    # id; an integer is a number).
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
 def _refuse_unsupported(data: Any, fields: dict[str, Callable[[Any], bool]]) -> Any:
