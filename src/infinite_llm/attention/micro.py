@@ -25,14 +25,16 @@ from dataclasses import dataclass
 
 import torch
 
+from infinite_llm.kernels import gpu
 from infinite_llm.kernels.cpu import paged_decode_attention
 
 
 @dataclass(frozen=True)
 class PagedRun:
     """Every query of sequence b sees the first kv_len[b] (>= 0) slots of its blocks:
-    read in place by the paged CPU kernel, no gather, no mask (decodes, where
-    ``paged_decode_supported``)."""
+    read in place by a paged kernel, no gather, no mask: the CPU kernel (decodes, where
+    ``paged_decode_supported``) or, on a GPU, the Triton kernel (decodes and a chunk's
+    history, where ``gpu.paged_attention_supported``)."""
 
     block_table: torch.Tensor  # (B, NB) int64
     kv_len: torch.Tensor  # (B,)
@@ -40,7 +42,8 @@ class PagedRun:
     def attend(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return paged_decode_attention(q, k_cache, v_cache, self.block_table, self.kv_len, scale)
+        kernel = gpu.paged_decode if q.device.type == "cuda" else paged_decode_attention
+        return kernel(q, k_cache, v_cache, self.block_table, self.kv_len, scale)
 
 
 @dataclass(frozen=True)

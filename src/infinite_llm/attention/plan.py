@@ -31,6 +31,7 @@ from torch.nn.utils.rnn import pad_sequence
 from infinite_llm.attention.micro import KVRun, MaskedRun, PagedRun
 from infinite_llm.attention.tables import KVTable
 from infinite_llm.config import ModelConfig
+from infinite_llm.kernels import gpu
 from infinite_llm.kernels.cpu import paged_decode_supported, prefill_attention_supported
 
 
@@ -40,7 +41,8 @@ class KVLayout:
 
     block_size: int
     dtype: torch.dtype
-    # Decodes go to the paged CPU kernel (blocks read in place, no mask, no padding).
+    # Decodes go to a paged kernel (blocks read in place, no mask, no padding): the CPU's,
+    # or on a GPU the Triton kernel, which also takes a prompt chunk's history.
     decode_kernel: bool = False
     # Prompts from token 0 go to the CPU prefill kernel (flat rows: no padding, no gather).
     prefill_kernel: bool = False
@@ -57,7 +59,8 @@ class KVLayout:
         return KVLayout(
             block_size,
             dtype,
-            decode_kernel=paged_decode_supported(device, dtype, heads, head_dim, block_size),
+            decode_kernel=(paged_decode_supported(device, dtype, heads, head_dim, block_size)
+                           or gpu.paged_attention_supported(device, dtype, head_dim)),
             prefill_kernel=prefill_attention_supported(device, dtype, head_dim),
             device=torch.device(device),
         )
@@ -180,7 +183,9 @@ def build_batch(spans: list[SeqSpan], layout: KVLayout) -> Chunks | Decodes:
         return Decodes(token_index, None, parts, in_order)
     keep = None if bool(real.all()) else real.reshape(-1).nonzero().squeeze(1)
     history = [s.first_pos for s in spans]
-    parts = _parts(spans, history, layout, paged=False) if any(history) else ()
+    # The CPU kernel holds a decode's query rows only; the GPU's takes any chunk.
+    paged = layout.decode_kernel and layout.device.type == "cuda"
+    parts = _parts(spans, history, layout, paged) if any(history) else ()
     return Chunks(token_index, keep, parts)
 
 

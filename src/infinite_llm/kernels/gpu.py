@@ -1,0 +1,42 @@
+"""Which GPU kernels this machine has: the Triton MicroAttention kernels
+(``triton_attention``) on a CUDA device when ``triton`` is installed (the ``gpu`` extra).
+Where they are missing the GPU keeps PyTorch's ops (gathered blocks, dense scores),
+which compute the same thing."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def triton_kernels_available() -> bool:
+    """Triton is installed (imported only when a GPU step first needs it)."""
+    if importlib.util.find_spec("triton") is None:
+        logger.warning("triton is not installed: GPU attention uses PyTorch ops "
+                       "(pip install 'infinite-llm[gpu]')")
+        return False
+    return True
+
+
+def paged_attention_supported(device: torch.device | str, dtype: torch.dtype,
+                              head_dim: int) -> bool:
+    """Whether the Triton kernels take this model's attention on ``device``."""
+    return (torch.device(device).type == "cuda" and dtype in _DTYPES and head_dim <= 256
+            and triton_kernels_available())
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 block_table: torch.Tensor, kv_len: torch.Tensor, scale: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every query of sequence b over its first kv_len[b] slots, read in place."""
+    from infinite_llm.kernels import triton_attention
+
+    return triton_attention.paged_decode(q, k_cache, v_cache, block_table, kv_len, scale)

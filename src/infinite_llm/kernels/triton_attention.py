@@ -1,0 +1,230 @@
+"""MicroAttention over paged KV blocks in Triton, for GPUs: ``(out, lse)`` with a natural-log
+lse, the CPU kernels' contract.
+
+One kernel covers every run the engine makes (``attention/micro.py``): sequence b's
+queries (1 for a decode, a prompt chunk otherwise) at absolute positions ``q_pos[b]``
+attend over the first ``kv_len[b]`` slots of its blocks, whose first slot holds position
+``kv_start[b]``; a query sees the slots at positions ``<= `` its own (causal over the
+chunk, everything before it in the history). Each program takes one sequence, one KV
+head with the query heads that share it (GQA: their rows read each K/V block once), a
+tile of queries and one split of the blocks (split-KV: a long context is cut into
+``num_splits`` ranges computed side by side), and keeps an online softmax over the
+split's blocks, read in place through the block table. A second kernel merges the
+splits' partials exactly (``merge_partials``: also the merge of several owners'
+partials, DistAttention's arithmetic). A query that sees no key gets ``out = 0`` and
+``lse = -inf``.
+
+Runs on a GPU, and on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``, set
+before this module is imported), which is how CI tests it without a GPU. ``triton`` is an
+optional dependency (the ``gpu`` extra): nothing else imports this module.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr, k_ptr, v_ptr, table_ptr, kv_start_ptr, kv_len_ptr, q_pos_ptr, out_ptr, lse_ptr,
+    scale,
+    stride_qb, stride_qq, stride_qh,
+    stride_kn, stride_ks, stride_kh,
+    stride_vn, stride_vs, stride_vh,
+    stride_tb, stride_pb,
+    stride_os, stride_ob, stride_oq, stride_oh,
+    stride_ls, stride_lb, stride_lq,
+    num_q, num_splits, blocks_per_split,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr, USE_DOT: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    q_tile = tl.program_id(2) // num_splits
+    split = tl.program_id(2) % num_splits
+
+    # Rows: BLOCK_Q queries x GROUP_PAD query heads, row r = query (r // GROUP_PAD), head
+    # kv_head * GROUP + (r % GROUP_PAD).
+    rows = tl.arange(0, BLOCK_Q * GROUP_PAD)
+    query = q_tile * BLOCK_Q + rows // GROUP_PAD
+    member = rows % GROUP_PAD
+    head = kv_head * GROUP + member
+    row_ok = (query < num_q) & (member < GROUP)
+    dims = tl.arange(0, D_PAD)
+    dim_ok = dims < HEAD_DIM
+
+    q = tl.load(q_ptr + b * stride_qb + query[:, None] * stride_qq + head[:, None] * stride_qh
+                + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    pos = tl.load(q_pos_ptr + b * stride_pb + query, mask=row_ok, other=-1)
+    kv_start = tl.load(kv_start_ptr + b)
+    kv_len = tl.load(kv_len_ptr + b)
+
+    m = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
+    acc = tl.zeros([BLOCK_Q * GROUP_PAD, D_PAD], tl.float32)
+    slots = tl.arange(0, BS_PAD)
+    first = split * blocks_per_split
+    last = tl.minimum(first + blocks_per_split, tl.cdiv(kv_len, BLOCK_SIZE))
+    for j in range(first, last):
+        block = tl.load(table_ptr + b * stride_tb + j).to(tl.int64)
+        slot = j * BLOCK_SIZE + slots
+        slot_ok = (slots < BLOCK_SIZE) & (slot < kv_len)
+        kv_mask = slot_ok[:, None] & dim_ok[None, :]
+        k = tl.load(k_ptr + block * stride_kn + slots[:, None] * stride_ks
+                    + kv_head * stride_kh + dims[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + block * stride_vn + slots[:, None] * stride_vs
+                    + kv_head * stride_vh + dims[None, :], mask=kv_mask, other=0.0)
+        if USE_DOT:
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            scores = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+        scores = scores * scale
+        visible = slot_ok[None, :] & (kv_start + slot[None, :] <= pos[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        # Rows that have seen nothing yet keep m = -inf: shift by 0 there.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(scores - shift[:, None])
+        rescale = tl.exp(m - shift)
+        total = total * rescale + tl.sum(p, axis=1)
+        if USE_DOT:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+        acc = acc * rescale[:, None] + pv
+        m = m_new
+
+    seen = total > 0
+    out = acc / tl.where(seen, total, 1.0)[:, None]
+    lse = tl.where(seen, m + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
+    base = split * stride_os + b * stride_ob + query[:, None] * stride_oq
+    tl.store(out_ptr + base + head[:, None] * stride_oh + dims[None, :], out,
+             mask=row_ok[:, None] & dim_ok[None, :])
+    tl.store(lse_ptr + split * stride_ls + b * stride_lb + query * stride_lq + head, lse,
+             mask=row_ok)
+
+
+@triton.jit
+def _merge_kernel(
+    out_ptr, lse_ptr, merged_ptr, merged_lse_ptr, num_parts, rows,
+    stride_op, stride_lp,
+    PARTS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+):
+    row = tl.program_id(0)
+    parts = tl.arange(0, PARTS_PAD)
+    part_ok = parts < num_parts
+    lses = tl.load(lse_ptr + parts * stride_lp + row, mask=part_ok, other=float("-inf"))
+    top = tl.max(lses, axis=0)
+    shift = tl.where(top == float("-inf"), 0.0, top)
+    weights = tl.exp(lses - shift)
+    total = tl.sum(weights, axis=0)
+    dims = tl.arange(0, D_PAD)
+    dim_ok = dims < HEAD_DIM
+    outs = tl.load(out_ptr + parts[:, None] * stride_op + row * HEAD_DIM + dims[None, :],
+                   mask=part_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
+    seen = total > 0
+    merged = tl.sum(weights[:, None] * outs, axis=0) / tl.where(seen, total, 1.0)
+    tl.store(merged_ptr + row * HEAD_DIM + dims, merged, mask=dim_ok)
+    tl.store(merged_lse_ptr + row, tl.where(seen, shift + tl.log(tl.where(seen, total, 1.0)),
+                                            float("-inf")))
+
+
+def merge_partials(outs: torch.Tensor, lses: torch.Tensor,
+                   out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge partials over disjoint key sets exactly: outs (P, ..., D), lses (P, ...)
+    float32 -> out (..., D) in ``out_dtype`` (outs' by default), lse (...) float32."""
+    parts, *shape, dim = outs.shape
+    outs = outs.contiguous()
+    lses = lses.to(torch.float32).contiguous()
+    rows = lses[0].numel()
+    merged = torch.empty(rows, dim, dtype=torch.float32, device=outs.device)
+    merged_lse = torch.empty(rows, dtype=torch.float32, device=outs.device)
+    if rows:
+        _merge_kernel[(rows,)](
+            outs, lses, merged, merged_lse, parts, rows, rows * dim, rows,
+            PARTS_PAD=triton.next_power_of_2(max(parts, 1)), HEAD_DIM=dim,
+            D_PAD=triton.next_power_of_2(dim),
+        )
+    return (merged.view(*shape, dim).to(out_dtype or outs.dtype), merged_lse.view(*shape))
+
+
+def paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+    kv_start: torch.Tensor, kv_len: torch.Tensor, q_pos: torch.Tensor, scale: float,
+    num_splits: int | None = None, block_q: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q (B, Q, H, D) over each sequence's first ``kv_len[b]`` slots of its
+    blocks (k_cache, v_cache: (num_blocks, block_size, KVH, D); block_table (B, NB)), the
+    slots at positions ``kv_start[b]`` on, each query at ``q_pos`` (B, Q) seeing those at
+    or before its own. ``num_splits`` ranges of blocks are computed side by side and
+    merged (default: enough to give the GPU work for a short batch of long contexts).
+    Returns out (B, Q, H, D) in q's dtype and lse (B, Q, H) float32, natural log."""
+    batch, num_q, heads, dim = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads do not group over {kv_heads} KV heads")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("q and the caches need a contiguous last dimension")
+    group = heads // kv_heads
+    width = block_table.shape[1]
+    if num_splits is None:
+        num_splits = _default_splits(batch * kv_heads, width)
+    num_splits = max(1, min(num_splits, max(width, 1)))
+    blocks_per_split = max(1, -(-width // num_splits))
+    group_pad = triton.next_power_of_2(group)
+    if block_q is None:
+        block_q = max(1, min(triton.next_power_of_2(num_q), max(1, 64 // group_pad)))
+    d_pad = triton.next_power_of_2(dim)
+    bs_pad = triton.next_power_of_2(block_size)
+    device = q.device
+    table = block_table.to(device=device, dtype=torch.int32).contiguous()
+    starts = kv_start.to(device=device, dtype=torch.int32).contiguous()
+    lengths = kv_len.to(device=device, dtype=torch.int32).contiguous()
+    positions = q_pos.to(device=device, dtype=torch.int32).contiguous()
+    outs = torch.empty(num_splits, batch, num_q, heads, dim, dtype=torch.float32, device=device)
+    lses = torch.empty(num_splits, batch, num_q, heads, dtype=torch.float32, device=device)
+    use_dot = (device.type == "cuda" and block_q * group_pad >= 16 and bs_pad >= 16
+               and d_pad >= 16)
+    grid = (batch, kv_heads, triton.cdiv(num_q, block_q) * num_splits)
+    if batch and num_q:
+        _paged_attention_kernel[grid](
+            q, k_cache, v_cache, table, starts, lengths, positions, outs, lses, scale,
+            q.stride(0), q.stride(1), q.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            table.stride(0), positions.stride(0),
+            outs.stride(0), outs.stride(1), outs.stride(2), outs.stride(3),
+            lses.stride(0), lses.stride(1), lses.stride(2),
+            num_q, num_splits, blocks_per_split,
+            GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_SIZE=block_size,
+            BS_PAD=bs_pad, HEAD_DIM=dim, D_PAD=d_pad, USE_DOT=use_dot,
+        )
+    if num_splits == 1:
+        return outs[0].to(q.dtype), lses[0]
+    return merge_partials(outs, lses, q.dtype)
+
+
+def paged_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+    kv_len: torch.Tensor, scale: float, num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode: each sequence's queries q (B, Q, H, D) see all of its first ``kv_len[b]``
+    slots (as the CPU kernel ``paged_decode_attention``)."""
+    batch, num_q = q.shape[:2]
+    start = torch.zeros_like(kv_len)
+    # Every query at the last position: it sees every slot.
+    pos = (kv_len.clamp(min=1) - 1)[:, None].expand(batch, num_q)
+    return paged_attention(q, k_cache, v_cache, block_table, start, kv_len, pos, scale,
+                           num_splits)
+
+
+def _default_splits(programs: int, width: int) -> int:
+    """Splits enough that (sequences x KV heads x splits) fills a GPU's streaming
+    multiprocessors a few times over, each split at least 8 blocks long."""
+    if width <= 8:
+        return 1
+    target = 4 * 132  # SMs of an H100/H200
+    return max(1, min(width // 8, -(-target // max(programs, 1))))

@@ -1,0 +1,154 @@
+"""The Triton MicroAttention kernels against a float64 reference: random shapes, GQA
+ratios, block sizes, split points, causal chunks over a history, queries that see
+nothing, and the exact merge of partials. Without a GPU they run under Triton's
+interpreter (CI); with one, on it (``pytest -m cuda`` runs them there too)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+if not torch.cuda.is_available():  # read when the kernels are defined: before the import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+triton_attention = pytest.importorskip("infinite_llm.kernels.triton_attention")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def reference(q, k_cache, v_cache, table, kv_start, kv_len, q_pos, scale):
+    """float64: query (b, i) over slots j < kv_len[b] with kv_start[b] + j <= q_pos[b, i]."""
+    batch, num_q, heads, dim = q.shape
+    kv_heads = k_cache.shape[2]
+    group = heads // kv_heads
+    out = torch.zeros(batch, num_q, heads, dim, dtype=torch.float64)
+    lse = torch.full((batch, num_q, heads), -math.inf, dtype=torch.float64)
+    for b in range(batch):
+        n = int(kv_len[b])
+        if n == 0:
+            continue
+        keys = k_cache[table[b]].reshape(-1, kv_heads, dim)[:n].double()
+        values = v_cache[table[b]].reshape(-1, kv_heads, dim)[:n].double()
+        positions = int(kv_start[b]) + torch.arange(n)
+        for i in range(num_q):
+            seen = positions <= int(q_pos[b, i])
+            if not bool(seen.any()):
+                continue
+            for h in range(heads):
+                s = keys[seen, h // group] @ q[b, i, h].double() * scale
+                lse[b, i, h] = torch.logsumexp(s, 0)
+                out[b, i, h] = torch.softmax(s, 0) @ values[seen, h // group]
+    return out, lse
+
+
+def case(seed, batch, num_q, kv_heads, group, dim, block_size, max_len, dtype):
+    g = torch.Generator().manual_seed(seed)
+    heads = kv_heads * group
+    width = max(1, -(-max_len // block_size))
+    num_blocks = batch * width + 2
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=g).to(dtype)
+    table = torch.randperm(num_blocks, generator=g)[: batch * width].view(batch, width)
+    kv_len = torch.randint(0, max_len + 1, (batch,), generator=g)
+    kv_start = torch.randint(0, 50, (batch,), generator=g)
+    # Queries somewhere around the history: some see all of it, some part, some none.
+    q_pos = kv_start[:, None] + torch.randint(-3, max_len + 4, (batch, num_q), generator=g)
+    q = torch.randn(batch, num_q, heads, dim, generator=g).to(dtype)
+    return q, k_cache, v_cache, table, kv_start, kv_len, q_pos
+
+
+def on_device(*tensors):
+    return [t.to(DEVICE) for t in tensors]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.integers(1, 3), num_q=st.integers(1, 5), kv_heads=st.integers(1, 2),
+    group=st.sampled_from([1, 2, 3]), dim=st.sampled_from([8, 12, 16]),
+    block_size=st.sampled_from([1, 4, 5, 16]), max_len=st.integers(0, 40),
+    splits=st.integers(1, 4), seed=st.integers(0, 2**16),
+)
+def test_paged_attention_equals_float64(batch, num_q, kv_heads, group, dim, block_size,
+                                        max_len, splits, seed):
+    q, k, v, table, start, length, pos = case(seed, batch, num_q, kv_heads, group, dim,
+                                              block_size, max_len, torch.float32)
+    scale = dim**-0.5
+    out, lse = triton_attention.paged_attention(*on_device(q, k, v, table, start, length, pos),
+                                                scale, num_splits=splits)
+    want_out, want_lse = reference(q, k, v, table, start, length, pos, scale)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    torch.testing.assert_close(out.cpu().double(), want_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.cpu().double(), want_lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block_size", [16, 8])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_of_a_grouped_batch_equals_float64(block_size, splits):
+    """Decode: one query a sequence seeing its whole context, query heads of one KV head
+    together, in float32 and bfloat16."""
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        q, k, v, table, _, length, _ = case(7, 4, 1, 2, 3, 16, block_size, 70, dtype)
+        out, lse = triton_attention.paged_decode(*on_device(q, k, v, table, length), 0.25,
+                                                 num_splits=splits)
+        pos = (length.clamp(min=1) - 1)[:, None]
+        want_out, want_lse = reference(q, k, v, table, torch.zeros_like(length), length, pos,
+                                       0.25)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.cpu().double(), want_out, rtol=tol, atol=tol)
+        torch.testing.assert_close(lse.cpu().double(), want_lse, rtol=1e-4, atol=1e-4)
+
+
+def test_a_prompt_chunk_is_causal_over_itself_after_its_history():
+    """A chunk of 6 queries at positions 20..25 over slots holding positions 0..25 (the
+    history and the chunk's own keys): query i sees positions 0..20 + i."""
+    q, k, v, table, _, _, _ = case(3, 2, 6, 1, 4, 16, 4, 26, torch.float32)
+    start = torch.zeros(2, dtype=torch.int64)
+    length = torch.tensor([26, 26])
+    pos = torch.arange(20, 26).expand(2, 6)
+    out, lse = triton_attention.paged_attention(*on_device(q, k, v, table, start, length, pos),
+                                                0.25, num_splits=2)
+    want = reference(q, k, v, table, start, length, pos, 0.25)
+    torch.testing.assert_close(out.cpu().double(), want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.cpu().double(), want[1], rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=15, deadline=None)
+@given(cut=st.integers(0, 9), seed=st.integers(0, 2**16))
+def test_partials_over_owners_merge_exactly_to_the_whole(cut, seed):
+    """DistAttention's use: two owners hold a sequence's blocks [0, cut) and [cut, 9);
+    each attends over its own, the merge kernel gives the whole (empty partials too)."""
+    q, k, v, table, _, _, _ = case(seed, 2, 1, 2, 2, 8, 4, 36, torch.float32)
+    length = torch.tensor([36, 30])
+    whole = triton_attention.paged_decode(*on_device(q, k, v, table, length), 0.3)
+    first_len = torch.minimum(length, torch.tensor(cut * 4))
+    first = triton_attention.paged_decode(
+        *on_device(q, k, v, table[:, :max(cut, 1)], first_len), 0.3)
+    rest = triton_attention.paged_decode(
+        *on_device(q, k, v, table[:, cut:] if cut < 9 else table[:, :1], length - first_len),
+        0.3)
+    outs = torch.stack([first[0], rest[0]])
+    lses = torch.stack([first[1], rest[1]])
+    merged, lse = triton_attention.merge_partials(outs, lses)
+    torch.testing.assert_close(merged.cpu(), whole[0].cpu(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.cpu(), whole[1].cpu(), rtol=1e-5, atol=1e-5)
+    # An owner holding nothing of a sequence: -inf and zeros, the merge's identity.
+    empty = triton_attention.paged_decode(*on_device(q, k, v, table, torch.zeros(2)), 0.3)
+    assert bool((empty[1] == -math.inf).all()) and bool((empty[0] == 0).all())
+
+
+def test_the_kernel_contract_matches_the_cpu_kernels():
+    """Same (out, lse) as the CPU decode kernel on the same blocks."""
+    from infinite_llm.kernels.cpu import cpu_kernels, paged_decode_attention
+
+    if cpu_kernels() is None:
+        pytest.skip("no CPU kernels here")
+    q, k, v, table, _, length, _ = case(11, 3, 1, 2, 4, 64, 16, 100, torch.float32)
+    ours = triton_attention.paged_decode(*on_device(q, k, v, table, length), 0.125,
+                                         num_splits=2)
+    cpu = paged_decode_attention(q, k, v, table, length, 0.125)
+    torch.testing.assert_close(ours[0].cpu(), cpu[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[1].cpu(), cpu[1], rtol=1e-5, atol=1e-5)
