@@ -39,7 +39,7 @@ def _paged_attention_kernel(
     num_q, num_splits, blocks_per_split,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr, USE_DOT: tl.constexpr,
+    D_PAD: tl.constexpr, USE_DOT: tl.constexpr, ALL_VISIBLE: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -58,8 +58,9 @@ def _paged_attention_kernel(
 
     q = tl.load(q_ptr + b * stride_qb + query[:, None] * stride_qq + head[:, None] * stride_qh
                 + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    pos = tl.load(q_pos_ptr + b * stride_pb + query, mask=row_ok, other=-1)
-    kv_start = tl.load(kv_start_ptr + b)
+    if not ALL_VISIBLE:
+        pos = tl.load(q_pos_ptr + b * stride_pb + query, mask=row_ok, other=-1)
+        kv_start = tl.load(kv_start_ptr + b)
     kv_len = tl.load(kv_len_ptr + b)
 
     m = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
@@ -82,7 +83,10 @@ def _paged_attention_kernel(
         else:
             scores = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
         scores = scores * scale
-        visible = slot_ok[None, :] & (kv_start + slot[None, :] <= pos[:, None])
+        if ALL_VISIBLE:  # a decode: every slot up to kv_len
+            visible = slot_ok[None, :] & row_ok[:, None]
+        else:
+            visible = slot_ok[None, :] & (kv_start + slot[None, :] <= pos[:, None])
         scores = tl.where(visible, scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         # Rows that have seen nothing yet keep m = -inf: shift by 0 there.
@@ -153,13 +157,15 @@ def merge_partials(outs: torch.Tensor, lses: torch.Tensor,
 
 def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-    kv_start: torch.Tensor, kv_len: torch.Tensor, q_pos: torch.Tensor, scale: float,
+    kv_start: torch.Tensor | None, kv_len: torch.Tensor, q_pos: torch.Tensor | None,
+    scale: float,
     num_splits: int | None = None, block_q: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q (B, Q, H, D) over each sequence's first ``kv_len[b]`` slots of its
     blocks (k_cache, v_cache: (num_blocks, block_size, KVH, D); block_table (B, NB)), the
     slots at positions ``kv_start[b]`` on, each query at ``q_pos`` (B, Q) seeing those at
-    or before its own. ``num_splits`` ranges of blocks are computed side by side and
+    or before its own (``kv_start`` and ``q_pos`` None: every query sees all of them, a
+    decode, with nothing built for it each layer). ``num_splits`` ranges of blocks are computed side by side and
     merged (default: enough to give the GPU work for a short batch of long contexts).
     Returns out (B, Q, H, D) in q's dtype and lse (B, Q, H) float32, natural log."""
     batch, num_q, heads, dim = q.shape
@@ -180,10 +186,15 @@ def paged_attention(
     d_pad = triton.next_power_of_2(dim)
     bs_pad = triton.next_power_of_2(block_size)
     device = q.device
-    table = block_table.to(device=device, dtype=torch.int32).contiguous()
-    starts = kv_start.to(device=device, dtype=torch.int32).contiguous()
-    lengths = kv_len.to(device=device, dtype=torch.int32).contiguous()
-    positions = q_pos.to(device=device, dtype=torch.int32).contiguous()
+    # Index tensors as the plan made them (int32 or int64): the kernel reads either, so
+    # a layer converts nothing.
+    table = block_table.to(device).contiguous()
+    lengths = kv_len.to(device).contiguous()
+    if lengths.is_floating_point():  # lengths given as floats: counted as ints
+        lengths = lengths.to(torch.int32)
+    all_visible = q_pos is None
+    starts = lengths if all_visible else kv_start.to(device).contiguous()
+    positions = block_table if all_visible else q_pos.to(device).contiguous()
     outs = torch.empty(num_splits, batch, num_q, heads, dim, dtype=torch.float32, device=device)
     lses = torch.empty(num_splits, batch, num_q, heads, dtype=torch.float32, device=device)
     use_dot = (device.type == "cuda" and block_q * group_pad >= 16 and bs_pad >= 16
@@ -201,6 +212,7 @@ def paged_attention(
             num_q, num_splits, blocks_per_split,
             GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_SIZE=block_size,
             BS_PAD=bs_pad, HEAD_DIM=dim, D_PAD=d_pad, USE_DOT=use_dot,
+            ALL_VISIBLE=all_visible,
         )
     if num_splits == 1:
         return outs[0].to(q.dtype), lses[0]
@@ -213,11 +225,7 @@ def paged_decode(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode: each sequence's queries q (B, Q, H, D) see all of its first ``kv_len[b]``
     slots (as the CPU kernel ``paged_decode_attention``)."""
-    batch, num_q = q.shape[:2]
-    start = torch.zeros_like(kv_len)
-    # Every query at the last position: it sees every slot.
-    pos = (kv_len.clamp(min=1) - 1)[:, None].expand(batch, num_q)
-    return paged_attention(q, k_cache, v_cache, block_table, start, kv_len, pos, scale,
+    return paged_attention(q, k_cache, v_cache, block_table, None, kv_len, None, scale,
                            num_splits)
 
 
