@@ -28,6 +28,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -38,6 +39,7 @@ from infinite_llm.bench import offline  # noqa: E402
 from infinite_llm.bench.datasets import BenchRequest, Dataset  # noqa: E402
 from infinite_llm.core.cost_model import CostModel  # noqa: E402
 from infinite_llm.engine.engine import LLMEngine  # noqa: E402
+from infinite_llm.engine.profile import probe  # noqa: E402
 from infinite_llm.sim.clock import MeasuredClock, StepLoad  # noqa: E402
 from infinite_llm.sim.scenario import Scenario  # noqa: E402
 from infinite_llm.sim.simulator import MODES, Simulator, pooling_for, summary  # noqa: E402
@@ -69,6 +71,7 @@ class StepLog:
 
     def __init__(self, engine: LLMEngine, clock: MeasuredClock) -> None:
         self.steps: list[tuple[list[StepLoad], float, float]] = []
+        self.active = True  # off: steps not logged (a probe's)
         cluster, schedule, step = engine.cluster, engine.cluster.schedule, engine.step
         loads: list[list[StepLoad]] = []
 
@@ -81,7 +84,7 @@ class StepLog:
             start = time.perf_counter()
             outputs = step()
             seconds = time.perf_counter() - start
-            if loads and loads[-1]:
+            if self.active and loads and loads[-1]:
                 self.steps.append((loads[-1], seconds, clock.price(loads[-1])))
             loads.clear()
             return outputs
@@ -125,9 +128,37 @@ def measure(engine: LLMEngine, requests: list[BenchRequest]) -> tuple[dict, int]
     return summarize([r.timing() for r in results], duration), engine.snapshot().steps - before
 
 
+def speed(model: CostModel, probes: list[tuple[float, float]]) -> tuple[float, float]:
+    """How many times slower this machine ran beside the real runs than while it was
+    profiled, in decode steps and in steps of prompts: the probe timed before each run
+    and after the last (``probes``) against the profile's rounds of it."""
+    then = model.source["probe_s"]
+    return tuple(statistics.median(p[k] for p in probes)
+                 / statistics.median(p[k] for p in then) for k in (0, 1))
+
+
+def simulate(args, requests: list[BenchRequest], cost_model: str, kv_tokens: int,
+             block_size: int) -> tuple[dict, int]:
+    """The workload simulated on the same cluster, priced by ``cost_model``: its
+    summary and its steps."""
+    cluster, clock = Scenario(
+        args.mode, args.instances, cost_model=cost_model, kv_tokens=kv_tokens,
+        # On Ray the actors compute side by side (the profile's points are one actor's
+        # share there): each priced apart, the slowest sets the step.
+        block_size=block_size, parallel=args.backend == "ray",
+        admission_output_reserve=args.admission_output_reserve,
+    ).build()
+    sim = Simulator(cluster, clock)
+    simulated = sim.run([TraceRequest(r.arrival_s, len(r.prompt_token_ids), r.output_tokens)
+                         for r in requests])
+    return summary(simulated), sim.steps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cost-model", required=True)
+    parser.add_argument("--model", default="smollm2", help="what was profiled: smollm2 or "
+                        "a checkpoint's path")
     parser.add_argument("--workload", choices=["w1", "w2", "mixed", "trace"], default="w1")
     parser.add_argument("--trace")
     parser.add_argument("--num-prompts", type=int, default=60)
@@ -149,52 +180,69 @@ def main() -> None:
     if args.workload == "trace" and not args.trace:
         parser.error("--workload trace needs --trace FILE")
     requests = requests_of(args)
+    model = CostModel.load(args.cost_model)
+    probes: list[tuple[float, float]] = []
     pooling = pooling_for(args.mode, args.cost_model)
     llm = smollm2(args.instances, args.tokens_each, pooling.enabled, dtype=args.dtype,
-                  backend=args.backend, planner_period=pooling.planner_period,
+                  model=args.model, backend=args.backend, planner_period=pooling.planner_period,
                   cost_model=pooling.cost_model, dgfm_period=pooling.dgfm_period,
                   admission_output_reserve=args.admission_output_reserve)
     try:
         engine = llm.engine
         measure(engine, [BenchRequest(requests[0].prompt_token_ids[:32], 2, 0.0)])  # warm-up
-        log = StepLog(engine, MeasuredClock(CostModel.load(args.cost_model),
-                                            parallel=args.backend == "ray"))
+        log = StepLog(engine, MeasuredClock(model, parallel=args.backend == "ray"))
         snapshot = engine.snapshot()
         blocks, block_size = snapshot.instances[0].capacity, snapshot.block_size
-        runs = [measure(engine, requests) for _ in range(args.repeats)]
+        runs = []
+        for k in range(args.repeats + 1):
+            if "probe_s" in model.source:  # beside each run, and after the last
+                log.active = False
+                if (seconds := probe(engine)) is not None:
+                    probes.append(seconds)
+                log.active = True
+            if k < args.repeats:
+                runs.append(measure(engine, requests))
     finally:
         llm.shutdown()
-    cluster, clock = Scenario(
-        args.mode, args.instances, cost_model=args.cost_model, kv_tokens=blocks * block_size,
-        # On Ray the actors compute side by side (the profile's points are one actor's
-        # share there): each priced apart, the slowest sets the step.
-        block_size=block_size, parallel=args.backend == "ray",
-        admission_output_reserve=args.admission_output_reserve,
-    ).build()
-    sim = Simulator(cluster, clock)
-    simulated = sim.run([TraceRequest(r.arrival_s, len(r.prompt_token_ids), r.output_tokens)
-                         for r in requests])
-    got = summary(simulated)
+    got, steps_simulated = simulate(args, requests, args.cost_model, blocks * block_size,
+                                    block_size)
+    factor, got_scaled = None, None
+    if probes:
+        factor = speed(model, probes)
+        with tempfile.TemporaryDirectory() as tmp:
+            scaled = os.path.join(tmp, "scaled.json")
+            model.scaled(*factor).save(scaled)
+            got_scaled = simulate(args, requests, scaled, blocks * block_size, block_size)[0]
     measured = [numbers for numbers, _ in runs]
     want = {m: statistics.median(run[m] for run in measured) for m in METRICS}
+
+    def error(sim: dict, m: str) -> str:
+        return f"{100 * (sim[m] - want[m]) / want[m]:+.1f}%" if want[m] else "-"
+
     rows = [[m, f"{want[m]:.2f}", f"{min(r[m] for r in measured):.2f}-"
-             f"{max(r[m] for r in measured):.2f}", f"{got[m]:.2f}",
-             f"{100 * (got[m] - want[m]) / want[m]:+.1f}%" if want[m] else "-"]
+             f"{max(r[m] for r in measured):.2f}", f"{got[m]:.2f}", error(got, m)]
+            + ([f"{got_scaled[m]:.2f}", error(got_scaled, m)] if got_scaled else [])
             for m in METRICS]
     steps = "/".join(str(n) for _, n in runs)
-    rows.append(["steps", steps, "", sim.steps, ""])
+    rows.append(["steps", steps, "", str(steps_simulated), ""] + (["", ""] if got_scaled else []))
     print(f"{args.workload}: {len(requests)} requests, {args.instances} instances "
-          f"({args.backend}) of {blocks * block_size} KV tokens, {args.mode}; "
-          f"KV {KV_BYTES_PER_TOKEN[args.dtype]} bytes a token")
+          f"({args.backend}) of {blocks * block_size} KV tokens, {args.mode}"
+          + (f"; KV {KV_BYTES_PER_TOKEN[args.dtype]} bytes a token"
+             if args.model == "smollm2" else ""))
+    if factor is not None:
+        print(f"probe: decode steps {factor[0]:.3f}x, steps of prompts {factor[1]:.3f}x the "
+              "profile's time beside these runs (decode/prefill: "
+              + ", ".join(f"{d * 1e3:.0f}/{p * 1e3:.0f} ms" for d, p in probes) + ")")
     print_table(["metric", f"measured (median of {args.repeats})", "range", "simulated",
-                 "error"], rows)
+                 "error"] + (["at the probe's speed", "error"] if got_scaled else []), rows)
     print("each real step priced by the clock, by kind (seconds in all):")
     print_table(["step", "steps", "measured", "priced", "error"], log.table())
     if args.steps_csv:
         log.save(args.steps_csv)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"measured": measured, "simulated": got, "args": vars(args)}, f, indent=2)
+            json.dump({"measured": measured, "simulated": got, "speed": factor,
+                       "simulated_at_speed": got_scaled, "args": vars(args)}, f, indent=2)
 
 
 if __name__ == "__main__":

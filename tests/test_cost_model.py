@@ -62,6 +62,29 @@ def test_the_file_round_trips(tmp_path):
         CostModel.fit(model.points[:2])
 
 
+def test_a_scaled_model_prices_decodes_and_prompts_by_their_own_factors(tmp_path):
+    points = [ProfilePoint(1, 100, 0.010, engine_s=0.001), ProfilePoint(4, 800, 0.020),
+              ProfilePoint(16, 6400, 0.050), ProfilePoint(1, 200, 0.011),
+              ProfilePoint(4, 1600, 0.030), ProfilePoint(16, 12800, 0.090),
+              ProfilePoint(2, 5000, 0.200, tokens=200)]
+    model = CostModel.fit(points)
+    slower = model.scaled(1.25, 0.8)
+    for decode in [(4, 900), (16, 9000), (9, 3000)]:
+        assert slower.step_time(*decode) == pytest.approx(1.25 * model.step_time(*decode))
+    for prompts in [(300, 40000, 0, 2), (128, 9000, 0, 1)]:
+        assert slower.step_time(*prompts) == pytest.approx(0.8 * model.step_time(*prompts))
+    # 5 decodes beside 45 prompt tokens: a tenth at the decode factor.
+    mixed = (50, 2000, 0, 10, 5)
+    assert slower.step_time(*mixed) == pytest.approx(
+        (0.1 * 1.25 + 0.9 * 0.8) * model.step_time(*mixed))
+    assert model.scaled(2.0).step_time(300, 40000, 0, 2) == pytest.approx(
+        2 * model.step_time(300, 40000, 0, 2))
+    slower.save(tmp_path / "s.json")
+    assert CostModel.load(tmp_path / "s.json") == slower
+    with pytest.raises(ValueError, match="scales"):
+        model.scaled(0)
+
+
 def test_profile_measures_a_model_and_writes_the_fit(tiny_llama_dir, tmp_path):
     out = tmp_path / "profile.json"
     done = subprocess.run(
@@ -102,6 +125,9 @@ def test_profile_in_rounds_takes_each_points_median_round(tiny_llama_dir, tmp_pa
     assert model.source["rounds"] == 3 and len(model.points) == 5
     for p in model.points:
         assert len(p.round_s) == 3 and p.step_s == sorted(p.round_s)[1]
+    # The probe timed once a round: its decode and prefill seconds.
+    assert len(model.source["probe_s"]) == 3
+    assert all(len(p) == 2 and min(p) > 0 for p in model.source["probe_s"])
     assert "rounds ms" in done.stdout
     refused = subprocess.run(
         [sys.executable, "-m", "infinite_llm.cli", "profile", "--model", str(tiny_llama_dir),

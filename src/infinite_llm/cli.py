@@ -515,6 +515,10 @@ def _profile(args: argparse.Namespace) -> int:
           f"+ {model.per_remote_s * 1e3:.3f} ms/remote pair -> {args.out}")
     print(f"of a decode step, the engine's own work (outside the runner): "
           f"{model.engine_s * 1e3:.3f} ms")
+    if probes := model.source.get("probe_s"):
+        print("the probe (timed again beside later runs to tell this machine's speed then), "
+              "decode/prefill a round: "
+              + ", ".join(f"{d * 1e3:.1f}/{p * 1e3:.0f} ms" for d, p in probes))
     return 0
 
 

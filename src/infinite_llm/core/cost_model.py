@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from bisect import bisect_right
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -58,6 +58,8 @@ class CostModel:
     # Where it was measured, and on what: kept with the fit so a file says what it is.
     source: dict[str, object] = field(default_factory=dict)
     points: tuple[ProfilePoint, ...] = ()
+    # Every price times these (decode steps, steps of prompts; ``scaled``).
+    scale: tuple[float, float] = (1.0, 1.0)
 
     def __post_init__(self) -> None:
         for name in ("fixed_s", "per_token_s", "per_context_token_s", "per_remote_s",
@@ -78,6 +80,7 @@ class CostModel:
         line = self.line(tokens, context_tokens, remote_pairs, n)
         if tokens <= 0:
             return line
+        scale = (d * self.scale[0] + (tokens - d) * self.scale[1]) / tokens
         # The line, corrected by what the measured points say it misses where the step
         # is like them (the cost is not linear on every machine): a decode step by the
         # decode grid's residual; a step of prompts only by the prefill points' ratio
@@ -86,7 +89,7 @@ class CostModel:
             line += _interpolate(self._decode_residuals, tokens, context_tokens / tokens)
         elif d == 0 and self._prefill_ratios:
             line *= _interpolate(self._prefill_ratios, n, tokens / n)
-        return line
+        return line * scale
 
     def line(self, tokens: int, context_tokens: float, remote_pairs: int = 0,
              sequences: int | None = None) -> float:
@@ -156,6 +159,18 @@ class CostModel:
                          engine_s=engine[len(engine) // 2] if engine else 0.0,
                          source=dict(source or {}), points=tuple(points))
 
+    def scaled(self, decode: float, prompts: float | None = None) -> CostModel:
+        """The same machine running slower (or faster): decode steps ``decode`` times
+        their price, steps of prompts ``prompts`` times (default: ``decode``), a step
+        mixing both by its tokens' shares. What a probe timed beside a later run says
+        of that run's minutes (``infinite_llm.engine.profile.probe``); the two differ
+        where the machine's neighbours take memory bandwidth but not compute, or the
+        other way round."""
+        prompts = decode if prompts is None else prompts
+        if not (decode > 0 and prompts > 0):
+            raise ValueError(f"scales must be > 0, got {decode!r} and {prompts!r}")
+        return replace(self, scale=(decode * self.scale[0], prompts * self.scale[1]))
+
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
@@ -164,7 +179,8 @@ class CostModel:
         data = json.loads(Path(path).read_text())
         points = tuple(ProfilePoint(**{**p, "round_s": tuple(p.get("round_s", ()))})
                        for p in data.pop("points", ()))
-        return CostModel(**data, points=points)
+        return CostModel(**{**data, "scale": tuple(data.get("scale", (1.0, 1.0)))},
+                         points=points)
 
 
 def _along(row: list[tuple[float, float]], x: float) -> float:

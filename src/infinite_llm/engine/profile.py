@@ -47,6 +47,14 @@ def _busiest(engine: LLMEngine, requests: list) -> list:
     return max(homes.values(), key=lambda rs: (sum(r.num_tokens for r in rs), len(rs)))
 
 
+def _decode_fits(engine: LLMEngine, batch: int, context: int, steps: int) -> bool:
+    """Whether a decode point's requests' KV (prompt, outputs, a block each of
+    headroom) fits the cache: one that outgrows it would time preemptions, not steps."""
+    block = engine.config.cache.block_size
+    need = -(-(context + decode_max_tokens(engine, batch, context, steps)) // block) + 1
+    return batch * need * block <= engine.capacity_tokens
+
+
 def decode_max_tokens(engine: LLMEngine, batch: int, context: int, steps: int) -> int:
     """Outputs each request of a decode point may need: one a step while the others'
     prompts are still being prefilled (the prompts of a batch beyond one step's token
@@ -137,6 +145,27 @@ def measure_prefill(
                         tokens=n * tokens)
 
 
+# The probe: one request decoding and one prompt computed, small enough for any engine
+# a profile prices, and one sequence so that it runs on one instance however many the
+# engine has (decode: batch, context; prefill: prompt tokens).
+PROBE_DECODE = (1, 256)
+PROBE_PREFILL = 512
+
+
+def probe(engine: LLMEngine, steps: int = 8) -> tuple[float, float] | None:
+    """The probe's (decode step, prefill step) seconds on ``engine`` now; None where
+    its KV cache, its model or a step cannot hold it."""
+    batch, context = PROBE_DECODE
+    block = engine.config.cache.block_size
+    if not (_decode_fits(engine, batch, context, steps)
+            and (-(-(PROBE_PREFILL + 1) // block) + 1) * block <= engine.capacity_tokens
+            and PROBE_PREFILL < engine.max_model_len
+            and PROBE_PREFILL <= engine.config.scheduler.max_num_batched_tokens):
+        return None
+    return (measure(engine, batch, context, steps).step_s,
+            measure_prefill(engine, PROBE_PREFILL, max(1, steps // 2)).step_s)
+
+
 def profile(
     engine: LLMEngine, batches: Sequence[int], contexts: Sequence[int], steps: int,
     model: str = "", prefills: Sequence[int] = (), prefill_prompts: Sequence[int] = (1,),
@@ -152,22 +181,22 @@ def profile(
     a point happened to fall in."""
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
-    block = engine.config.cache.block_size
     grid = [(b, s) for b in batches for s in contexts]
     # A point whose requests' KV (prompt, outputs, a block each of headroom) outgrows
     # the cache would time preemptions, not steps: left out, and said so.
-    fits = [(b, s) for b, s in grid
-            if b * (-(-(s + decode_max_tokens(engine, b, s, steps)) // block) + 1) * block
-            <= engine.capacity_tokens]
+    fits = [(b, s) for b, s in grid if _decode_fits(engine, b, s, steps)]
     for b, s in sorted(set(grid) - set(fits)):
         logger.warning("profile: %d requests of %d tokens do not fit the KV cache "
                        "(%d tokens): left out", b, s, engine.capacity_tokens)
     budget = engine.config.scheduler.max_num_batched_tokens
     prefill_grid = [(n, k) for k in prefill_prompts for n in prefills if n * k <= budget]
     measured: list[list[ProfilePoint]] = []
+    probes: list[tuple[float, float]] = []
     for r in range(rounds):
         if rounds > 1:
             logger.info("profile: round %d of %d", r + 1, rounds)
+        if (seconds := probe(engine)) is not None:
+            probes.append(seconds)
         measured.append([measure(engine, b, s, steps) for b, s in fits]
                         + [measure_prefill(engine, n, steps, k) for n, k in prefill_grid])
     points = [_median_of_rounds(list(same)) for same in zip(*measured)]
@@ -184,6 +213,8 @@ def profile(
         # side by side, the busiest one's; price each instance apart (simulate --parallel).
         "per_instance": side_by_side(engine),
     }
+    if probes:  # the probe's decode and prefill seconds in each round (``probe``)
+        source["probe_s"] = [list(p) for p in probes]
     fit = CostModel.fit(points, source)
     if not side_by_side(engine):
         return fit
