@@ -79,8 +79,12 @@ def test_a_debtor_with_room_takes_its_blocks_home():
     c.heartbeat()
     recalls, cycles = c.defragment()
     assert (recalls, cycles) == (1, 0)
+    recalled = c.migrator.active["long"].count
     while "long" in c.migrator.active:
         step(c)
+    assert [(e.kind, e.outcome, e.request_id, e.source, e.target, e.blocks)
+            for e in c.snapshot().migration.recent] == [
+        ("migrate", "moved", "long", 0, 1, 4), ("recall", "moved", "long", 1, 0, recalled)]
     # The run of 4 on instance 1 came home; the newest blocks may still be away.
     assert [rb.owner for rb in long.block_table.rblocks][:1] == [0]
     while c.has_work():
@@ -95,6 +99,12 @@ def test_dgfm_runs_every_period_and_the_snapshot_counts_what_it_did():
     migration = c.snapshot().migration
     assert (migration.cancelled_cycles, migration.moved_blocks) == (1, 6)  # 3 moves + 3 back
     assert (migration.in_flight, migration.aborted, migration.recalls) == (0, 0, 0)
+    # Each leg of the cycle: its request's blocks back from the creditor to its home.
+    # The ring's three migrations, then each leg of the cycle: its request's block back
+    # from the creditor to its home.
+    assert [(e.kind, e.request_id, e.source, e.target) for e in migration.recent] == [
+        ("migrate", r.request_id, r.home, (r.home + 1) % 3) for r in requests] + [
+        ("cycle", r.request_id, (r.home + 1) % 3, r.home) for r in requests]
 
 
 def test_dgfm_keeps_more_kv_at_home_on_a_churn_workload():

@@ -71,6 +71,13 @@ def test_blocks_move_to_a_third_instance_mid_decode_and_tokens_do_not_change(
     assert [(i.migrated_out, i.migrated_in) for i in snap.instances] == [
         (count if i == source else 0, count if i == target else 0) for i in range(3)
     ]
+    # The migration, in the recent events: the planner's kind, moved, where from and to.
+    assert [(e.kind, e.outcome, e.request_id, e.source, e.target, e.blocks)
+            for e in snap.migration.recent] == [
+        ("migrate", "moved", request.request_id, source, target, count)]
+    # Tokens computed, by home: every token of the one request, at its home.
+    assert [i.computed_tokens for i in snap.instances] == [
+        snap.computed_tokens if i == request.home else 0 for i in range(3)]
 
 
 def test_blocks_come_home_when_room_frees(tiny_llama_dir, alone_tokens):
@@ -107,6 +114,9 @@ def test_a_migration_aborted_half_way_changes_nothing(tiny_llama_dir, alone_toke
     assert request.output_token_ids == alone_tokens([prompt], 24)[0]
     assert engine.cluster.migrator.moved_blocks == 0
     assert_all_pools_full(engine)
+    assert [(e.kind, e.outcome, e.source, e.target, e.blocks)
+            for e in engine.snapshot().migration.recent] == [
+        ("migrate", "aborted", source, 3 - source, count)]
 
 
 def test_a_request_that_ends_mid_migration_returns_the_reservation(tiny_llama_dir):

@@ -14,6 +14,7 @@ Pure bookkeeping: no torch, so the simulator drives this very code.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -103,6 +104,7 @@ class Cluster:
         self._attended_block_steps = 0  # locality, summed over steps (see the snapshot)
         self._remote_block_steps = 0
         self._computed_tokens = 0  # tokens the runners computed (recomputes included)
+        self._computed_at: Counter[int] = Counter()  # of those, by the request's home
         self._moved_bytes = 0  # what the runners reported the plans' moves cost
         self._stall_s = 0.0
         self._rehomed = 0
@@ -338,10 +340,8 @@ class Cluster:
         }
         started = 0
         for recall in plan_recalls(running, free, busy, self.tiers, remote=not host_only):
-            if self.migrator.start(recall.request, recall.first_block, recall.count,
-                                   recall.target):
-                started += 1
-                self.migrator.recalls += 1
+            started += self.migrator.start(recall.request, recall.first_block, recall.count,
+                                           recall.target, kind="recall")
         return started
 
     def _host_in_use(self) -> bool:
@@ -365,8 +365,10 @@ class Cluster:
         string (``observe``), a stop token, EOS or max_tokens, then heartbeat. Returns
         the requests that got a token, in the result's order (finished ones included)."""
         for chunk in plan.chunks:
-            self.requests[chunk.request_id].num_computed_tokens += chunk.num_tokens
+            request = self.requests[chunk.request_id]
+            request.num_computed_tokens += chunk.num_tokens
             self._computed_tokens += chunk.num_tokens
+            self._computed_at[request.home] += chunk.num_tokens
         self._moved_bytes += result.moved_bytes
         self._stall_s += result.move_s
         advanced = []
@@ -435,6 +437,7 @@ class Cluster:
         for chunk in plan.chunks:
             request = self.requests[chunk.request_id]
             request.num_computed_tokens += steps
+            self._computed_at[request.home] += steps
             request.output_token_ids.extend([token_id] * steps)
             blocks = request.block_table.blocks_by_owner()
             total = sum(blocks.values())
@@ -535,6 +538,7 @@ class Cluster:
                 host_free=inst.rmanager.pool.free_in(Tier.HOST),
                 migrated_out=self.migrator.copied_out[inst.instance_id],
                 migrated_in=self.migrator.copied_in[inst.instance_id],
+                computed_tokens=self._computed_at[inst.instance_id],
             )
             for inst in self.instances
         )
@@ -553,7 +557,7 @@ class Cluster:
         migration = MigrationSnapshot(
             len(m.active), m.moved_blocks, m.aborted, m.recalls, m.cancelled_cycles,
             copied_blocks=sum(m.copied_in.values()), moved_bytes=self._moved_bytes,
-            stall_s=self._stall_s, rehomed=self._rehomed,
+            stall_s=self._stall_s, rehomed=self._rehomed, recent=tuple(m.events),
         )
         return ClusterSnapshot(
             self.block_size, self.max_request_tokens, instances, requests, self.ledger(),

@@ -19,12 +19,13 @@ compute, so a block freed by a switch is read before anyone can write into it.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from infinite_llm.core.dgfm import Leg
 from infinite_llm.core.instance import Instance
 from infinite_llm.core.request import Request, RequestStatus
+from infinite_llm.core.snapshot import MigrationEvent
 from infinite_llm.core.step import BlockMove
 from infinite_llm.memory.block_pool import Tier, Tiers
 
@@ -42,10 +43,14 @@ class Migration:
     reserved: list[int]
     deadline: int  # the step after which the lease has run out
     copied: int = 0  # blocks of the range copied so far (a prefix of it)
+    kind: str = "migrate"  # or "recall": DGFM bringing blocks home or up from host memory
 
     @property
     def count(self) -> int:
         return len(self.source_ids)
+
+
+RECENT_EVENTS = 32
 
 
 class Migrator:
@@ -71,11 +76,14 @@ class Migrator:
         # Blocks copied out of / into each instance (aborted migrations' copies included).
         self.copied_out: Counter[int] = Counter()
         self.copied_in: Counter[int] = Counter()
+        # The latest migrations switched or given up and cycle legs cancelled, newest last.
+        self.events: deque[MigrationEvent] = deque(maxlen=RECENT_EVENTS)
 
-    def start(self, request: Request, first_block: int, count: int, target: int) -> bool:
+    def start(self, request: Request, first_block: int, count: int, target: int,
+              kind: str = "migrate") -> bool:
         """Reserve ``count`` device blocks on ``target`` for blocks ``first_block ..`` of
         ``request`` (all on one other instance, or in host memory on ``target``). False
-        when ``target`` refuses."""
+        when ``target`` refuses. A ``kind`` "recall" is DGFM's, counted in ``recalls``."""
         table = request.block_table
         if request.request_id in self.active:
             raise ValueError(f"request {request.request_id!r} is already migrating")
@@ -98,8 +106,9 @@ class Migrator:
         source_ids = [i for rb in runs for i in rb.block_ids]
         self.active[request.request_id] = Migration(
             request, source, target, first_block, source_ids, reserved,
-            deadline=self.step + self.lease_steps,
+            deadline=self.step + self.lease_steps, kind=kind,
         )
+        self.recalls += kind == "recall"
         return True
 
     def advance(self) -> list[BlockMove]:
@@ -148,6 +157,12 @@ class Migrator:
         self.instances[m.request.home].rmanager.free_moved(m.request.request_id, left)
         self.moved_blocks += m.count
         del self.active[m.request.request_id]
+        self._event(m.kind, "moved", m.request.request_id, m.source, m.target, m.count)
+
+    def _event(self, kind: str, outcome: str, request_id: str, source: int, target: int,
+               blocks: int) -> None:
+        self.events.append(MigrationEvent(self.step, kind, outcome, request_id, source,
+                                          target, blocks))
 
     def cancel_cycle(self, legs: list[Leg]) -> None:
         """Cancel a debt cycle in the next plan (``dgfm.plan_cancellation``'s legs)."""
@@ -178,6 +193,9 @@ class Migrator:
             leg.request.block_table.replace(leg.first_block, leg.debtor, before.blocks)
         self.moved_blocks += sum(len(leg.blocks) for leg in legs)
         self.cancelled_cycles += 1
+        for leg in legs:
+            self._event("cycle", "moved", leg.request.request_id, leg.creditor, leg.debtor,
+                        len(leg.blocks))
         return moves
 
     def abort(self, request_id: str, dead: frozenset[int] = frozenset()) -> None:
@@ -188,6 +206,7 @@ class Migrator:
         home = self.instances[m.request.home].rmanager
         home.unreserve(request_id, m.target, m.reserved, target_alive=m.target not in dead)
         self.aborted += 1
+        self._event(m.kind, "aborted", request_id, m.source, m.target, m.count)
 
     def reserved(self) -> list[tuple[int, list[int]]]:
         """(target, ids) of every reservation in flight, for the integrity check."""

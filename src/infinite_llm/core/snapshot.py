@@ -27,6 +27,7 @@ class InstanceSnapshot:
     host_free: int = 0
     migrated_out: int = 0  # blocks live migration and DGFM copied out of / into it
     migrated_in: int = 0
+    computed_tokens: int = 0  # tokens computed for the requests whose home it is
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,20 @@ class RequestSnapshot:
 
 
 @dataclass(frozen=True)
+class MigrationEvent:
+    """One migration switched into place or given up, or one leg of a cancelled debt
+    cycle: ``blocks`` of ``request_id``'s KV from ``source`` to ``target``."""
+
+    step: int  # the migrator's step count when it happened
+    kind: str  # migrate (the planner's) | recall (DGFM's) | cycle (a cancelled cycle's leg)
+    outcome: str  # moved | aborted
+    request_id: str
+    source: int
+    target: int
+    blocks: int
+
+
+@dataclass(frozen=True)
 class MigrationSnapshot:
     """Live migration, DGFM and the planner since the start."""
 
@@ -56,6 +71,7 @@ class MigrationSnapshot:
     moved_bytes: int = 0  # what those copies moved, as the runners measured
     stall_s: float = 0.0  # seconds steps spent copying before they could compute
     rehomed: int = 0  # waiting requests the planner gave another home
+    recent: tuple[MigrationEvent, ...] = ()  # the latest events, oldest first
 
 
 @dataclass(frozen=True)
