@@ -69,13 +69,13 @@ class InProcessServer:
     """build_app under uvicorn in a thread of this process, so a test can reach into
     the engine (here: to make it fail)."""
 
-    def __init__(self, llm) -> None:
+    def __init__(self, llm, **config) -> None:
         uvicorn = pytest.importorskip("uvicorn")
         from infinite_llm.server import ServerConfig, build_app
 
         self.url = f"http://127.0.0.1:{free_port()}"
         self.server = uvicorn.Server(uvicorn.Config(
-            build_app(llm, ServerConfig(served_model_names=("tiny",))),
+            build_app(llm, ServerConfig(served_model_names=("tiny",), **config)),
             host="127.0.0.1", port=int(self.url.rsplit(":", 1)[1]), log_level="critical",
         ))
         self.thread = threading.Thread(target=self.server.run, daemon=True)

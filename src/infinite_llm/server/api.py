@@ -9,15 +9,18 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from infinite_llm.config import ServerConfig
 from infinite_llm.server import protocol as p
 from infinite_llm.server.cluster_view import cluster_json
+from infinite_llm.server.dashboard import Dashboard
 from infinite_llm.server.engine_loop import EngineLoop
 from infinite_llm.server.errors import ApiError, error_body, install_error_handlers
 from infinite_llm.server.generation import Generation, Limits
@@ -30,6 +33,10 @@ if TYPE_CHECKING:
     from infinite_llm.llm import LLM
 
 _ERRORS = {status: {"model": p.ErrorResponse} for status in (400, 401, 404, 413, 503)}
+_STATIC = Path(__file__).parent / "static"
+# The dashboard's page may load only what this server serves.
+_PAGE_POLICY = ("default-src 'self'; img-src 'self' data:; style-src 'self'; "
+                "script-src 'self'; connect-src 'self'; frame-ancestors 'none'")
 
 
 class ServerState:
@@ -40,6 +47,7 @@ class ServerState:
         self.config = config
         self.metrics = ServerMetrics(config.model_name, lambda: self.loop.view)
         self.loop = EngineLoop(engine, self.metrics)
+        self.dashboard = Dashboard(config.model_name, lambda: self.loop.view, self.metrics.recent)
         self.limits = Limits(engine.max_model_len, engine.capacity_tokens)
         self.draining = False
         self.started = int(time.time())
@@ -76,7 +84,9 @@ def build_app(llm_or_engine: LLM | LLMEngine, config: ServerConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.loop.start()
+        sampler = asyncio.create_task(_sample_forever(state.dashboard))
         yield
+        sampler.cancel()
         state.draining = True
         await asyncio.to_thread(state.loop.stop)
 
@@ -158,4 +168,24 @@ def build_app(llm_or_engine: LLM | LLMEngine, config: ServerConfig) -> FastAPI:
         """The instances' blocks and the gManager's debt ledger, as of the last step."""
         return {"model": config.model_name, **cluster_json(state.loop.view)}
 
+    @app.get("/dashboard", include_in_schema=False)
+    async def dashboard_page() -> Response:
+        """The live view (``server/static``); it holds no data: it reads
+        ``/dashboard/feed``, which asks for the API key like every data route."""
+        return FileResponse(_STATIC / "dashboard.html",
+                            headers={"Content-Security-Policy": _PAGE_POLICY,
+                                     "Cache-Control": "no-cache"})
+
+    @app.get("/dashboard/feed")
+    async def dashboard_feed() -> dict:
+        """Everything ``/dashboard`` draws, as of the last step and sample."""
+        return state.dashboard.feed()
+
+    app.mount("/dashboard/static", StaticFiles(directory=_STATIC), name="dashboard-static")
     return app
+
+
+async def _sample_forever(dashboard: Dashboard) -> None:
+    while True:
+        dashboard.sample()
+        await asyncio.sleep(dashboard.period_s)

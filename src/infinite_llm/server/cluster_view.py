@@ -14,8 +14,9 @@ from infinite_llm.core.snapshot import ClusterSnapshot
 
 def cluster_json(view: ClusterSnapshot) -> dict[str, Any]:
     """Totals, every instance's blocks, every request's home and blocks per owner, and
-    the gManager's debt ledger (JSON keys are strings)."""
+    the gManager's debt ledger (JSON keys are strings), as of step ``steps``."""
     return {
+        "steps": view.steps,
         "block_size": view.block_size,
         "max_request_tokens": view.max_request_tokens,
         "num_requests_running": view.running,

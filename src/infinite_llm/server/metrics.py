@@ -8,6 +8,8 @@ time from the latest ``ClusterSnapshot``.
 
 from __future__ import annotations
 
+import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -22,7 +24,35 @@ _LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
     1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
 )
+KINDS = ("ttft", "itl", "e2e")
+MAX_RECENT = 100_000  # samples of each kind kept for the dashboard's window
 _E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class Recent:
+    """TTFT, ITL and E2E samples (seconds) of the last ``keep_s`` seconds, each with the
+    time it was taken, and running totals: written by the engine thread, read by the
+    event loop (the dashboard's quantiles over time; Prometheus keeps only buckets)."""
+
+    def __init__(self, keep_s: float) -> None:
+        self.keep_s = keep_s
+        self._lock = threading.Lock()
+        # Bounded in count too: a burst of tokens cannot grow it without end.
+        self._samples: dict[str, deque[tuple[float, float]]] = {
+            k: deque(maxlen=MAX_RECENT) for k in KINDS}
+        self.finished = 0  # requests ended (any reason), since the start
+        self.generated = 0  # tokens generated, since the start
+
+    def add(self, kind: str, now: float, seconds: float) -> None:
+        samples = self._samples[kind]
+        with self._lock:
+            samples.append((now, seconds))
+            while samples and samples[0][0] < now - self.keep_s:
+                samples.popleft()
+
+    def since(self, kind: str, start: float) -> list[float]:
+        with self._lock:
+            return [s for t, s in self._samples[kind] if t > start]
 
 
 @dataclass
@@ -35,8 +65,10 @@ class RequestTimes:
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str, view: Callable[[], ClusterSnapshot]) -> None:
+    def __init__(self, model_name: str, view: Callable[[], ClusterSnapshot],
+                 keep_s: float = 30.0) -> None:
         self.registry = CollectorRegistry()
+        self.recent = Recent(keep_s)
         label = ["model_name"]
 
         def counter(name: str, doc: str) -> Counter:
@@ -72,14 +104,19 @@ class ServerMetrics:
         if new > 0:  # a step adds one token per request
             if times.last_token is None:
                 self.ttft.observe(now - times.arrival)
+                self.recent.add("ttft", now, now - times.arrival)
                 self.prompt_tokens.inc(len(output.prompt_token_ids))
             else:
                 self.itl.observe(now - times.last_token)
+                self.recent.add("itl", now, now - times.last_token)
             self.generation_tokens.inc(new)
+            self.recent.generated += new
             times.num_tokens += new
             times.last_token = now
         if output.finished:
             self.e2e.observe(now - times.arrival)
+            self.recent.add("e2e", now, now - times.arrival)
+            self.recent.finished += 1
             reason = output.outputs[0].finish_reason or "abort"
             self._success.labels(self._model_name, reason).inc()
 

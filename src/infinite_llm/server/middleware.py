@@ -12,8 +12,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from infinite_llm.server.errors import error_body
 
-# Paths that a key protects; /health and /metrics stay open, as in vLLM.
-_PROTECTED = ("/v1/", "/tokenize", "/detokenize")
+# Paths that a key protects; /health and /metrics stay open, as in vLLM, and so does the
+# dashboard's page and its scripts (they hold no data; its feed is protected).
+_PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/dashboard/feed")
 
 
 async def send_error(send: Send, status: int, message: str, code: str | None = None) -> None:
