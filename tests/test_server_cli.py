@@ -30,7 +30,8 @@ class ServerProcess:
     process group; ready once /health says 200; killed with its group on exit."""
 
     def __init__(
-        self, model: str, *flags: str, api_key: str | None = None, start_timeout: float = 180.0
+        self, model: str, *flags: str, api_key: str | None = None, start_timeout: float = 180.0,
+        file_limit: tuple[int, int] | None = None,
     ) -> None:
         self.port = free_port()
         # Requests carry the key unless a test passes its own headers.
@@ -44,9 +45,14 @@ class ServerProcess:
             "--host", "127.0.0.1", "--port", str(self.port), "--uvicorn-log-level", "warning",
             *flags,
         ]
+        def limit_files() -> None:  # (soft, hard) open files, in the child before exec
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_NOFILE, file_limit)
+
         self.proc = subprocess.Popen(
             command, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=limit_files if file_limit else None,
         )
         self._wait_ready(start_timeout)
 
@@ -65,8 +71,9 @@ class ServerProcess:
         self.kill()
         raise RuntimeError(f"the server was not ready in {timeout} s:\n{self.output()}")
 
-    def output(self) -> str:
-        return Path(self.log.name).read_text(errors="replace")[-6000:]
+    def output(self, whole: bool = False) -> str:
+        text = Path(self.log.name).read_text(errors="replace")
+        return text if whole else text[-6000:]
 
     def get(self, path: str, headers: dict | None = None, **kwargs) -> httpx.Response:
         headers = self.auth if headers is None else headers

@@ -155,6 +155,43 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
         help="seconds SIGTERM waits for in-flight requests before aborting them "
         "(default: %(default)s)",
     )
+    limits = parser.add_argument_group("what one request may ask for (a 400 beyond)")
+    limits.add_argument(
+        "--max-prompt-chars", type=int, default=ServerConfig.max_prompt_chars,
+        help="characters of a text prompt or conversation (default: as many as the context "
+        "could hold, each token the vocabulary's longest)",
+    )
+    limits.add_argument(
+        "--max-completions-per-request", type=int,
+        default=ServerConfig.max_completions_per_request,
+        help="prompts x n (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-output-tokens-per-request", type=int,
+        default=ServerConfig.max_output_tokens_per_request,
+        help="max_tokens summed over a request's completions (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-stop-strings", type=int, default=ServerConfig.max_stop_strings,
+        help="stop strings a request may give (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-stop-string-chars", type=int, default=ServerConfig.max_stop_string_chars,
+        help="characters of one stop string (default: %(default)s)",
+    )
+    group.add_argument(
+        "--max-connections", type=int, default=ServerConfig.max_connections,
+        help="connections open at once; more get 503 (default: %(default)s)",
+    )
+    group.add_argument(
+        "--timeout-keep-alive", type=float, default=ServerConfig.timeout_keep_alive,
+        help="seconds an idle keep-alive connection stays open (default: %(default)s)",
+    )
+    group.add_argument(
+        "--request-read-timeout", type=float, default=ServerConfig.request_read_timeout,
+        help="seconds a client may take to send a whole request body; then 408 "
+        "(default: %(default)s)",
+    )
     group.add_argument(
         "--uvicorn-log-level", default=ServerConfig.log_level,
         choices=["critical", "error", "warning", "info", "debug", "trace"],
@@ -446,6 +483,14 @@ def _serve(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         max_body_bytes=parse_memory_size(args.max_body_size),
         drain_timeout=args.drain_timeout,
+        max_prompt_chars=args.max_prompt_chars,
+        max_completions_per_request=args.max_completions_per_request,
+        max_output_tokens_per_request=args.max_output_tokens_per_request,
+        max_stop_strings=args.max_stop_strings,
+        max_stop_string_chars=args.max_stop_string_chars,
+        max_connections=args.max_connections,
+        timeout_keep_alive=args.timeout_keep_alive,
+        request_read_timeout=args.request_read_timeout,
     )
     return run_server(_build_llm(args), config)
 

@@ -243,6 +243,16 @@ class ServerConfig:
     get a 413. ``drain_timeout``: seconds a shutdown waits for in-flight requests before
     aborting them. ``host``, ``port``: where it listens (loopback unless told otherwise);
     ``log_level``: uvicorn's.
+
+    What one request may ask for (a 400 beyond): ``max_prompt_chars``, characters of a
+    text prompt or conversation (None: as many as the context could hold at the
+    vocabulary's longest token each); ``max_completions_per_request``, prompts x n;
+    ``max_output_tokens_per_request``, max_tokens summed over its completions;
+    ``max_stop_strings`` and ``max_stop_string_chars``.
+
+    Connections: ``max_connections`` open at once (more get 503);
+    ``timeout_keep_alive``, seconds an idle keep-alive connection stays open;
+    ``request_read_timeout``, seconds a client may take to send a whole body (then 408).
     """
 
     served_model_names: tuple[str, ...]
@@ -253,6 +263,14 @@ class ServerConfig:
     api_key: str | None = None
     max_body_bytes: int = 16 << 20
     drain_timeout: float = 30.0
+    max_prompt_chars: int | None = None
+    max_completions_per_request: int = 256
+    max_output_tokens_per_request: int = 1 << 20
+    max_stop_strings: int = 64
+    max_stop_string_chars: int = 1024
+    max_connections: int = 1024
+    timeout_keep_alive: float = 5.0
+    request_read_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if not self.served_model_names or not all(self.served_model_names):
@@ -263,6 +281,17 @@ class ServerConfig:
             raise ValueError(f"max_body_bytes must be positive, got {self.max_body_bytes}")
         if not self.drain_timeout >= 0:
             raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
+        for name in ("max_completions_per_request", "max_output_tokens_per_request",
+                     "max_stop_string_chars", "max_connections"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_stop_strings < 0:
+            raise ValueError(f"max_stop_strings must be >= 0, got {self.max_stop_strings}")
+        if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
+            raise ValueError(f"max_prompt_chars must be at least 1, got {self.max_prompt_chars}")
+        for name in ("timeout_keep_alive", "request_read_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
     @property
     def model_name(self) -> str:

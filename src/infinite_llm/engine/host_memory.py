@@ -37,3 +37,32 @@ def keep_freed_host_memory() -> bool:
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     # -1: never trim (mallopt(3)); 0 mmaps: every block comes from the heap.
     return bool(libc.mallopt(_M_TRIM_THRESHOLD, -1)) and bool(libc.mallopt(_M_MMAP_MAX, 0))
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    libc = ctypes.CDLL(name)
+    return libc if hasattr(libc, "malloc_trim") else None
+
+
+def trim_host_memory() -> bool:
+    """Give the memory glibc holds free back to the system (``malloc_trim``): for a
+    process that has nothing to reuse it for now, e.g. a server with no step running,
+    after a large request was refused. Whether anything was returned."""
+    libc = _libc()
+    if libc is None:
+        return False
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    return bool(libc.malloc_trim(0))
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (0 where /proc does not say)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0

@@ -123,11 +123,24 @@ class Tokenizer:
         """Token ids of ``text``; ValueError for text that is not Unicode the tokenizer
         can take (a lone surrogate, from JSON's "\\ud800")."""
         try:
-            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+            # encode_batch lets the GIL go while it works (encode holds it): a long text
+            # tokenized on a server's worker thread leaves the event loop free.
+            return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         except (TypeError, UnicodeError) as error:
             bad = next((i for i, c in enumerate(text) if 0xD800 <= ord(c) <= 0xDFFF), None)
             where = f" (a lone surrogate at character {bad})" if bad is not None else ""
             raise ValueError(f"the text is not valid Unicode{where}") from error
+
+    @cached_property
+    def max_token_chars(self) -> int:
+        """Characters of the vocabulary's longest entry: no token stands for more text
+        (byte-level entries are a character per byte)."""
+        return max(len(t) for t in self.backend.get_vocab(with_added_tokens=True))
+
+    @property
+    def normalizes(self) -> bool:
+        """Whether text is normalized before it is split (so it may shrink)."""
+        return self.backend.normalizer is not None
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

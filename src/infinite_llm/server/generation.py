@@ -13,7 +13,6 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fastapi import Request
@@ -25,21 +24,13 @@ from infinite_llm.engine.outputs import CompletionOutput, RequestMetrics, Reques
 from infinite_llm.server import protocol as p
 from infinite_llm.server.engine_loop import EngineDeadError, EngineLoop, EngineRequest, RequestGroup
 from infinite_llm.server.errors import ApiError, error_body
+from infinite_llm.server.limits import Limits
 from infinite_llm.server.prompts import token_text
 
 if TYPE_CHECKING:
     from infinite_llm.model.tokenizer import Tokenizer
 
 _MIN_LOGPROB = -9999.0  # JSON has no -inf
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What bounds a request's default max_tokens: the context, and what one request
-    can hold in the cluster's KV."""
-
-    max_model_len: int
-    max_request_tokens: int
 
 
 def sampling_params(
@@ -107,6 +98,7 @@ class Generation:
             params = sampling_params(body, len(ids), limits)
             for j, sample in enumerate(params.samples()):
                 self.requests.append(EngineRequest(f"{self.id}-{i}-{j}", ids, sample))
+        limits.check_outputs(sum(r.params.max_tokens or 0 for r in self.requests))
         self.group: RequestGroup | None = None
 
     async def submit(self, loop: EngineLoop) -> None:

@@ -5,16 +5,24 @@ refused connection. Here the first SIGTERM (or SIGINT) starts a drain instead: t
 socket stays open and new requests get 503, in-flight ones run until they finish or
 the drain timeout aborts them (finish_reason "abort"), then uvicorn exits. A second
 signal exits at once.
+
+Connections: at most ``max_connections`` at once (uvicorn answers the rest 503), idle
+connections (kept alive, or never used) closed after ``timeout_keep_alive``, the soft limit on open
+files raised to the hard one at start, and a failing accept (out of file descriptors)
+logged once per ``ACCEPT_LOG_INTERVAL_S`` with the number left unsaid, not once per try.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import resource
+import time
 from types import FrameType
 from typing import TYPE_CHECKING
 
 import uvicorn
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from infinite_llm.config import ServerConfig
 from infinite_llm.server.api import ServerState, build_app
@@ -23,6 +31,59 @@ if TYPE_CHECKING:
     from infinite_llm.llm import LLM
 
 logger = logging.getLogger(__name__)
+ACCEPT_LOG_INTERVAL_S = 10.0
+
+
+def raise_file_limit() -> int:
+    """The soft limit on open files raised to the hard one; the limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard and hard != resource.RLIM_INFINITY:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+class IdleClosingProtocol(AutoHTTPProtocol):
+    """uvicorn's HTTP protocol, whose keep-alive timer also runs from the moment a
+    connection opens: one that never sends a request is closed after
+    ``timeout_keep_alive`` like one that went quiet after a response (uvicorn starts
+    the timer only after a response, so idle sockets would hold file descriptors for
+    ever). A request's first bytes cancel it, as they cancel the keep-alive timer."""
+
+    def connection_made(self, transport) -> None:  # noqa: ANN001 - uvicorn's signature
+        super().connection_made(transport)
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+
+class AcceptErrorsOnce(logging.Filter):
+    """asyncio logs every failed ``accept`` with a traceback, thousands a second when
+    the process is out of file descriptors: one record per interval passes, saying
+    how many were held back."""
+
+    def __init__(self, interval_s: float = ACCEPT_LOG_INTERVAL_S,
+                 clock=time.monotonic) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self.clock = clock
+        self.last = -float("inf")
+        self.held = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("socket.accept() out of system resource"):
+            return True
+        now = self.clock()
+        if now - self.last < self.interval_s:
+            self.held += 1
+            return False
+        if self.held:
+            record.msg = f"{record.msg} ({self.held} more since the last report)"
+        record.exc_info = None  # the same traceback every time: once is enough
+        self.last, self.held = now, 0
+        return True
 
 
 class _DrainingServer(uvicorn.Server):
@@ -65,14 +126,24 @@ def run_server(llm: LLM, config: ServerConfig) -> int:
         view.max_request_tokens, state.limits.max_model_len,
     )
     logger.info("serving %s on http://%s:%d", config.model_name, config.host, config.port)
+    files = raise_file_limit()
+    if files < config.max_connections + 64:
+        logger.warning("%d open files allowed, fewer than --max-connections %d needs",
+                       files, config.max_connections)
+    accept_errors = AcceptErrorsOnce()
+    logging.getLogger("asyncio").addFilter(accept_errors)
     server = _DrainingServer(
         uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
-                       timeout_graceful_shutdown=5, lifespan="on"),
+                       timeout_graceful_shutdown=5, lifespan="on",
+                       limit_concurrency=config.max_connections,
+                       timeout_keep_alive=config.timeout_keep_alive,
+                       http=IdleClosingProtocol),
         state,
     )
     try:
         server.run()
     finally:
+        logging.getLogger("asyncio").removeFilter(accept_errors)
         # Ray actors (and a private local Ray) must not outlive the server.
         llm.shutdown()
     return 0

@@ -1,9 +1,11 @@
 """Checks every HTTP request passes before a route sees it, as plain ASGI middleware
 (no response buffering, so streams and disconnects reach the routes untouched):
-503 while draining, 401 without the API key, 413 for a body over the limit."""
+503 while draining, 401 without the API key, 413 for a body over the limit, 408 for a
+body that does not arrive in time."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from collections.abc import Callable
@@ -69,33 +71,38 @@ class ApiKey:
 
 class BodyLimit:
     """Bodies over ``max_bytes`` get a 413, whether announced by Content-Length or sent
-    chunked. The body is read (and dropped) to its end first, so the client, still
-    sending, reads the 413 rather than a reset connection."""
+    chunked; a body not received whole within ``read_timeout`` seconds gets a 408 (a
+    slow client holds a connection, never the server). The body is read (and dropped) to
+    its end first, so the client, still sending, reads the 413 rather than a reset
+    connection."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.read_timeout = read_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
-            return
-        length = _header(scope, b"content-length")
-        if length is not None and length.isdigit() and int(length) <= self.max_bytes:
-            await self.app(scope, receive, send)  # the server holds it to that length
             return
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body = message.get("body", b"")
-            size += len(body)
-            if size <= self.max_bytes:
-                chunks.append(body)
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(self.read_timeout):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    body = message.get("body", b"")
+                    size += len(body)
+                    if size <= self.max_bytes:
+                        chunks.append(body)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            await send_error(send, 408, f"the request body did not arrive within "
+                             f"{self.read_timeout:g} s", "request_timeout")
+            return
         if size > self.max_bytes:
             await send_error(
                 send, 413, f"the request body has {size} bytes, more than the limit of "
