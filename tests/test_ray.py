@@ -117,13 +117,19 @@ def test_what_each_actor_receives_per_decode_step_does_not_grow_with_context(
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("fault", ["killed", "unresponsive"])
+@pytest.mark.parametrize("fault", ["killed", "stopped", "stopped mid-step"])
 def test_a_dead_actor_mid_decode_loses_no_request(tiny_llama_dir, local_ray, fault, device):
-    """Instance 1 dies between decode steps (killed, so Ray reports it; or alive but deaf
-    to heartbeats, so the driver declares it dead after 2 missed ones): requests with KV
-    or home there start over on the survivors (greedy tokens as undisturbed) or, too
-    large for them, end with an error; nothing is lost, survivors' pools are full, the
-    ledger forgets instance 1."""
+    """Instance 1 dies (killed between decode steps, so Ray reports it) or stops (its
+    process SIGSTOPped, between steps or in the middle of one while its peers wait on it
+    in an exchange: it answers no heartbeat, so the driver declares it dead after 2
+    missed ones and kills it, and the peers' broken exchange is part of that failure):
+    requests with KV or home there start over on the survivors (greedy tokens as
+    undisturbed) or, too large for them, end with an error; nothing is lost, nothing
+    hangs, survivors' pools are full, the ledger forgets instance 1, and the engine
+    serves on."""
+    import os
+    import signal
+    import threading
     prompts = random_prompts(4, 5, 25, 320, seed=7)
     prompts.append(random_prompts(1, 90, 91, 320, seed=8)[0])  # needs all 3 instances
     params = SamplingParams(max_tokens=10, **GREEDY)
@@ -143,11 +149,23 @@ def test_a_dead_actor_mid_decode_loses_no_request(tiny_llama_dir, local_ray, fau
                 break
             if step == 6:
                 assert any(1 in r.block_table.owners() for r in engine.requests.values())
+                actor = engine.runner.actors[1]
+                pid = ray.get(actor.__ray_call__.remote(lambda actor: os.getpid()))
                 if fault == "killed":
                     engine.runner.kill(1)
+                elif fault == "stopped":
+                    os.kill(pid, signal.SIGSTOP)
                 else:
-                    # Busy for two minutes: deaf to heartbeats, as a stuck instance is.
-                    engine.runner.actors[1].__ray_call__.remote(lambda actor: time.sleep(120))
+                    # Its next step takes 3 s; stopped 1 s into it, its peers waiting.
+                    def slow(actor):
+                        compute = actor._compute
+                        actor._compute = lambda plan: (time.sleep(3), compute(plan))[1]
+
+                    ray.get(actor.__ray_call__.remote(slow))
+                    threading.Timer(1.0, os.kill, (pid, signal.SIGSTOP)).start()
+                began = time.monotonic()
+            if step == 7 and fault != "killed":
+                assert time.monotonic() - began < 20, "the stuck instance was not noticed"
             for out in engine.step():
                 if out.finished:
                     outputs[out.request_id] = out
@@ -167,6 +185,9 @@ def test_a_dead_actor_mid_decode_loses_no_request(tiny_llama_dir, local_ray, fau
         assert 1 not in ledger.instances and ledger.total_debt == 0
         for inst in engine.cluster.alive_instances:
             assert inst.rmanager.num_free == inst.rmanager.capacity
+        # And it serves on.
+        again = remote.generate(prompts[:2], params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in again] == want[:2]
     finally:
         engine.runner.shutdown()
 
@@ -217,12 +238,50 @@ def _named(name: str) -> bool:
     return True
 
 
-def test_a_dead_gmanager_actor_ends_the_engine_with_a_clear_error(tiny_llama_dir, local_ray):
-    """Without the gManager the ledger is gone: the next step that needs it raises
+def test_a_dead_gmanager_comes_back_with_its_ledger_and_requests_go_on(
+    tiny_llama_dir, local_ray
+):
+    """The gManager actor killed mid-decode while requests borrow: a new one starts,
+    its ledger rebuilt from every rManager's full report, and every request finishes
+    with the tokens it would have had; the ledger is balanced throughout and empty of
+    debt at the end."""
+    from infinite_llm.transport.ray_gmanager import NAMESPACE
+
+    prompts = random_prompts(3, 40, 70, 320, seed=11)  # each spans both instances
+    params = SamplingParams(max_tokens=12, **GREEDY)
+    want, _ = run_watching_owners(cluster(tiny_llama_dir, 2, "local").engine, prompts, params)
+    engine = cluster(tiny_llama_dir, 2, "ray").engine
+    first = engine.runner.gmanager.name
+    try:
+        ids = [engine.add_request(p, params).request_id for p in prompts]
+        outputs, killed = {}, False
+        while engine.has_unfinished_requests():
+            if not killed and engine.cluster.ledger().total_debt > 0:
+                ray.kill(ray.get_actor(first, namespace=NAMESPACE), no_restart=True)
+                killed = True
+            for out in engine.step():
+                if out.finished:
+                    outputs[out.request_id] = out
+            engine.cluster.ledger().check_balanced()
+        assert killed and engine.runner.gmanager.restarts == 1
+        assert engine.runner.gmanager.name != first
+        assert [outputs[i].outputs[0].token_ids for i in ids] == want
+        ledger = engine.cluster.ledger()
+        assert ledger.total_debt == 0 and all(
+            e.free == e.capacity for e in ledger.instances.values())
+    finally:
+        engine.runner.shutdown()
+
+
+def test_a_gmanager_that_cannot_be_rebuilt_ends_the_engine_with_a_clear_error(
+    tiny_llama_dir, local_ray
+):
+    """Where nothing can rebuild the ledger, the next step that needs it raises
     GManagerLost (naming the actor) instead of hanging."""
     from infinite_llm.transport.ray_gmanager import NAMESPACE, GManagerLost
 
     engine = cluster(tiny_llama_dir, 2, "ray").engine
+    engine.runner.gmanager.restore = None
     name = engine.runner.gmanager.name
     try:
         engine.add_request(random_prompts(1, 20, 21, 320, seed=5)[0], SamplingParams(max_tokens=4))

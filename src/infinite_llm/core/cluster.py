@@ -44,7 +44,7 @@ from infinite_llm.core.snapshot import (
 from infinite_llm.core.step import NewRequest, SampledToken, StepPlan, StepResult
 from infinite_llm.memory.block_pool import BlockPool, Tier, Tiers
 from infinite_llm.memory.gmanager import GManager, Ledger, max_request_blocks
-from infinite_llm.memory.rmanager import RManager, lendable
+from infinite_llm.memory.rmanager import Heartbeat, RManager, lendable
 
 logger = logging.getLogger(__name__)
 
@@ -453,6 +453,12 @@ class Cluster:
         changed = [beat for beat in beats if not beat.is_empty]
         if changed:
             self.gmanager.apply_all(changed)
+
+    def ledger_reports(self) -> list[tuple[int, int, Heartbeat]]:
+        """(instance, capacity, everything its rManager holds) of every live instance:
+        what a gManager that lost its ledger is rebuilt from (the ledger is soft state)."""
+        return [(inst.instance_id, inst.rmanager.capacity, inst.rmanager.report())
+                for inst in self.alive_instances]
 
     # -- failures ------------------------------------------------------------------------
 

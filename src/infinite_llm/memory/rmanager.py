@@ -345,6 +345,14 @@ class RManager:
             _changed(old_borrowed, borrowed),
         )
 
+    def report(self) -> Heartbeat:
+        """Everything the ledger holds of this instance, not only what changed: what a new
+        gManager is rebuilt from (``GManager.apply`` takes it like any heartbeat)."""
+        free, lent, borrowed = self.num_free, self.lent_to, self.borrowed_from
+        self._reported = (free, lent, borrowed)
+        return Heartbeat(self.instance_id, free, tuple(sorted(lent.items())),
+                         tuple(sorted(borrowed.items())))
+
     def check_integrity(self) -> None:
         """free + used + lent == capacity, the three states disjoint, the pool sound."""
         self.pool.check_integrity()

@@ -21,10 +21,12 @@ def backend_for(device: torch.device, own_gpu: bool) -> str:
 class Exchange:
     def __init__(
         self, rank: int, world_size: int, device: torch.device = torch.device("cpu"),
-        backend: str = "gloo",
+        backend: str = "gloo", instances: list[int] | None = None,
     ) -> None:
         self.rank = rank
         self.world_size = world_size
+        # The instance id of each rank, to name the peers when an exchange breaks.
+        self.instances = instances if instances is not None else list(range(world_size))
         self.device = device
         # Where the buffers must be for the backend to move them.
         self.wire = device if backend == "nccl" else torch.device("cpu")
@@ -36,5 +38,15 @@ class Exchange:
         parts = [t.reshape(-1).float() for t in send if t.numel()]
         flat = torch.cat(parts) if parts else torch.empty(0, device=self.device)
         recv = torch.empty(sum(recv_sizes), device=self.wire)
-        dist.all_to_all_single(recv, flat.to(self.wire), recv_sizes, send_sizes)
+        try:
+            dist.all_to_all_single(recv, flat.to(self.wire), recv_sizes, send_sizes)
+        except (RuntimeError, dist.DistBackendError) as error:
+            peers = [i for r, i in enumerate(self.instances) if r != self.rank]
+            raise ExchangeFailed(
+                f"instance {self.instances[self.rank]}'s exchange with instance(s) {peers} "
+                f"broke: {error}") from error
         return list(recv.to(self.device).split(recv_sizes))
+
+
+class ExchangeFailed(RuntimeError):
+    """A per-layer exchange broke: a peer died, stopped, or its connection failed."""

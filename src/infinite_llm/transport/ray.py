@@ -30,6 +30,7 @@ actors, and a dead actor's blocks are known without asking it.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
@@ -65,6 +66,8 @@ from infinite_llm.engine.sampler import Sampler
 from infinite_llm.model.checkpoint import Checkpoint, load_checkpoint
 from infinite_llm.transport.collective import Exchange, backend_for
 from infinite_llm.transport.ray_gmanager import RemoteGManager
+
+logger = logging.getLogger(__name__)
 
 # Survivors blocked on a dead peer give up after this long (gloo's default is 30 min).
 COLLECTIVE_TIMEOUT_S = 20
@@ -117,7 +120,8 @@ class InstanceActor:
             world_size=len(self.alive), timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
             device_id=self.device if self.backend == "nccl" else None,
         )
-        self.exchange = Exchange(rank, len(self.alive), self.device, self.backend)
+        self.exchange = Exchange(rank, len(self.alive), self.device, self.backend,
+                                 instances=self.alive)
         return self.rank
 
     def placement(self) -> tuple[str, str]:
@@ -128,7 +132,10 @@ class InstanceActor:
     def ready(self) -> int:
         return self.rank
 
+    @ray.method(concurrency_group="control")
     def heartbeat(self) -> int:
+        """Answered on a thread of its own, even while a step runs: silence means the
+        process itself is stopped or gone, not busy."""
         return self.rank
 
     def exchange_latency(self, floats_per_peer: int, repeats: int) -> float:
@@ -261,7 +268,8 @@ class RayRunner:
         threads = max(1, (os.cpu_count() or 1) // self.instances)
         # Spread over the nodes of a multi-node cluster; one node takes them all otherwise.
         actor = ray.remote(
-            num_cpus=0, num_gpus=self.gpus_per_actor, max_restarts=0, scheduling_strategy="SPREAD"
+            num_cpus=0, num_gpus=self.gpus_per_actor, max_restarts=0, scheduling_strategy="SPREAD",
+            concurrency_groups={"control": 1},  # heartbeats beside the one step thread
         )(InstanceActor)
         own_gpu = self.gpus_per_actor == 1
         self.actors = {
@@ -317,15 +325,9 @@ class RayRunner:
         self.last_plan_bytes = len(encoded)
         shared = ray.put(encoded)  # serialized once, read by every actor
         refs = {i: a.execute.remote(shared) for i, a in self.actors.items()}
-        results, dead, errors = {}, [], []
-        for i, ref in refs.items():
-            try:
-                results[i] = ray.get(ref)
-            except ray.exceptions.RayActorError:
-                dead.append(i)
-            except ray.exceptions.RayTaskError as error:
-                errors.append(error)  # a survivor's exchange broke with the dead peer, or a bug
+        results, dead, errors = self._collect(refs)
         if dead:
+            # A survivor's exchange broke with the dead peer: part of the same failure.
             raise self._fail(dead)
         if errors:
             raise errors[0]
@@ -344,6 +346,41 @@ class RayRunner:
         logits = torch.stack([logits_of[c.request_id] for c in sampled])
         result = self.sampler.sample(logits, sampled)
         return replace(result, move_s=moved.move_s, moved_bytes=moved.moved_bytes)
+
+    def _collect(self, refs: dict[int, ray.ObjectRef]) -> tuple[dict, list[int], list]:
+        """Every actor's answer to one step: (results, the dead, errors). No wait is
+        unbounded: while answers are due, the actors still working are pinged every
+        ``heartbeat_timeout_s`` (they answer on a thread of their own while they
+        compute), and one that misses ``max_missed_heartbeats`` in a row is stopped or
+        hung: it is killed and counted dead, and its peers, blocked in an exchange with
+        it, fail their step soon after (their errors then belong to that failure)."""
+        results, dead, errors = {}, [], []
+        pending = {ref: i for i, ref in refs.items()}
+        missed = dict.fromkeys(refs, 0)
+        timeout = self.config.heartbeat_timeout_s
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=timeout)
+            for ref in ready:
+                i = pending.pop(ref)
+                try:
+                    results[i] = ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    dead.append(i)
+                except ray.exceptions.RayTaskError as error:
+                    errors.append(error)  # an exchange broke with a dead peer, or a bug
+            working = [i for i in pending.values() if i in self.actors and i not in dead]
+            if not working:
+                continue
+            pings = {self.actors[i].heartbeat.remote(): i for i in working}
+            answered, _ = ray.wait(list(pings), num_returns=len(pings), timeout=timeout)
+            heard = {pings[ref] for ref in answered}
+            for i in working:
+                missed[i] = 0 if i in heard else missed[i] + 1
+                if missed[i] >= self.config.max_missed_heartbeats:
+                    logger.warning("instance %d did not answer %d heartbeats in a row during "
+                                   "a step: killed as stuck", i, missed[i])
+                    ray.kill(self.actors[i], no_restart=True)  # its step ends as dead
+        return results, dead, errors
 
     def exchange_latency(self, floats_per_peer: int, repeats: int = 200) -> float:
         """Mean seconds of one all-to-all among the actors (see InstanceActor)."""
@@ -381,7 +418,10 @@ def build_ray(config: EngineConfig, load: Callable[[], Checkpoint]) -> LLMEngine
             sampler_for(config, checkpoint),
             config.pooling,
         )
-        return assemble(config, checkpoint, tiers, ray_runner, ray_runner.gmanager)
+        engine = assemble(config, checkpoint, tiers, ray_runner, ray_runner.gmanager)
+        # A lost gManager is rebuilt from what the rManagers hold.
+        ray_runner.gmanager.restore = engine.cluster.ledger_reports
+        return engine
     except BaseException:
         ray_runner.shutdown()
         raise

@@ -9,14 +9,18 @@ Ray ends it with the driver that created it, if ``RayRunner.shutdown`` did not f
 
 ``RemoteGManager`` has the methods of ``GManager`` that the cluster and the rManagers
 call, each one actor call; they hold it where the in-process backend holds a plain
-``GManager``, and never know which. The ledger cannot be rebuilt from the instances'
-heartbeats alone (a heartbeat carries only what changed), so a dead or silent gManager
-actor ends the engine with ``GManagerLost`` rather than letting a step hang.
+``GManager``, and never know which. The ledger is soft state: when the actor dies or
+stops answering, a new one is started and rebuilt from a full report of every live
+rManager (``restore``, which the engine's builder points at the cluster), and the call
+is made again; requests go on unchanged. Only when that fails too (or nothing can
+restore it) does the engine end with ``GManagerLost`` rather than letting a step hang.
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -26,6 +30,20 @@ from infinite_llm.config import PoolingConfig
 from infinite_llm.memory.gmanager import GManager, Ledger
 from infinite_llm.memory.rmanager import Heartbeat
 
+
+def _start_actor(pooling: PoolingConfig) -> tuple[str, Any]:
+    """A new named gManager actor, on the driver's node when it can be."""
+    name = f"gmanager-{uuid.uuid4().hex}"
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    actor = (
+        ray.remote(GManager)
+        .options(name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=0,
+                 scheduling_strategy=here)
+        .remote(config=pooling)
+    )
+    return name, actor
+
+logger = logging.getLogger(__name__)
 NAMESPACE = "infinite_llm"
 # A gManager call is a dict update or a pass over a short list: an answer this late means
 # the actor's process or node is gone even if Ray has not said so yet.
@@ -38,34 +56,61 @@ class GManagerLost(RuntimeError):
 
 
 class RemoteGManager:
-    """A ``GManager`` in a named Ray actor: the same methods, each ``ray.get`` of one call."""
+    """A ``GManager`` in a named Ray actor: the same methods, each ``ray.get`` of one call.
+    ``restore``: (instance, capacity, full heartbeat) of every live instance, to rebuild
+    a new actor's ledger from when this one is lost."""
 
-    def __init__(self, actor: Any, name: str) -> None:
+    def __init__(self, actor: Any, name: str, pooling: PoolingConfig) -> None:
         self.actor = actor
         self.name = name
+        self.pooling = pooling
+        self.restore: Callable[[], list[tuple[int, int, Heartbeat]]] | None = None
+        self.restarts = 0
 
     @classmethod
     def start(cls, pooling: PoolingConfig) -> RemoteGManager:
         """Create this cluster's gManager actor (empty: the cluster registers instances)."""
-        name = f"gmanager-{uuid.uuid4().hex}"
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        actor = (
-            ray.remote(GManager)
-            .options(name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=0,
-                     scheduling_strategy=here)
-            .remote(config=pooling)
-        )
-        return cls(actor, name)
+        name, actor = _start_actor(pooling)
+        return cls(actor, name, pooling)
 
     def _call(self, method: str, *args: Any) -> Any:
         try:
-            return ray.get(getattr(self.actor, method).remote(*args), timeout=GMANAGER_TIMEOUT_S)
+            return self._get(method, *args)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as error:
-            raise GManagerLost(
-                f"the gManager actor {self.name!r} (Ray namespace {NAMESPACE!r}) died or did "
-                f"not answer {method}() within {GMANAGER_TIMEOUT_S} s; the debt ledger is "
-                "lost, so this engine cannot go on: shut it down and start a new one"
-            ) from error
+            if self.restore is None:
+                raise self._lost(method, "nothing can rebuild its ledger") from error
+            lost = self.name
+            try:
+                self._restart()
+                answer = self._get(method, *args)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as again:
+                raise self._lost(method, "and a new one failed too") from again
+            logger.warning("the gManager actor %r was lost (%s); %r took its place, its "
+                           "ledger rebuilt from every live instance", lost, error, self.name)
+            return answer
+
+    def _get(self, method: str, *args: Any) -> Any:
+        return ray.get(getattr(self.actor, method).remote(*args), timeout=GMANAGER_TIMEOUT_S)
+
+    def _restart(self) -> None:
+        """A new actor, its ledger rebuilt from the rManagers' full reports."""
+        try:
+            ray.kill(self.actor, no_restart=True)  # one that only stopped answering
+        except Exception:  # noqa: BLE001 - it is gone either way
+            pass
+        reports = self.restore()
+        self.name, self.actor = _start_actor(self.pooling)
+        self.restarts += 1
+        ray.get([self.actor.register.remote(iid, capacity) for iid, capacity, _ in reports],
+                timeout=GMANAGER_TIMEOUT_S)
+        self._get("apply_all", [beat for _, _, beat in reports])
+
+    def _lost(self, method: str, why: str) -> GManagerLost:
+        return GManagerLost(
+            f"the gManager actor {self.name!r} (Ray namespace {NAMESPACE!r}) died or did "
+            f"not answer {method}() within {GMANAGER_TIMEOUT_S} s, {why}; the debt "
+            "ledger is lost, so this engine cannot go on: shut it down and start a new one"
+        )
 
     def register(self, instance_id: int, capacity: int) -> None:
         self._call("register", instance_id, capacity)
