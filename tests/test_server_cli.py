@@ -161,6 +161,11 @@ def test_every_default_is_stated_once_in_the_config():
     assert (args.host, args.port, args.uvicorn_log_level, args.drain_timeout) == (
         ServerConfig.host, ServerConfig.port, ServerConfig.log_level, ServerConfig.drain_timeout)
     assert parse_memory_size(args.max_body_size) == ServerConfig.max_body_bytes
+    # Every server flag's default is ServerConfig's, under the field's name.
+    from infinite_llm.cli import _SERVER_FLAGS
+
+    assert {name: getattr(args, name) for name in _SERVER_FLAGS} == {
+        name: getattr(ServerConfig, name) for name in _SERVER_FLAGS}
     with pytest.raises(TypeError, match="unknown option.*kv_cache_mem\\b"):
         EngineConfig.from_options("m", kv_cache_mem="1GiB")
     with pytest.raises(ValueError, match="backend must be one of"):
@@ -175,3 +180,11 @@ def test_a_bad_flag_is_refused_before_the_model_loads():
     )
     assert result.returncode == 2
     assert "cannot parse memory size 'lots'" in result.stderr
+    # A limit out of range names its flag, before anything loads.
+    result = subprocess.run(
+        [sys.executable, "-m", "infinite_llm.cli", "serve", "no-such-model",
+         "--max-connections", "0"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "--max-connections must be at least 1" in result.stderr

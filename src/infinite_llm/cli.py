@@ -742,18 +742,25 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 # The remedies of a refused request, named as flags (the engine names its arguments).
-_CLI_NAMES = {
-    "max_tokens": "--max-tokens",
-    "kv_cache_memory": "--kv-cache-memory",
-    "instances": "--instances",
-    "kv_pooling": "leave out --no-kv-pooling",
-}
+class _Flags(dict):
+    """An option's name as this CLI's flag (``max_tokens``: ``--max-tokens``), for the
+    remedies an error names (``RequestTooLarge.render``)."""
+
+    def __missing__(self, name: str) -> str:
+        return "leave out --no-kv-pooling" if name == "kv_pooling" else "--" + name.replace("_", "-")
 
 
+_CLI_NAMES = _Flags()
+# ServerConfig's fields that are flags under the same name.
+_SERVER_FLAGS = (
+    "api_key", "drain_timeout", "max_prompt_chars", "max_completions_per_request",
+    "max_output_tokens_per_request", "max_stop_strings", "max_stop_string_chars",
+    "max_connections", "timeout_keep_alive", "request_read_timeout",
+)
 # Options a message may name that are flags here under the same name (--max-tokens for
 # max_tokens): those whose names cannot be plain words of a sentence.
-_FLAG_NAMED = tuple(name for name in (*_ENGINE_FLAGS, "max_tokens", "top_p", "top_k")
-                    if "_" in name)
+_FLAG_NAMED = tuple(name for name in (*_ENGINE_FLAGS, *_SERVER_FLAGS, "max_tokens", "top_p",
+                                      "top_k") if "_" in name)
 _OPTION_NAME = re.compile(r"(?<![\w-])(" + "|".join(_FLAG_NAMED) + r")\b")
 
 

@@ -27,6 +27,6 @@ class RequestTooLarge(ValueError):
     def render(self, names: Mapping[str, str]) -> str:
         if not self.remedies:
             return self.reason
-        fixes = [r.format(**names) for r in self.remedies]
+        fixes = [r.format_map(names) for r in self.remedies]
         joined = fixes[0] if len(fixes) == 1 else ", ".join(fixes[:-1]) + " or " + fixes[-1]
         return f"{self.reason}; {joined}"
