@@ -39,8 +39,11 @@ if TYPE_CHECKING:
 
 _ERRORS = {status: {"model": p.ErrorResponse} for status in (400, 401, 404, 408, 413, 503)}
 _STATIC = Path(__file__).parent / "static"
-# Bodies longer than this are parsed on a worker thread: a 15 MB prompt's JSON would
-# hold the event loop (and every other client) for a few hundred milliseconds.
+# The dashboard's page may load only what this server serves.
+_PAGE_POLICY = ("default-src 'self'; img-src 'self' data:; style-src 'self'; "
+                "script-src 'self'; connect-src 'self'; frame-ancestors 'none'")
+# Bodies longer than this are parsed on a worker thread: on the event loop, parsing a
+# 15 MB prompt's JSON would hold every other client while it runs.
 _PARSE_OFF_LOOP_BYTES = 256 << 10
 
 
@@ -54,16 +57,13 @@ class _OffLoopJson(APIRoute):
         async def route(request: Request) -> Response:
             body = await request.body()
             if len(body) > _PARSE_OFF_LOOP_BYTES:
-                try:
+                try:  # Starlette's cache of the parsed body, which FastAPI reads
                     request._json = await asyncio.to_thread(json.loads, body)
                 except ValueError:
                     pass  # FastAPI parses it again and answers with the error
             return await handler(request)
 
         return route
-# The dashboard's page may load only what this server serves.
-_PAGE_POLICY = ("default-src 'self'; img-src 'self' data:; style-src 'self'; "
-                "script-src 'self'; connect-src 'self'; frame-ancestors 'none'")
 
 
 class ServerState:
