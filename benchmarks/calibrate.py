@@ -50,18 +50,18 @@ METRICS = ("duration", "request_throughput", "output_throughput", "mean_ttft_ms"
            "mean_tpot_ms", "mean_itl_ms", "mean_e2el_ms")
 
 
-def requests_of(args) -> list[BenchRequest]:
+def requests_of(args, vocab_size: int) -> list[BenchRequest]:
     """The chosen workload's requests (``infinite_llm.bench``'s datasets; mixed is
-    ``mixed.py``'s, all at once)."""
+    ``mixed.py``'s, all at once), token ids within the model's vocabulary."""
     if args.workload == "mixed":
         prompts, outputs = mixed_workload(48, 3, 700, 64)
         return [BenchRequest(p, n, 0.0) for p, n in zip(prompts, outputs)]
     if args.workload in ("w1", "w2"):
-        return Dataset(args.workload).requests()[0]
+        return Dataset(args.workload).requests(vocab_size=vocab_size)[0]
     dataset = Dataset("trace", args.num_prompts, args.trace, length_scale=args.length_scale,
                       request_rate=args.request_rate or float("inf"),
                       fixed_schedule=args.request_rate is None, seed=args.seed)
-    return dataset.requests()[0]
+    return dataset.requests(vocab_size=vocab_size)[0]
 
 
 class StepLog:
@@ -179,7 +179,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.workload == "trace" and not args.trace:
         parser.error("--workload trace needs --trace FILE")
-    requests = requests_of(args)
     model = CostModel.load(args.cost_model)
     probes: list[tuple[float, float]] = []
     pooling = pooling_for(args.mode, args.cost_model)
@@ -189,6 +188,7 @@ def main() -> None:
                   admission_output_reserve=args.admission_output_reserve)
     try:
         engine = llm.engine
+        requests = requests_of(args, engine.model_config.vocab_size)
         measure(engine, [BenchRequest(requests[0].prompt_token_ids[:32], 2, 0.0)])  # warm-up
         log = StepLog(engine, MeasuredClock(model, parallel=args.backend == "ray"))
         snapshot = engine.snapshot()

@@ -259,3 +259,40 @@ def test_a_decode_point_times_its_whole_batch_when_prompts_take_several_steps(ti
     assert decoded[-3:] == [4, 4, 4]
     assert point.batch == 4 and point.context_tokens >= 4 * 40
     assert engine.snapshot().pools_full
+
+
+def test_calibrate_runs_a_trace_for_real_and_simulated_with_the_probe(tiny_llama_dir, tmp_path):
+    """benchmarks/calibrate.py end to end on a tiny model: the profile's probe timed again
+    beside the runs, each metric measured and simulated (raw and at the probe's speed),
+    each real step priced."""
+    from pathlib import Path
+
+    profile = tmp_path / "cost.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "infinite_llm.cli", "profile", "--model", str(tiny_llama_dir),
+         "--out", str(profile), "--batches", "1", "4", "--contexts", "16", "64", "--steps", "2",
+         "--prefills", "32", "128", "--prefill-prompts", "1", "2", "--rounds", "2",
+         "--kv-cache-memory", "64MiB", "--dtype", "float32"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "the probe" in done.stdout and len(CostModel.load(profile).source["probe_s"]) == 2
+    trace = tmp_path / "trace.csv"
+    trace.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n" + "".join(
+        f"{0.05 * i},{20 + 7 * i},{4 + i % 3}\n" for i in range(8)))
+    out = tmp_path / "cal.json"
+    script = Path(__file__).parents[1] / "benchmarks" / "calibrate.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--model", str(tiny_llama_dir), "--cost-model", str(profile),
+         "--workload", "trace", "--trace", str(trace), "--num-prompts", "8", "--instances", "2",
+         "--tokens-each", "4096", "--repeats", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "probe: decode steps" in done.stdout and "at the probe's speed" in done.stdout
+    result = json.loads(out.read_text())
+    assert len(result["measured"]) == 2 and len(result["speed"]) == 2
+    assert all(s > 0 for s in result["speed"])
+    for key in ("duration", "mean_ttft_ms", "mean_tpot_ms", "mean_e2el_ms"):
+        assert result["simulated"][key] > 0 and result["simulated_at_speed"][key] > 0
+    assert "decode" in done.stdout  # each real step priced, by kind
