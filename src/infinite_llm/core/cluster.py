@@ -434,6 +434,7 @@ class Cluster:
         if not 0 < steps <= self.steady_steps(plan, token_id):
             raise ValueError(f"{steps} steps are not all steady after this plan")
         self._steps += steps
+        self.migrator.step += steps  # its clock, as each plan's advance() would move it
         for chunk in plan.chunks:
             request = self.requests[chunk.request_id]
             request.num_computed_tokens += steps
