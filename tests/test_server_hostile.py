@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 
-import httpx
 import pytest
 
 from test_server_cli import ServerProcess, assert_openai_error
