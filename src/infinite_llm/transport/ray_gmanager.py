@@ -30,6 +30,17 @@ from infinite_llm.config import PoolingConfig
 from infinite_llm.memory.gmanager import GManager, Ledger
 from infinite_llm.memory.rmanager import Heartbeat
 
+logger = logging.getLogger(__name__)
+NAMESPACE = "infinite_llm"
+# A gManager call is a dict update or a pass over a short list: an answer this late means
+# the actor's process or node is gone even if Ray has not said so yet.
+GMANAGER_TIMEOUT_S = 60
+
+
+class GManagerLost(RuntimeError):
+    """The gManager actor died or stopped answering: the debt ledger is gone, and the
+    engine cannot go on without it."""
+
 
 def _start_actor(pooling: PoolingConfig) -> tuple[str, Any]:
     """A new named gManager actor, on the driver's node when it can be."""
@@ -42,17 +53,6 @@ def _start_actor(pooling: PoolingConfig) -> tuple[str, Any]:
         .remote(config=pooling)
     )
     return name, actor
-
-logger = logging.getLogger(__name__)
-NAMESPACE = "infinite_llm"
-# A gManager call is a dict update or a pass over a short list: an answer this late means
-# the actor's process or node is gone even if Ray has not said so yet.
-GMANAGER_TIMEOUT_S = 60
-
-
-class GManagerLost(RuntimeError):
-    """The gManager actor died or stopped answering: the debt ledger is gone, and the
-    engine cannot go on without it."""
 
 
 class RemoteGManager:
