@@ -14,7 +14,6 @@ history is sampled on the event loop from the engine thread's latest snapshot.
 
 from __future__ import annotations
 
-import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -22,23 +21,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from infinite_llm.core.dgfm import debt_graph
-from infinite_llm.core.snapshot import ClusterSnapshot
+from infinite_llm.core.snapshot import ClusterSnapshot, MigrationEvent
 from infinite_llm.server.metrics import KINDS, Recent
+from infinite_llm.workload.summary import percentile
 
 QUANTILES = (0.5, 0.9, 0.99)
 LONGEST_REQUESTS = 20  # rows of the requests table
 
 
 def quantile(values: list[float], q: float) -> float | None:
-    """The ``q`` quantile by linear interpolation between order statistics (numpy's
+    """The ``q`` quantile (``workload.summary.percentile``'s interpolation, numpy's
     default); None without values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    at = q * (len(ordered) - 1)
-    low = math.floor(at)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (at - low)
+    return percentile(values, 100 * q) if values else None
 
 
 def debts(view: ClusterSnapshot) -> list[dict[str, Any]]:
@@ -87,7 +81,7 @@ class Dashboard:
         keep = max(2, int(history_s / period_s))
         self._samples: deque[_Sample] = deque(maxlen=keep)
         self._points: deque[dict[str, Any]] = deque(maxlen=keep)
-        self._seen: dict[tuple, float] = {}  # migration event -> when first sampled
+        self._seen: dict[MigrationEvent, float] = {}  # when each was first sampled
 
     def sample(self) -> None:
         """One point of the history: rates since the previous sample, quantiles over the
@@ -119,7 +113,7 @@ class Dashboard:
         self._points.append(point)
 
     def _note_events(self, view: ClusterSnapshot, now: float) -> None:
-        recent = {_event_key(e) for e in view.migration.recent}
+        recent = set(view.migration.recent)
         self._seen = {k: t for k, t in self._seen.items() if k in recent}
         for key in recent:
             self._seen.setdefault(key, now)
@@ -151,7 +145,7 @@ class Dashboard:
         events = [
             {"kind": e.kind, "outcome": e.outcome, "request_id": e.request_id,
              "source": e.source, "target": e.target, "blocks": e.blocks, "step": e.step,
-             "age_s": now - self._seen.get(_event_key(e), now)}
+             "age_s": now - self._seen.get(e, now)}
             for e in reversed(view.migration.recent)
         ]
         m = view.migration
@@ -180,7 +174,3 @@ class Dashboard:
                        for p in self._points],
         }
 
-
-def _event_key(event) -> tuple:
-    return (event.step, event.kind, event.outcome, event.request_id, event.source,
-            event.target, event.blocks)
