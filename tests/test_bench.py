@@ -254,6 +254,28 @@ def test_the_offline_runner_keeps_arrivals_and_the_concurrency_limit():
     assert engine.most_running == 2  # the first two at once, the last after they ended
 
 
+def test_the_offline_runner_times_a_request_from_its_arrival_not_the_next_step():
+    """A request arriving during a step waits for the step's end: that wait is latency
+    the engine causes, so it counts in the TTFT as under a server (and the simulator)."""
+    import time as clock
+
+    from infinite_llm.bench import offline
+    from infinite_llm.bench.datasets import BenchRequest
+
+    class SlowSteps(_FakeEngine):
+        def step(self):
+            clock.sleep(0.2)
+            return super().step()
+
+    requests = [BenchRequest([1] * 10, 3, 0.0), BenchRequest([1] * 10, 2, 0.05)]
+    results, _ = offline.run(SlowSteps(), requests, progress=False)
+    assert results[1].sent_s == 0.05
+    assert results[1].token_times[0] - results[1].sent_s >= 0.15 + 0.2  # the wait + its step
+    # Under a concurrency limit a request is sent when a slot frees, not when it arrived.
+    results, _ = offline.run(SlowSteps(), requests, max_concurrency=1, progress=False)
+    assert results[1].sent_s == results[0].token_times[-1]
+
+
 def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "infinite_llm.cli", *args],
                           capture_output=True, text=True, timeout=timeout)

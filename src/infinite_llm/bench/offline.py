@@ -29,6 +29,7 @@ def run(
     pending = deque(sorted(range(len(requests)), key=lambda i: requests[i].arrival_s))
     by_id: dict[str, int] = {}
     bar = tqdm(total=len(requests), disable=not progress, desc="requests")
+    freed_s = 0.0  # when a slot last freed while all max_concurrency were taken
     start = time.perf_counter()
     while pending or by_id:
         now = time.perf_counter() - start
@@ -37,7 +38,9 @@ def run(
             i = pending.popleft()
             params = SamplingParams(max_tokens=requests[i].output_tokens, temperature=0.0,
                                     ignore_eos=ignore_eos)
-            results[i].sent_s = now
+            # Sent when it arrived, as a client would send it (the wait for the next step
+            # boundary is the engine's latency), or when a slot freed for it.
+            results[i].sent_s = max(requests[i].arrival_s, freed_s)
             try:
                 by_id[engine.add_request(requests[i].prompt_token_ids, params).request_id] = i
             except ValueError as error:  # too long for the cluster: this request fails
@@ -47,6 +50,7 @@ def run(
             if pending:
                 time.sleep(max(0.0, requests[pending[0]].arrival_s - now))
             continue
+        full = max_concurrency is not None and len(by_id) >= max_concurrency
         outputs = engine.step()
         now = time.perf_counter() - start
         for output in outputs:
@@ -62,5 +66,7 @@ def run(
                 if output.metrics is not None:
                     result.remote_kv_share = output.metrics.remote_kv_share
                     result.migration_stall_s = output.metrics.migration_stall_s
+        if full and len(by_id) < max_concurrency:
+            freed_s = now
     bar.close()
     return results, time.perf_counter() - start
