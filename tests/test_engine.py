@@ -181,6 +181,19 @@ def test_unknown_model_and_bad_memory_sizes():
             parse_memory_size(bad)
 
 
+@pytest.mark.parametrize("field, bad, message", [
+    ("heartbeat_timeout_s", 0, "heartbeat_timeout_s must be positive"),
+    ("max_missed_heartbeats", 0, "max_missed_heartbeats must be at least 1"),
+    ("step_timeout_factor", 0.5, "step_timeout_factor must be at least 1"),
+    ("step_timeout_min_s", -1, "step_timeout_min_s must be positive"),
+])
+def test_bad_ray_failure_settings_are_refused(field, bad, message):
+    from infinite_llm.config import EngineConfig
+
+    with pytest.raises(ValueError, match=message):
+        EngineConfig.from_options("m", **{field: bad})
+
+
 def test_abort_frees_blocks_and_returns_a_final_output(llm):
     engine = llm.engine
     request = engine.add_request(prompts_of([40], seed=9)[0], GREEDY)

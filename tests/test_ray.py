@@ -117,12 +117,14 @@ def test_what_each_actor_receives_per_decode_step_does_not_grow_with_context(
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("fault", ["killed", "stopped", "stopped mid-step"])
+@pytest.mark.parametrize("fault", ["killed", "stopped", "stopped mid-step", "hung mid-step"])
 def test_a_dead_actor_mid_decode_loses_no_request(tiny_llama_dir, local_ray, fault, device):
     """Instance 1 dies (killed between decode steps, so Ray reports it) or stops (its
     process SIGSTOPped, between steps or in the middle of one while its peers wait on it
     in an exchange: it answers no heartbeat, so the driver declares it dead after 2
-    missed ones and kills it, and the peers' broken exchange is part of that failure):
+    missed ones and kills it, and the peers' broken exchange is part of that failure) or
+    hangs in the middle of a step while it still answers heartbeats (computing, not
+    waiting on its peers, past the step's deadline: killed as stuck):
     requests with KV or home there start over on the survivors (greedy tokens as
     undisturbed) or, too large for them, end with an error; nothing is lost, nothing
     hangs, survivors' pools are full, the ledger forgets instance 1, and the engine
@@ -138,7 +140,7 @@ def test_a_dead_actor_mid_decode_loses_no_request(tiny_llama_dir, local_ray, fau
 
     remote = cluster(
         tiny_llama_dir, 3, "ray", device,
-        heartbeat_timeout_s=0.5, max_missed_heartbeats=2,
+        heartbeat_timeout_s=0.5, max_missed_heartbeats=2, step_timeout_min_s=2.0,
     )
     engine = remote.engine
     try:
@@ -155,7 +157,7 @@ def test_a_dead_actor_mid_decode_loses_no_request(tiny_llama_dir, local_ray, fau
                     engine.runner.kill(1)
                 elif fault == "stopped":
                     os.kill(pid, signal.SIGSTOP)
-                else:
+                elif fault == "stopped mid-step":
                     # Its next step takes 3 s; stopped 1 s into it, its peers waiting.
                     def slow(actor):
                         compute = actor._compute
@@ -163,6 +165,12 @@ def test_a_dead_actor_mid_decode_loses_no_request(tiny_llama_dir, local_ray, fau
 
                     ray.get(actor.__ray_call__.remote(slow))
                     threading.Timer(1.0, os.kill, (pid, signal.SIGSTOP)).start()
+                else:
+                    # Its next step never ends, while it answers every heartbeat.
+                    def hang(actor):
+                        actor._compute = lambda plan: time.sleep(3600)
+
+                    ray.get(actor.__ray_call__.remote(hang))
                 began = time.monotonic()
             if step == 7 and fault != "killed":
                 assert time.monotonic() - began < 20, "the stuck instance was not noticed"

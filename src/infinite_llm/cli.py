@@ -118,6 +118,26 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
         help="Ray cluster to join with --backend ray, e.g. auto (default: start a private "
         "local Ray on 127.0.0.1)",
     )
+    group.add_argument(
+        "--heartbeat-timeout-s", type=float, default=option_default("heartbeat_timeout_s"),
+        help="with --backend ray: seconds an actor has to answer a heartbeat "
+        "(default: %(default)s)",
+    )
+    group.add_argument(
+        "--max-missed-heartbeats", type=int, default=option_default("max_missed_heartbeats"),
+        help="with --backend ray: heartbeats missed in a row before an actor is declared "
+        "dead (default: %(default)s)",
+    )
+    group.add_argument(
+        "--step-timeout-factor", type=float, default=option_default("step_timeout_factor"),
+        help="with --backend ray: an actor still computing a step after this many times "
+        "its expected time is stuck, killed and recovered as dead (default: %(default)s)",
+    )
+    group.add_argument(
+        "--step-timeout-min-s", type=float, default=option_default("step_timeout_min_s"),
+        help="with --backend ray: the least time a step is given before that "
+        "(default: %(default)s)",
+    )
 
 
 # The flags above, by the option each sets (LLM's keyword arguments).
@@ -126,7 +146,8 @@ _ENGINE_FLAGS = (
     "max_model_len", "max_num_batched_tokens", "max_num_seqs", "admission_output_reserve",
     "seed", "instances",
     "kv_pooling", "max_lend_fraction", "planner_period", "cost_model", "dgfm_period",
-    "migration_tokens_per_step", "backend", "ray_address",
+    "migration_tokens_per_step", "backend", "ray_address", "heartbeat_timeout_s",
+    "max_missed_heartbeats", "step_timeout_factor", "step_timeout_min_s",
 )
 
 

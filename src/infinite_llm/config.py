@@ -195,15 +195,21 @@ class PoolingConfig:
 class RayConfig:
     """The Ray backend: which cluster to join and when an instance counts as dead.
 
-    Before each step the driver pings every actor; one that does not answer within
-    ``heartbeat_timeout_s`` misses a heartbeat, and after ``max_missed_heartbeats`` in a
-    row it is declared dead (killed, and its requests recovered), as when Ray itself
-    reports the actor died.
+    Before each step, and every ``heartbeat_timeout_s`` while one runs, the driver pings
+    every actor; one that does not answer within ``heartbeat_timeout_s`` misses a
+    heartbeat, and after ``max_missed_heartbeats`` in a row it is declared dead (killed,
+    and its requests recovered), as when Ray itself reports the actor died. An actor that
+    answers but whose step runs past its deadline while it computes (not waiting on a
+    peer in an exchange) is stuck and declared dead the same way: the deadline is
+    ``step_timeout_factor`` times the step's expected time (its tokens at the slowest
+    pace per token of the recent steps), and never under ``step_timeout_min_s``.
     """
 
     address: str | None = None  # None: a private local Ray on 127.0.0.1
     heartbeat_timeout_s: float = 5.0
     max_missed_heartbeats: int = 3
+    step_timeout_factor: float = 20.0
+    step_timeout_min_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not self.heartbeat_timeout_s > 0:
@@ -212,6 +218,10 @@ class RayConfig:
             raise ValueError(
                 f"max_missed_heartbeats must be at least 1, got {self.max_missed_heartbeats}"
             )
+        if not self.step_timeout_factor >= 1:
+            raise ValueError(f"step_timeout_factor must be at least 1, got {self.step_timeout_factor}")
+        if not self.step_timeout_min_s > 0:
+            raise ValueError(f"step_timeout_min_s must be positive, got {self.step_timeout_min_s}")
 
 
 BACKENDS = ("local", "ray")
@@ -371,6 +381,8 @@ OPTIONS = {
     "ray_address": "parallel.ray.address",
     "heartbeat_timeout_s": "parallel.ray.heartbeat_timeout_s",
     "max_missed_heartbeats": "parallel.ray.max_missed_heartbeats",
+    "step_timeout_factor": "parallel.ray.step_timeout_factor",
+    "step_timeout_min_s": "parallel.ray.step_timeout_min_s",
     "kv_pooling": "pooling.enabled",
     "max_lend_fraction": "pooling.max_lend_fraction",
     "migration_tokens_per_step": "pooling.migration_tokens_per_step",

@@ -59,8 +59,8 @@ class LLM:
       isolated replicas;
     - ``backend`` ("local": every instance in this process; "ray": one Ray actor per
       instance and the gManager as a named actor, joining ``ray_address`` or a private
-      local Ray; ``heartbeat_timeout_s``, ``max_missed_heartbeats`` say when an actor
-      counts as dead);
+      local Ray; ``heartbeat_timeout_s``, ``max_missed_heartbeats``,
+      ``step_timeout_factor``, ``step_timeout_min_s`` say when an actor counts as dead);
     - ``check_integrity``: check pools and ledger whenever the engine goes idle (debug).
 
     ``LLM.from_config(EngineConfig(...))`` takes a whole config instead.

@@ -30,6 +30,7 @@ class Exchange:
         self.device = device
         # Where the buffers must be for the backend to move them.
         self.wire = device if backend == "nccl" else torch.device("cpu")
+        self.waiting = False  # in an exchange, waiting on peers (read by heartbeats)
 
     def __call__(self, send: list[torch.Tensor], recv_sizes: list[int]) -> list[torch.Tensor]:
         """send[j]: the flat buffer for peer j (on ``device``); returns the buffer received
@@ -38,6 +39,7 @@ class Exchange:
         parts = [t.reshape(-1).float() for t in send if t.numel()]
         flat = torch.cat(parts) if parts else torch.empty(0, device=self.device)
         recv = torch.empty(sum(recv_sizes), device=self.wire)
+        self.waiting = True
         try:
             dist.all_to_all_single(recv, flat.to(self.wire), recv_sizes, send_sizes)
         except (RuntimeError, dist.DistBackendError) as error:
@@ -45,6 +47,8 @@ class Exchange:
             raise ExchangeFailed(
                 f"instance {self.instances[self.rank]}'s exchange with instance(s) {peers} "
                 f"broke: {error}") from error
+        finally:
+            self.waiting = False
         return list(recv.to(self.device).split(recv_sizes))
 
 

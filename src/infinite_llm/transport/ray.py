@@ -35,6 +35,7 @@ import math
 import os
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
@@ -99,6 +100,7 @@ class InstanceActor:
         self.layout = KVLayout.for_model(config, block_size, dtype, self.device)
         self.tables = KVTables()
         self.alive: list[int] = []
+        self.exchange: Exchange | None = None
 
     def endpoint(self) -> str:
         """host:port where a new tensor group can meet (asked of the lowest alive instance)."""
@@ -133,10 +135,11 @@ class InstanceActor:
         return self.rank
 
     @ray.method(concurrency_group="control")
-    def heartbeat(self) -> int:
+    def heartbeat(self) -> bool:
         """Answered on a thread of its own, even while a step runs: silence means the
-        process itself is stopped or gone, not busy."""
-        return self.rank
+        process itself is stopped or gone, not busy. Says whether its step is waiting on
+        peers in an exchange (rather than computing)."""
+        return self.exchange is not None and self.exchange.waiting
 
     def exchange_latency(self, floats_per_peer: int, repeats: int) -> float:
         """Seconds per all-to-all of ``floats_per_peer`` to every peer (every instance must
@@ -253,6 +256,7 @@ class RayRunner:
         self.actors: dict[int, ray.actor.ActorHandle] = {}
         self.gmanager: RemoteGManager | None = None
         self.last_plan_bytes = 0  # what each actor received in the last step
+        self._pace: deque[float] = deque(maxlen=64)  # recent steps' seconds per token
         try:
             self.device, self.gpus_per_actor = _placement(device, instances)
         except ValueError:
@@ -324,13 +328,16 @@ class RayRunner:
         encoded = encode_plan(plan)
         self.last_plan_bytes = len(encoded)
         shared = ray.put(encoded)  # serialized once, read by every actor
+        tokens = max(1, sum(c.num_tokens for c in plan.chunks))
+        start = time.monotonic()
         refs = {i: a.execute.remote(shared) for i, a in self.actors.items()}
-        results, dead, errors = self._collect(refs)
+        results, dead, errors = self._collect(refs, self._deadline(tokens))
         if dead:
             # A survivor's exchange broke with the dead peer: part of the same failure.
             raise self._fail(dead)
         if errors:
             raise errors[0]
+        self._pace.append((time.monotonic() - start) / tokens)
         logits_of: dict[str, torch.Tensor] = {}
         for home, (logits, _, _) in results.items():
             sampling = [c for c in plan.chunks if c.home == home and c.sample]
@@ -347,17 +354,29 @@ class RayRunner:
         result = self.sampler.sample(logits, sampled)
         return replace(result, move_s=moved.move_s, moved_bytes=moved.moved_bytes)
 
-    def _collect(self, refs: dict[int, ray.ObjectRef]) -> tuple[dict, list[int], list]:
+    def _deadline(self, tokens: int) -> float:
+        """Seconds a step of ``tokens`` may take before an actor still computing it is
+        stuck: ``step_timeout_factor`` times its tokens at the slowest recent pace, at
+        least ``step_timeout_min_s``."""
+        expected = tokens * max(self._pace, default=0.0)
+        return max(self.config.step_timeout_min_s, self.config.step_timeout_factor * expected)
+
+    def _collect(
+        self, refs: dict[int, ray.ObjectRef], deadline_s: float,
+    ) -> tuple[dict, list[int], list]:
         """Every actor's answer to one step: (results, the dead, errors). No wait is
         unbounded: while answers are due, the actors still working are pinged every
         ``heartbeat_timeout_s`` (they answer on a thread of their own while they
-        compute), and one that misses ``max_missed_heartbeats`` in a row is stopped or
-        hung: it is killed and counted dead, and its peers, blocked in an exchange with
-        it, fail their step soon after (their errors then belong to that failure)."""
-        results, dead, errors = {}, [], []
+        compute). One that misses ``max_missed_heartbeats`` in a row is stopped or hung,
+        and one still computing (not waiting on peers in an exchange) after
+        ``deadline_s`` is stuck: either is killed and counted dead, and its peers,
+        blocked in an exchange with it, fail their step soon after (their errors then
+        belong to that failure)."""
+        results, dead, errors, killed = {}, [], [], set()
         pending = {ref: i for i, ref in refs.items()}
         missed = dict.fromkeys(refs, 0)
         timeout = self.config.heartbeat_timeout_s
+        start = time.monotonic()
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=timeout)
             for ref in ready:
@@ -368,18 +387,31 @@ class RayRunner:
                     dead.append(i)
                 except ray.exceptions.RayTaskError as error:
                     errors.append(error)  # an exchange broke with a dead peer, or a bug
-            working = [i for i in pending.values() if i in self.actors and i not in dead]
+            working = [i for i in pending.values() if i in self.actors and i not in killed]
             if not working:
                 continue
             pings = {self.actors[i].heartbeat.remote(): i for i in working}
             answered, _ = ray.wait(list(pings), num_returns=len(pings), timeout=timeout)
-            heard = {pings[ref] for ref in answered}
+            waiting = {}  # instance -> whether it waits on peers (those that answered)
+            for ref in answered:
+                try:
+                    waiting[pings[ref]] = ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    pass  # died since: its step's answer says so
+            late = time.monotonic() - start > deadline_s
             for i in working:
-                missed[i] = 0 if i in heard else missed[i] + 1
+                missed[i] = 0 if i in waiting else missed[i] + 1
                 if missed[i] >= self.config.max_missed_heartbeats:
                     logger.warning("instance %d did not answer %d heartbeats in a row during "
                                    "a step: killed as stuck", i, missed[i])
-                    ray.kill(self.actors[i], no_restart=True)  # its step ends as dead
+                elif late and waiting.get(i) is False:
+                    logger.warning("instance %d was still computing a step %.1f s after it "
+                                   "began (deadline %.1f s): killed as stuck", i,
+                                   time.monotonic() - start, deadline_s)
+                else:
+                    continue
+                ray.kill(self.actors[i], no_restart=True)  # its step ends as dead
+                killed.add(i)
         return results, dead, errors
 
     def exchange_latency(self, floats_per_peer: int, repeats: int = 200) -> float:
