@@ -60,11 +60,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def descendants(pid: int) -> list[int]:
+    """The process and every process under it (an engine or workers of its own)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue  # ended meanwhile
+            children.setdefault(parent, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
 def proc_numbers(pid: int) -> tuple[float, int]:
-    """(resident MB, open file descriptors) of a process."""
-    with open(f"/proc/{pid}/status") as status:
-        rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
-    return rss / 1024, len(os.listdir(f"/proc/{pid}/fd"))
+    """(resident MB, open file descriptors) of a process and those under it."""
+    rss_kb = fds = 0
+    for member in descendants(pid):
+        try:
+            with open(f"/proc/{member}/status") as status:
+                rss_kb += next(int(line.split()[1]) for line in status
+                               if line.startswith("VmRSS:"))
+            fds += len(os.listdir(f"/proc/{member}/fd"))
+        except (OSError, StopIteration):
+            continue  # ended meanwhile (or a zombie without memory)
+    return rss_kb / 1024, fds
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
