@@ -274,3 +274,35 @@ def test_prefill_attention_refuses_bad_sequences():
     with pytest.raises(RuntimeError, match="head_dim"):
         x = torch.randn(10, 4, 24)
         prefill_attention(x, x, x, torch.tensor([[0, 10]]), 0.1, torch.empty_like(x))
+
+
+def test_a_kernel_lets_other_python_threads_run_while_it_computes():
+    """The kernels release the GIL: a server's event loop keeps answering while a step's
+    matrix products run (each one held every other thread before)."""
+    import threading
+    import time
+
+    x = torch.randn(2048, 1024)
+    packed = pack_weight(torch.randn(4096, 1024))
+    linear_packed(x, packed, None, 4096)  # warm
+    seen: list[float] = []
+    done = threading.Event()
+
+    def count() -> None:
+        while not done.is_set():
+            seen.append(time.perf_counter())
+
+    counter = threading.Thread(target=count)
+    counter.start()
+    time.sleep(0.01)
+    start = time.perf_counter()
+    linear_packed(x, packed, None, 4096)
+    end = time.perf_counter()
+    done.set()
+    counter.join()
+    assert end - start > 0.02, "too fast to tell on this machine"
+    # The middle half of the call (a thread that held the GIL through it hands it over
+    # only after it returns, and then only at the switch interval).
+    quarter = (end - start) / 4
+    inside = [t for t in seen if start + quarter < t < end - quarter]
+    assert len(inside) > 100, (len(inside), end - start)

@@ -1058,14 +1058,17 @@ void prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch:
   }
 }
 
+// Every kernel runs without the GIL: they touch tensors only, and a server's event loop
+// and tokenizing threads run on beside a step instead of waiting for its every kernel.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention);
-  m.def("pack_weight", &pack_weight);
-  m.def("linear_packed", &linear_packed);
-  m.def("linear_silu", &linear_silu);
-  m.def("prefill_attention", &prefill_attention);
-  m.def("rms_norm", &rms_norm);
-  m.def("add_rms_norm_", &add_rms_norm_);
-  m.def("silu_and_mul", &silu_and_mul);
-  m.def("rotary_", &rotary_);
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("paged_decode_attention", &paged_decode_attention, nogil);
+  m.def("pack_weight", &pack_weight, nogil);
+  m.def("linear_packed", &linear_packed, nogil);
+  m.def("linear_silu", &linear_silu, nogil);
+  m.def("prefill_attention", &prefill_attention, nogil);
+  m.def("rms_norm", &rms_norm, nogil);
+  m.def("add_rms_norm_", &add_rms_norm_, nogil);
+  m.def("silu_and_mul", &silu_and_mul, nogil);
+  m.def("rotary_", &rotary_, nogil);
 }
