@@ -357,8 +357,11 @@ class RayRunner:
     def _deadline(self, tokens: int) -> float:
         """Seconds a step of ``tokens`` may take before an actor still computing it is
         stuck: ``step_timeout_factor`` times its tokens at the slowest recent pace, at
-        least ``step_timeout_min_s``."""
-        expected = tokens * max(self._pace, default=0.0)
+        least ``step_timeout_min_s``; none before a step has finished (the first ones
+        load and warm up, and nothing says yet how long a step takes)."""
+        if not self._pace:
+            return math.inf
+        expected = tokens * max(self._pace)
         return max(self.config.step_timeout_min_s, self.config.step_timeout_factor * expected)
 
     def _collect(
