@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -52,6 +53,7 @@ class Window:
     latencies: list[float] = field(default_factory=list)  # normal requests, seconds
     statuses: dict[str, int] = field(default_factory=dict)  # "kind status" -> count
     unexpected: list[str] = field(default_factory=list)
+    ended: int = 0  # requests that ended in it, with a status or an error
 
 
 def free_port() -> int:
@@ -117,8 +119,11 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     raise SystemExit("the server did not start within 300 s")
 
 
-async def one(client: httpx.AsyncClient, kind: str, rng: random.Random, window: Window,
-              big: bytes) -> None:
+async def one(client: httpx.AsyncClient, kind: str, rng: random.Random,
+              current: Callable[[], Window], big: bytes) -> None:
+    """One request of ``kind``; what came back is counted in the window current when it
+    ended (``current()``), so a request that outlives the window it began in still
+    counts."""
     words = " ".join(rng.choice(["cat", "tree", "river", "blue", "seven", "quiet", "run"])
                      for _ in range(rng.randint(5, 60)))
     began = time.monotonic()
@@ -153,8 +158,12 @@ async def one(client: httpx.AsyncClient, kind: str, rng: random.Random, window: 
             status = (await client.post("/v1/completions", content=b'{"prompt": "x", ',
                                         headers={"Content-Type": "application/json"})).status_code
     except httpx.HTTPError as error:
+        window = current()
+        window.ended += 1
         window.unexpected.append(f"{kind}: {type(error).__name__}")
         return
+    window = current()
+    window.ended += 1
     key = f"{kind} {status}"
     window.statuses[key] = window.statuses.get(key, 0) + 1
     if status not in EXPECTED[kind]:
@@ -176,6 +185,7 @@ async def soak(args, pid: int, url: str) -> list[dict]:
     kinds, weights = list(KINDS), list(KINDS.values())
     rows: list[dict] = []
     window = Window()
+    launched = 0
     tasks: set[asyncio.Task] = set()
     start = time.monotonic()
     next_sample = start + args.sample
@@ -187,28 +197,37 @@ async def soak(args, pid: int, url: str) -> list[dict]:
         while time.monotonic() - start < args.minutes * 60:
             await asyncio.sleep(rng.expovariate(args.rate))
             kind = rng.choices(kinds, weights)[0]
-            task = asyncio.create_task(one(client, kind, rng, window, big))
+            task = asyncio.create_task(one(client, kind, rng, lambda: window, big))
+            launched += 1
             tasks.add(task)
             task.add_done_callback(tasks.discard)
             if time.monotonic() >= next_sample:
-                rss, fds = proc_numbers(pid)
-                done = window
-                window = Window()
-                rows.append({
-                    "t_s": round(time.monotonic() - start), "rss_mb": rss, "fds": fds,
-                    "requests": sum(done.statuses.values()),
-                    "p50_s": statistics.median(done.latencies) if done.latencies else None,
-                    "p99_s": p99(done.latencies), "unexpected": len(done.unexpected),
-                    "unexpected_kinds": sorted(set(done.unexpected)),
-                    "statuses": done.statuses,
-                })
-                r = rows[-1]
-                print(f"{r['t_s']:>6} s  RSS {rss:7.0f} MB  fds {fds:4d}  requests "
-                      f"{r['requests']:4d}  p50 {_s(r['p50_s'])}  p99 {_s(r['p99_s'])}  "
-                      f"unexpected {r['unexpected']} {r['unexpected_kinds'] or ''}", flush=True)
+                done, window = window, Window()
+                rows.append(_row(done, round(time.monotonic() - start), pid))
                 next_sample += args.sample
         await asyncio.gather(*tasks, return_exceptions=True)
+    rows.append(_row(window, round(time.monotonic() - start), pid))  # those that ended last
+    ended = sum(r["requests"] for r in rows)
+    print(f"{launched} requests sent, {ended} ended", flush=True)
+    if ended != launched:
+        rows[-1]["unexpected"] += launched - ended
+        rows[-1]["unexpected_kinds"].append(f"{launched - ended} never ended")
     return rows
+
+
+def _row(done: Window, t_s: int, pid: int) -> dict:
+    """One window's line: the server's memory and descriptors now, what ended in it."""
+    rss, fds = proc_numbers(pid)
+    row = {
+        "t_s": t_s, "rss_mb": rss, "fds": fds, "requests": done.ended,
+        "p50_s": statistics.median(done.latencies) if done.latencies else None,
+        "p99_s": p99(done.latencies), "unexpected": len(done.unexpected),
+        "unexpected_kinds": sorted(set(done.unexpected)), "statuses": done.statuses,
+    }
+    print(f"{t_s:>6} s  RSS {rss:7.0f} MB  fds {fds:4d}  requests {done.ended:4d}  "
+          f"p50 {_s(row['p50_s'])}  p99 {_s(row['p99_s'])}  unexpected {row['unexpected']} "
+          f"{row['unexpected_kinds'] or ''}", flush=True)
+    return row
 
 
 def _s(value: float | None) -> str:
