@@ -219,9 +219,11 @@ class RayConfig:
                 f"max_missed_heartbeats must be at least 1, got {self.max_missed_heartbeats}"
             )
         if not self.step_timeout_factor >= 1:
-            raise ValueError(f"step_timeout_factor must be at least 1, got {self.step_timeout_factor}")
+            raise ValueError(
+                f"step_timeout_factor must be at least 1, got {self.step_timeout_factor}")
         if not self.step_timeout_min_s > 0:
-            raise ValueError(f"step_timeout_min_s must be positive, got {self.step_timeout_min_s}")
+            raise ValueError(
+                f"step_timeout_min_s must be positive, got {self.step_timeout_min_s}")
 
 
 BACKENDS = ("local", "ray")
