@@ -372,9 +372,9 @@ class RayRunner:
         ``heartbeat_timeout_s`` (they answer on a thread of their own while they
         compute). One that misses ``max_missed_heartbeats`` in a row is stopped or hung,
         and one still computing (not waiting on peers in an exchange) after
-        ``deadline_s`` is stuck: either is killed and counted dead, and its peers,
-        blocked in an exchange with it, fail their step soon after (their errors then
-        belong to that failure)."""
+        ``deadline_s``, while a peer has finished or waits on it, is stuck: either is
+        killed and counted dead, and its peers, blocked in an exchange with it, fail
+        their step soon after (their errors then belong to that failure)."""
         results, dead, errors, killed = {}, [], [], set()
         pending = {ref: i for i, ref in refs.items()}
         missed = dict.fromkeys(refs, 0)
@@ -401,7 +401,12 @@ class RayRunner:
                     waiting[pings[ref]] = ray.get(ref)
                 except ray.exceptions.RayActorError:
                     pass  # died since: its step's answer says so
-            late = time.monotonic() - start > deadline_s
+            # Past the deadline, an actor still computing is stuck only where a peer shows
+            # the step is not simply slow everywhere: it finished, or it waits in an
+            # exchange (on NCCL the exchange returns at once and every actor may look
+            # busy; then the collective's own timeout speaks).
+            late = (time.monotonic() - start > deadline_s
+                    and (bool(results) or bool(errors) or any(waiting.values())))
             for i in working:
                 missed[i] = 0 if i in waiting else missed[i] + 1
                 if missed[i] >= self.config.max_missed_heartbeats:
