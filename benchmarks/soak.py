@@ -28,7 +28,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,7 +39,7 @@ from dataclasses import dataclass, field
 import httpx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pool_common import print_table  # noqa: E402
+from pool_common import free_port, print_table  # noqa: E402
 
 KINDS = {"normal": 0.70, "cancelled": 0.15, "oversized": 0.05, "fan_out": 0.05,
          "malformed": 0.05}
@@ -54,12 +53,6 @@ class Window:
     statuses: dict[str, int] = field(default_factory=dict)  # "kind status" -> count
     unexpected: list[str] = field(default_factory=list)
     ended: int = 0  # requests that ended in it, with a status or an error
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def descendants(pid: int) -> list[int]:
