@@ -12,6 +12,8 @@ their ratio (timings on this 2-core machine are noisy: compare ratios, and run t
   ran before);
 - decode attention: one layer of the paged kernel over 64 sequences (no PyTorch
   counterpart reads paged blocks in place; the bytes it reads per second are shown);
+- tile width (on CPUs with AVX-512): the packed GEMM's 512-bit tiles against its AVX2
+  tiles (equal results), float32, at SmolLM2's qkv and down shapes;
 - fused: the gated MLP product (SiLU-and-multiply in the GEMM's epilogue) against the
   packed product then ``silu_and_mul``, and the residual add fused into RMSNorm against
   the add then the ``rms_norm`` kernel (float32; the "torch ms" column is the two-step
@@ -31,6 +33,7 @@ from torch import nn
 from infinite_llm.kernels.cpu import (
     add_rms_norm_,
     cpu_kernels,
+    has_avx512,
     linear_packed,
     linear_silu,
     pack_gate_up,
@@ -119,6 +122,23 @@ def decode_rows(repeats: int) -> list[tuple[str, str, float, float, str]]:
     return rows
 
 
+def width_rows(repeats: int) -> list[tuple[str, str, float, float, str]]:
+    rows = []
+    if not has_avx512():
+        return rows
+    for name in ("qkv 576->960", "down 1536->576"):
+        n_out, k_in = LINEARS[name]
+        packed = pack_weight(torch.randn(n_out, k_in))
+        for m in (1, 16, 64, 512, 2048):
+            x = torch.randn(m, k_in)
+            ours = timed(lambda: linear_packed(x, packed, None, n_out, 512), repeats)
+            theirs = timed(lambda: linear_packed(x, packed, None, n_out, 256), repeats)
+            gflops = 2 * m * n_out * k_in / ours / 1e9
+            rows.append((f"linear {name} M={m} AVX-512 tiles", "AVX2 tiles", ours, theirs,
+                         f"{gflops:.0f} GFLOP/s"))
+    return rows
+
+
 def fused_rows(repeats: int) -> list[tuple[str, str, float, float, str]]:
     rows = []
     weight = torch.randn(3072, HIDDEN)
@@ -145,8 +165,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if cpu_kernels() is None:
         raise SystemExit("the CPU kernels are not available on this machine")
-    rows = linear_rows(args.repeats) + prefill_rows(args.repeats) + decode_rows(args.repeats)
-    rows += fused_rows(args.repeats)
+    rows = linear_rows(args.repeats) + width_rows(args.repeats) + prefill_rows(args.repeats)
+    rows += decode_rows(args.repeats) + fused_rows(args.repeats)
     print(f"{'case':<44} {'kernel ms':>10} {'vs':<11} {'torch ms':>9} {'speedup':>8}  rate")
     for label, other, ours, theirs, rate in rows:
         speedup = theirs / ours if theirs == theirs else float("nan")

@@ -105,11 +105,20 @@ def test_partials_over_split_blocks_merge_to_the_whole():
     torch.testing.assert_close(fused[1], whole[1], rtol=1e-5, atol=1e-6)
 
 
+def _vector_bits():
+    """The tile widths this CPU runs: AVX2 always, AVX-512 where it has it."""
+    from infinite_llm.kernels.cpu import has_avx512
+
+    return [256, pytest.param(512, marks=pytest.mark.skipif(
+        not has_avx512(), reason="this CPU has no AVX-512"))]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, 8, 13, 100])
 @pytest.mark.parametrize("in_features", [96, 100, 576])
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_packed_equals_float64(dtype, rows, in_features, bias):
+@pytest.mark.parametrize("vector_bits", _vector_bits())
+def test_linear_packed_equals_float64(dtype, rows, in_features, bias, vector_bits):
     g = torch.Generator().manual_seed(rows * in_features)
     x = torch.randn(rows, in_features, generator=g).to(dtype)
     weight = (torch.randn(200, in_features, generator=g) * 0.1).to(dtype)
@@ -117,7 +126,7 @@ def test_linear_packed_equals_float64(dtype, rows, in_features, bias):
     exact = x.double() @ weight.double().T + (0 if b is None else b.double())
     packed = pack_weight(weight)
     assert packed.shape == (13, in_features, 16) and packed.dtype == dtype  # 200 -> 13 panels
-    y = linear_packed(x, packed, b, 200)
+    y = linear_packed(x, packed, b, 200, vector_bits)
     assert y.dtype == dtype and y.shape == (rows, 200)
     if dtype == torch.float32:
         torch.testing.assert_close(y.double(), exact, rtol=1e-5, atol=1e-5)
@@ -131,12 +140,38 @@ def test_linear_packed_refuses_a_weight_of_another_shape():
         linear_packed(torch.randn(2, 48), packed, None, 32)
     with pytest.raises(RuntimeError, match="shapes do not match"):
         linear_packed(torch.randn(2, 64), packed, None, 64)
+    with pytest.raises(RuntimeError, match="vector_bits is 0"):
+        linear_packed(torch.randn(2, 64), packed, None, 32, 128)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_avx512_tiles_equal_the_avx2_tiles_bit_for_bit(dtype):
+    """Every output is the same sum in the same order whatever the tile width, so a model
+    gives the same tokens and logits on a CPU with AVX-512 as on one without; at every row
+    count of a tile (1-12 and past it), ragged widths, with and without bias."""
+    from infinite_llm.kernels.cpu import has_avx512, linear_silu, pack_gate_up
+
+    if not has_avx512():
+        pytest.skip("this CPU has no AVX-512")
+    g = torch.Generator().manual_seed(7)
+    for out_features, in_features in [(200, 96), (40, 576), (16, 33)]:
+        weight = torch.randn(out_features, in_features, generator=g).to(dtype)
+        bias = torch.randn(out_features, generator=g)
+        packed, gated = pack_weight(weight), pack_gate_up(weight, out_features // 2)
+        for rows in [*range(1, 26), 100]:
+            x = torch.randn(rows, in_features, generator=g).to(dtype)
+            for b in (None, bias):
+                assert torch.equal(linear_packed(x, packed, b, out_features, 256),
+                                   linear_packed(x, packed, b, out_features, 512))
+            assert torch.equal(linear_silu(x, gated, out_features // 2, 256),
+                               linear_silu(x, gated, out_features // 2, 512))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, 4, 13, 100])
 @pytest.mark.parametrize("intermediate", [160, 20])
-def test_linear_silu_equals_the_product_then_silu_and_mul(dtype, rows, intermediate):
+@pytest.mark.parametrize("vector_bits", _vector_bits())
+def test_linear_silu_equals_the_product_then_silu_and_mul(dtype, rows, intermediate, vector_bits):
     """The gated product (gate and up panels interleaved, SiLU-and-multiply in registers)
     gives bitwise what linear_packed then silu_and_mul give, and silu(gate) * up."""
     from infinite_llm.kernels.cpu import linear_silu, pack_gate_up, silu_and_mul
@@ -147,9 +182,10 @@ def test_linear_silu_equals_the_product_then_silu_and_mul(dtype, rows, intermedi
     packed = pack_gate_up(weight, intermediate)
     panels = -(-intermediate // 16)
     assert packed.shape == (2 * panels, 96, 16)
-    got = linear_silu(x, packed, intermediate)
+    got = linear_silu(x, packed, intermediate, vector_bits)
     assert got.dtype == dtype and got.shape == (rows, intermediate)
-    two_steps = silu_and_mul(linear_packed(x, pack_weight(weight), None, 2 * intermediate))
+    two_steps = silu_and_mul(
+        linear_packed(x, pack_weight(weight), None, 2 * intermediate, vector_bits))
     if intermediate % 8 == 0:  # (a ragged tail takes libm's exp in silu_and_mul)
         assert torch.equal(got, two_steps)
     gate, up = (x.double() @ weight.double().T).chunk(2, dim=-1)
