@@ -6,8 +6,8 @@ counts of decoding (PyTorch's matrix-vector products read weights at ~11-13 GB/s
 ~27 GB/s the memory gives, and MKL repacks the weight on every call, ~70 GFLOP/s at 64
 rows where a pre-packed weight gives ~130). The kernels
 need x86 AVX2 + FMA and a C++ compiler; where the CPU also has AVX-512 the products run
-512 bits wide (about twice the FLOP/s on 2 cores; the same results, bit for bit). They are built by ``torch.utils.cpp_extension``
-on first use (about a minute, said when it starts and ends) and kept in
+512 bits wide (about twice the FLOP/s on 2 cores; the same results, bit for bit). They
+are built by ``torch.utils.cpp_extension`` on first use (about a minute, said when it starts and ends) and kept in
 ``~/.cache/infinite-llm/kernels/<key>`` (``$INFINITE_LLM_CACHE`` or ``$XDG_CACHE_HOME``
 move it), where the key hashes everything the binary depends on: the source, the
 compiler flags, torch's version and build, the Python ABI and the compiler. So every
