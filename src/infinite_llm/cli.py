@@ -513,7 +513,7 @@ def _serve(args: argparse.Namespace) -> int:
         timeout_keep_alive=args.timeout_keep_alive,
         request_read_timeout=args.request_read_timeout,
     )
-    return run_server(_build_llm(args), config)
+    return run_server(lambda: _build_llm(args), config)
 
 
 def _generate(args: argparse.Namespace) -> int:

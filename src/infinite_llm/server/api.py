@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API over one engine: the routes and ``build_app``.
 
-``build_app(llm, config)`` returns a FastAPI app whose lifespan starts and stops the
-engine thread, so it runs under uvicorn (``infinite-llm serve``) or in-process alike.
+``build_app(llm, config)`` returns a FastAPI app over an engine, or over a function
+that builds one (called on the engine's thread: ``infinite-llm serve`` does this); its
+lifespan stops the engine thread, so it runs under uvicorn or in-process alike.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import asyncio
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -66,14 +68,18 @@ class _OffLoopJson(APIRoute):
         return route
 
 
+def _engine_of(llm: LLM | LLMEngine) -> LLMEngine:
+    return getattr(llm, "engine", llm)
+
+
 class ServerState:
     """The engine thread, the metrics and the shutdown flag of one server."""
 
-    def __init__(self, engine: LLMEngine, config: ServerConfig) -> None:
-        self.engine = engine
+    def __init__(self, build: Callable[[], LLMEngine], config: ServerConfig) -> None:
         self.config = config
         self.metrics = ServerMetrics(config.model_name, lambda: self.loop.view)
-        self.loop = EngineLoop(engine, self.metrics)
+        self.loop = EngineLoop(build, self.metrics)
+        self.engine = engine = self.loop.engine
         self.dashboard = Dashboard(config.model_name, lambda: self.loop.view, self.metrics.recent)
         self.limits = Limits.of(config, engine.max_model_len, engine.capacity_tokens,
                                 engine.tokenizer)
@@ -111,13 +117,13 @@ class ServerState:
                 await asyncio.sleep(0.05)
 
 
-def build_app(llm_or_engine: LLM | LLMEngine, config: ServerConfig) -> FastAPI:
-    engine = getattr(llm_or_engine, "engine", llm_or_engine)
-    state = ServerState(engine, config)
+def build_app(source: LLM | LLMEngine | Callable[[], LLM | LLMEngine],
+              config: ServerConfig) -> FastAPI:
+    build = source if callable(source) else lambda: source
+    state = ServerState(lambda: _engine_of(build()), config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state.loop.start()
         tasks = [asyncio.create_task(_sample_forever(state.dashboard)),
                  asyncio.create_task(_trim_when_idle(state))]
         yield
@@ -205,7 +211,7 @@ def build_app(llm_or_engine: LLM | LLMEngine, config: ServerConfig) -> FastAPI:
     @app.post("/detokenize", response_model=p.DetokenizeResponse, responses=_ERRORS)
     async def detokenize_(body: p.DetokenizeRequest) -> p.DetokenizeResponse:
         state.check_model(body.model)
-        vocab = engine.model_config.vocab_size
+        vocab = state.engine.model_config.vocab_size
         if state.tokenizer is not None:
             vocab = min(vocab, state.tokenizer.vocab_size)
         return p.DetokenizeResponse(prompt=detokenize(body.tokens, state.tokenizer, vocab))

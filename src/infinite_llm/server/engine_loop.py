@@ -1,6 +1,11 @@
 """The engine thread and its bridge to asyncio.
 
-The engine is not thread-safe, so one background thread owns it: it takes commands
+The engine is not thread-safe, so one background thread owns it, from its building on:
+the thread that builds an engine is the one whose OpenMP thread pool the engine's
+kernels set up, and a second pool (an engine built in one thread, stepped in another)
+puts more OpenMP threads than cores on the machine; libgomp then spins only briefly
+before sleeping, and every parallel region of a step pays a wake-up (decode steps ~1.3x
+slower on two cores). Once built, the thread takes commands
 (add, abort, stop) from a thread-safe queue, steps the engine while any request is
 unfinished, blocks on the queue when idle, and hands each ``RequestOutput`` to the
 asyncio queue of the HTTP request it belongs to (``call_soon_threadsafe``, once per
@@ -18,6 +23,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -104,8 +110,13 @@ class RequestGroup:
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, metrics: ServerMetrics | None = None) -> None:
-        self.engine = engine
+    """Builds the engine on a thread of its own (``build``; its error, if any, is
+    raised here) and then steps it on that thread until ``stop``."""
+
+    engine: LLMEngine
+
+    def __init__(self, build: Callable[[], LLMEngine],
+                 metrics: ServerMetrics | None = None) -> None:
         self.metrics = metrics
         self.groups: set[RequestGroup] = set()  # open on the asyncio side
         self.error: BaseException | None = None
@@ -113,13 +124,16 @@ class EngineLoop:
         self._sinks: dict[str, _Sink] = {}  # engine thread only
         self._lock = threading.Lock()  # orders "closed" against enqueueing
         self._closed = False
-        self._view = engine.snapshot()
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        built = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(build, built),
+                                        name="engine-loop", daemon=True)
+        self._thread.start()
+        built.wait()
+        if self.error is not None:
+            self._thread.join()
+            raise self.error
 
     # -- the asyncio side -------------------------------------------------------------
-
-    def start(self) -> None:
-        self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Abort whatever still runs and end the thread."""
@@ -158,7 +172,16 @@ class EngineLoop:
 
     # -- the engine thread ------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, build: Callable[[], LLMEngine], built: threading.Event) -> None:
+        try:
+            self.engine = build()
+            self._view = self.engine.snapshot()
+        except BaseException as error:  # noqa: BLE001 - raised again by the constructor
+            self.error = error
+            self._closed = True
+            return
+        finally:
+            built.set()
         try:
             while self._handle_commands(block=not self.engine.has_unfinished_requests()):
                 if self.engine.has_unfinished_requests():

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import resource
 import time
+from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -114,8 +115,9 @@ class _DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def run_server(llm: LLM, config: ServerConfig) -> int:
-    app = build_app(llm, config)
+def run_server(build: Callable[[], LLM], config: ServerConfig) -> int:
+    """Serve the engine ``build`` returns, building it on the engine's own thread."""
+    app = build_app(build, config)
     state: ServerState = app.state.server
     view = state.loop.view
     per_instance = view.instances[0].capacity * view.block_size
@@ -145,5 +147,5 @@ def run_server(llm: LLM, config: ServerConfig) -> int:
     finally:
         logging.getLogger("asyncio").removeFilter(accept_errors)
         # Ray actors (and a private local Ray) must not outlive the server.
-        llm.shutdown()
+        state.engine.shutdown()
     return 0
