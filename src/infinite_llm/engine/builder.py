@@ -16,7 +16,7 @@ from infinite_llm.core.cluster import Cluster
 from infinite_llm.core.step import Runner
 from infinite_llm.engine.device import torch_device, torch_dtype
 from infinite_llm.engine.engine import LLMEngine
-from infinite_llm.engine.host_memory import keep_freed_host_memory
+from infinite_llm.engine.host_memory import keep_freed_host_memory, trim_host_memory
 from infinite_llm.engine.model_runner import ModelRunner, build_model
 from infinite_llm.engine.sampler import Sampler
 from infinite_llm.engine.structured import Grammars
@@ -109,5 +109,7 @@ def build_local(config: EngineConfig, load: Callable[[], Checkpoint]) -> LLMEngi
         i: KVCache(checkpoint.config, tiers.total, config.cache.block_size, dtype, device)
         for i in range(config.parallel.instances)
     }
+    if device.type == "cpu":
+        trim_host_memory()  # what loading freed goes back (only what steps free is kept)
     runner = ModelRunner(model, kv_caches, sampler_for(config, checkpoint))
     return assemble(config, checkpoint, tiers, runner)

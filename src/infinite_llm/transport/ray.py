@@ -61,7 +61,7 @@ from infinite_llm.core.step import (
 from infinite_llm.engine.builder import assemble, blocks_per_instance, sampler_for
 from infinite_llm.engine.device import torch_dtype
 from infinite_llm.engine.engine import LLMEngine
-from infinite_llm.engine.host_memory import keep_freed_host_memory
+from infinite_llm.engine.host_memory import keep_freed_host_memory, trim_host_memory
 from infinite_llm.engine.model_runner import StepInputs, build_model, sample_logits
 from infinite_llm.engine.sampler import Sampler
 from infinite_llm.model.checkpoint import Checkpoint, load_checkpoint
@@ -95,6 +95,8 @@ class InstanceActor:
         self.model = build_model(load_checkpoint(model), dtype, self.device)
         config = self.model.config
         self.kv_cache = KVCache(config, num_blocks, block_size, dtype, self.device)
+        if self.device.type == "cpu":
+            trim_host_memory()  # what loading freed goes back (only what steps free is kept)
         self.scale = config.head_dim**-0.5
         self.shapes = Shapes(config.num_attention_heads, config.num_key_value_heads, config.head_dim)
         self.layout = KVLayout.for_model(config, block_size, dtype, self.device)
