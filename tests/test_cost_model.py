@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -259,6 +260,59 @@ def test_a_decode_point_times_its_whole_batch_when_prompts_take_several_steps(ti
     assert decoded[-3:] == [4, 4, 4]
     assert point.batch == 4 and point.context_tokens >= 4 * 40
     assert engine.snapshot().pools_full
+
+
+def test_a_remote_pair_costs_what_spreading_added_to_the_measured_steps(tmp_path):
+    truth = CostModel(0.010, 0.002, 1e-6)
+    decode = [ProfilePoint(b, s, truth.step_time(b, s)) for b in (1, 4, 16) for s in (100, 5000)]
+    assert CostModel.fit(decode).per_remote_s == 0.0  # never measured: nothing assumed
+    spread = [replace(p, spread_s=p.step_s + added)
+              for p, added in zip(decode, (0.030, 0.050, 0.040, 0.020, 0.060, 0.045))]
+    model = CostModel.fit(spread)
+    assert model.per_remote_s == pytest.approx(0.045)  # the median (upper, of an even count)
+    # The line is fitted on the steps as timed before the spread, as without it.
+    assert model.fixed_s == pytest.approx(CostModel.fit(decode).fixed_s)
+    model.save(tmp_path / "fit.json")
+    assert CostModel.load(tmp_path / "fit.json") == model
+    faster = [replace(p, spread_s=p.step_s - 0.001) for p in decode]  # noise, not a gain
+    assert CostModel.fit(faster).per_remote_s == 0.0
+
+
+def test_rounds_keep_the_median_of_what_spreading_added_in_each():
+    from infinite_llm.engine.profile import _median_of_rounds
+
+    rounds = [ProfilePoint(4, 400, 0.30, spread_s=0.33), ProfilePoint(4, 400, 0.10, spread_s=0.15),
+              ProfilePoint(4, 400, 0.20, spread_s=0.30)]
+    point = _median_of_rounds(rounds)
+    assert point.step_s == 0.20 and point.round_s == (0.30, 0.10, 0.20)
+    assert point.spread_s == pytest.approx(0.20 + 0.05)  # added: 0.03, 0.05, 0.10
+
+
+def test_a_spread_point_times_the_same_batch_with_one_request_across_two_instances(
+    tiny_llama_dir,
+):
+    """measure(spread=True): after the plain steps, blocks of one request move to the
+    other instance (a live migration) and the same batch is timed again, every
+    request decoding in every timed step; nothing is left behind."""
+    from infinite_llm import LLM
+    from infinite_llm.engine.profile import measure
+
+    llm = LLM(str(tiny_llama_dir), dtype="float32", device="cpu", kv_cache_memory="4MiB",
+              instances=2, max_lend_fraction=1.0, block_size=4)
+    engine = llm.engine
+    spans = []
+    step = engine.step
+
+    def watching():
+        outputs = step()
+        spans.append(max(len(r.block_table.owners()) for r in engine.cluster.requests.values()))
+        return outputs
+
+    engine.step = watching
+    point = measure(engine, batch=4, context=40, steps=3, spread=True)
+    assert point.spread_s is not None and point.spread_s > 0
+    assert max(spans) == 2 and spans[-3:] == [2, 2, 2]  # the timed steps ran across
+    assert engine.snapshot().pools_full and engine.cluster.ledger().total_debt == 0
 
 
 def test_calibrate_runs_a_trace_for_real_and_simulated_with_the_probe(tiny_llama_dir, tmp_path):

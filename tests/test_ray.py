@@ -411,16 +411,19 @@ def test_a_debt_cycle_cancelled_across_actors_changes_no_token(tiny_llama_dir, l
 def test_profile_on_ray_times_the_exchange_and_host_blocks_come_up_exactly(
     tiny_llama_dir, local_ray
 ):
-    """On Ray the cost model gets its exchange term (per_remote_s) from a timed
-    all-to-all, and its points are one actor's share of a step; and a recall from an actor's host tier into its device blocks (a move
+    """On Ray the cost model gets its exchange term (per_remote_s) from decode steps
+    timed again with a request spread over both actors, and its points are one actor's
+    share of a step; and a recall from an actor's host tier into its device blocks (a move
     whose source and target are one actor) changes no token."""
     from infinite_llm.engine.profile import profile
 
     remote = cluster(tiny_llama_dir, 2, "ray", host_kv_cache_memory=10 * TINY_BLOCK_BYTES)
     engine = remote.engine
     try:
-        model = profile(engine, [1, 4], [8, 24], steps=2)
+        model = profile(engine, [1, 4], [8, 16], steps=2)
         assert model.per_remote_s > 0 and model.source["backend"] == "ray"
+        # The small batch spread (the larger ones' other actor has no room to take blocks).
+        assert [p.spread_s is not None for p in model.points][:2] == [True, True]
         # The actors run side by side: a point is the busiest one's share of the step.
         assert model.source["per_instance"] is True
         assert [p.batch for p in model.points] == [1, 1, 2, 2]

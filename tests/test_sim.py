@@ -129,6 +129,27 @@ def test_a_simulation_is_deterministic_and_its_clock_adds_up():
     assert numbers["duration"] == sim.now - min(r.arrival_s for r in records)
 
 
+def test_side_by_side_a_step_pays_one_exchange_however_many_sequences_cross():
+    """On Ray every actor joins one all-to-all a layer when any sequence's KV crosses:
+    the measured clock adds ``per_remote_s`` once to the slowest instance's share, in
+    process it stays a term of the one forward."""
+    from dataclasses import replace
+
+    from infinite_llm.sim.clock import StepLoad
+
+    cost = replace(COST, per_remote_s=0.050)
+    side = MeasuredClock(cost, parallel=True)
+    local = [StepLoad(tokens=4, sequences=4, decodes=4, pairs=4000),
+             StepLoad(tokens=2, sequences=2, decodes=2, pairs=900)]
+    slowest = cost.step_time(4, 4000, 0, 4, 4)
+    assert side.price(local) == pytest.approx(slowest)
+    one = [replace(local[0], near=1), local[1]]
+    many = [replace(local[0], near=3), replace(local[1], near=2)]
+    assert side.price(one) == side.price(many) == pytest.approx(slowest + 0.050)
+    assert MeasuredClock(cost, parallel=False).price(many) == pytest.approx(
+        cost.step_time(6, 4900, 5, 6, 6))
+
+
 def test_simulate_on_the_command_line_is_deterministic_and_reads_traces(tmp_path):
     import json
     import subprocess

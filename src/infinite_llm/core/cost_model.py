@@ -38,6 +38,9 @@ class ProfilePoint:
     # Measured in several rounds (``profile --rounds``): each round's step, of which
     # ``step_s`` is the median.
     round_s: tuple[float, ...] = ()
+    # Where instances run side by side: the same step once one of its requests' KV spans
+    # two instances, one (sequence, remote owner) pair exchanging every layer.
+    spread_s: float | None = None
 
     @property
     def computed(self) -> int:
@@ -136,7 +139,9 @@ class CostModel:
         relative terms (every point's error as a share of its time),
         coefficients kept non-negative (a negative one is dropped and the rest
         refitted). Without a point computing more tokens than sequences (decode steps
-        only), tokens and sequences are one column, all in ``per_token_s``."""
+        only), tokens and sequences are one column, all in ``per_token_s``. A remote
+        pair costs the median of what spreading a request added to the points timed
+        both ways (``spread_s``; none: 0)."""
         if len(points) < 3:
             raise ValueError(f"a fit needs at least 3 measured points, got {len(points)}")
         columns = [0, 1, 2, 3] if any(p.computed != p.batch for p in points) else [0, 1, 2]
@@ -155,7 +160,10 @@ class CostModel:
         full = dict.fromkeys([0, 1, 2, 3], 0.0)
         full.update(zip(columns, coef))
         engine = sorted(p.engine_s for p in points if p.engine_s is not None)
-        return CostModel(full[0], full[1], full[2], per_sequence_s=full[3],
+        # A remote pair: what spreading one request added to the measured steps (median).
+        added = sorted(p.spread_s - p.step_s for p in points if p.spread_s is not None)
+        remote = max(0.0, added[len(added) // 2]) if added else 0.0
+        return CostModel(full[0], full[1], full[2], per_remote_s=remote, per_sequence_s=full[3],
                          engine_s=engine[len(engine) // 2] if engine else 0.0,
                          source=dict(source or {}), points=tuple(points))
 

@@ -47,15 +47,22 @@ def _busiest(engine: LLMEngine, requests: list) -> list:
     return max(homes.values(), key=lambda rs: (sum(r.num_tokens for r in rs), len(rs)))
 
 
-def _decode_fits(engine: LLMEngine, batch: int, context: int, steps: int) -> bool:
+def _decode_fits(engine: LLMEngine, batch: int, context: int, steps: int,
+                 spread: bool = False) -> bool:
     """Whether a decode point's requests' KV (prompt, outputs, a block each of
     headroom) fits the cache: one that outgrows it would time preemptions, not steps."""
     block = engine.config.cache.block_size
-    need = -(-(context + decode_max_tokens(engine, batch, context, steps)) // block) + 1
+    outputs = decode_max_tokens(engine, batch, context, steps, spread)
+    need = -(-(context + outputs) // block) + 1
     return batch * need * block <= engine.capacity_tokens
 
 
-def decode_max_tokens(engine: LLMEngine, batch: int, context: int, steps: int) -> int:
+# A spread point moves this many blocks of one request to another instance.
+SPREAD_BLOCKS = 8
+
+
+def decode_max_tokens(engine: LLMEngine, batch: int, context: int, steps: int,
+                      spread: bool = False) -> int:
     """Outputs each request of a decode point may need: one a step while the others'
     prompts are still being prefilled (the prompts of a batch beyond one step's token
     budget take several steps, and the first ones decode meanwhile), then a warm step
@@ -63,16 +70,24 @@ def decode_max_tokens(engine: LLMEngine, batch: int, context: int, steps: int) -
     the point would time a smaller batch."""
     budget = engine.config.scheduler.max_num_batched_tokens
     prefill_steps = -(-(batch * context) // max(1, budget - batch)) + 1  # decodes take budget
+    if spread:  # the move (within the migrator's per-step budget), a warm step, the timed
+        per_step = max(1, engine.config.pooling.migration_tokens_per_step
+                       // engine.config.cache.block_size)
+        steps += -(-SPREAD_BLOCKS // per_step) + 2 + steps
     return prefill_steps + steps + 2
 
 
-def measure(engine: LLMEngine, batch: int, context: int, steps: int, seed: int = 0) -> ProfilePoint:
+def measure(engine: LLMEngine, batch: int, context: int, steps: int, seed: int = 0,
+            spread: bool = False) -> ProfilePoint:
     """The median decode step of ``batch`` requests with ``context``-token prompts (as
     a point: the busiest instance's share, where instances run side by side); every
-    request decodes in every timed step (checked)."""
+    request decodes in every timed step (checked). With ``spread`` (2 instances or
+    more), the same requests are timed again once some blocks of one of them have moved
+    to another instance (a live migration), so that one (sequence, remote owner) pair
+    exchanges its query and partial every layer: ``spread_s``."""
     rng = random.Random(seed)
     vocab = engine.model_config.vocab_size
-    params = SamplingParams(max_tokens=decode_max_tokens(engine, batch, context, steps),
+    params = SamplingParams(max_tokens=decode_max_tokens(engine, batch, context, steps, spread),
                             temperature=0, ignore_eos=True)
     requests = [
         engine.add_request([rng.randrange(vocab) for _ in range(context)], params)
@@ -82,22 +97,51 @@ def measure(engine: LLMEngine, batch: int, context: int, steps: int, seed: int =
         while any(r.num_computed_tokens < context for r in requests):
             engine.step()
         engine.step()  # the first decode step (warm)
-        times, contexts, engine_s = [], [], []
         share = _busiest(engine, requests)
-        for _ in range(steps):
-            contexts.append(sum(r.num_tokens for r in share))
-            start = time.perf_counter()
-            outputs = engine.step()
-            times.append(time.perf_counter() - start)
-            engine_s.append(times[-1] - engine.last_execute_s)
-            if len(outputs) != batch:
-                raise RuntimeError(f"a decode point of {batch} requests timed a step in which "
-                                   f"{len(outputs)} decoded")
-        return ProfilePoint(len(share), int(statistics.median(contexts)),
-                            statistics.median(times), engine_s=statistics.median(engine_s))
+        times, contexts, engine_s = _time_decodes(engine, share, batch, steps)
+        point = ProfilePoint(len(share), int(statistics.median(contexts)),
+                             statistics.median(times), engine_s=statistics.median(engine_s))
+        if spread and _spread_one(engine, share[0]):
+            engine.step()  # the first step across (warm)
+            point = replace(point, spread_s=statistics.median(
+                _time_decodes(engine, share, batch, steps)[0]))
+        return point
     finally:
         for request in requests:
             engine.abort_request(request.request_id)
+
+
+def _time_decodes(engine: LLMEngine, share: list, batch: int, steps: int
+                  ) -> tuple[list[float], list[int], list[float]]:
+    """``steps`` decode steps of all ``batch`` requests: each one's seconds, the
+    share's context and the engine's own seconds."""
+    times, contexts, engine_s = [], [], []
+    for _ in range(steps):
+        contexts.append(sum(r.num_tokens for r in share))
+        start = time.perf_counter()
+        outputs = engine.step()
+        times.append(time.perf_counter() - start)
+        engine_s.append(times[-1] - engine.last_execute_s)
+        if len(outputs) != batch:
+            raise RuntimeError(f"a decode point of {batch} requests timed a step in which "
+                               f"{len(outputs)} decoded")
+    return times, contexts, engine_s
+
+
+def _spread_one(engine: LLMEngine, request) -> bool:
+    """Move up to ``SPREAD_BLOCKS`` of ``request``'s first blocks from its home to
+    another instance, stepping until the move is done; whether its KV now spans two
+    instances (False where no other instance took the blocks)."""
+    cluster = engine.cluster
+    count = min(SPREAD_BLOCKS, request.block_table.blocks_by_owner()[request.home] - 1)
+    others = [i.instance_id for i in cluster.alive_instances if i.instance_id != request.home]
+    if count < 1 or not others or not cluster.migrate(request.request_id, 0, count, others[0]):
+        logger.warning("profile: no spread point (a request over %d tokens could not "
+                       "move %d blocks to another instance)", request.num_tokens, count)
+        return False
+    while request.request_id in cluster.migrator.active:
+        engine.step()
+    return len(request.block_table.owners()) == 2
 
 
 def measure_prefill(
@@ -173,8 +217,8 @@ def profile(
 ) -> CostModel:
     """Every (batch, context) of the grid measured, then fitted; where instances run in
     processes of their own (``exchange_latency`` on the runner, 2 or more instances),
-    the per-layer exchange is timed too: ``per_remote_s``, the two all-to-alls of
-    every layer (a query and its new k, v out; the partial result back). With
+    every decode point is timed again with one of its requests spread over two
+    instances (``measure``'s ``spread``): what that adds is ``per_remote_s``. With
     ``rounds`` > 1 the whole grid is measured that many times over, one round after
     another, and each point is the median of its rounds: a machine whose speed drifts
     from one minute to the next is then priced by its typical minute, not by the one
@@ -184,7 +228,8 @@ def profile(
     grid = [(b, s) for b in batches for s in contexts]
     # A point whose requests' KV (prompt, outputs, a block each of headroom) outgrows
     # the cache would time preemptions, not steps: left out, and said so.
-    fits = [(b, s) for b, s in grid if _decode_fits(engine, b, s, steps)]
+    spread = side_by_side(engine)
+    fits = [(b, s) for b, s in grid if _decode_fits(engine, b, s, steps, spread)]
     for b, s in sorted(set(grid) - set(fits)):
         logger.warning("profile: %d requests of %d tokens do not fit the KV cache "
                        "(%d tokens): left out", b, s, engine.capacity_tokens)
@@ -197,7 +242,7 @@ def profile(
             logger.info("profile: round %d of %d", r + 1, rounds)
         if (seconds := probe(engine)) is not None:
             probes.append(seconds)
-        measured.append([measure(engine, b, s, steps) for b, s in fits]
+        measured.append([measure(engine, b, s, steps, spread=spread) for b, s in fits]
                         + [measure_prefill(engine, n, steps, k) for n, k in prefill_grid])
     points = [_median_of_rounds(list(same)) for same in zip(*measured)]
     source = {
@@ -216,8 +261,10 @@ def profile(
     if probes:  # the probe's decode and prefill seconds in each round (``probe``)
         source["probe_s"] = [list(p) for p in probes]
     fit = CostModel.fit(points, source)
-    if not side_by_side(engine):
+    if not spread or any(p.spread_s is not None for p in points):
         return fit
+    # No request could be spread (no instance took the blocks): the exchange alone,
+    # timed between idle instances, prices a remote pair (a floor: no step waits on it).
     exchange = engine.runner.exchange_latency
     config = engine.model_config
     # Out: a query and the new k, v; back: a partial (output and log-sum-exp per head).
@@ -232,4 +279,7 @@ def _median_of_rounds(rounds: list[ProfilePoint]) -> ProfilePoint:
     if len(rounds) == 1:
         return rounds[0]
     median = sorted(rounds, key=lambda p: p.step_s)[len(rounds) // 2]
-    return replace(median, round_s=tuple(p.step_s for p in rounds))
+    # What spreading added, round by round (both timed in the same minute), at its median.
+    added = sorted(p.spread_s - p.step_s for p in rounds if p.spread_s is not None)
+    spread_s = median.step_s + added[len(added) // 2] if added else None
+    return replace(median, round_s=tuple(p.step_s for p in rounds), spread_s=spread_s)

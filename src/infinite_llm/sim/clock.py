@@ -132,9 +132,14 @@ class MeasuredClock:
             costs.append((tokens, pairs, load.near + load.far, load.sequences, load.decodes))
         if not self.parallel:  # one forward of everything
             return self.cost.step_time(*(sum(column) for column in zip(*costs)))
-        # An instance with no tokens of its own only serves attention over its KV.
-        return max(self.cost.step_time(*c) if c[0] else self.cost.per_context_token_s * c[1]
-                   for c in costs)
+        # Side by side, every instance joins one exchange a layer whenever any sequence
+        # crosses, however many do (``transport/ray.py``): what a profile's spread points
+        # measured (``per_remote_s``), once a step. An instance with no tokens of its own
+        # only serves attention over its KV.
+        crossing = any(c[2] for c in costs)
+        return (max(self.cost.step_time(t, p, 0, n, d) if t else self.cost.per_context_token_s * p
+                    for t, p, _, n, d in costs)
+                + (self.cost.per_remote_s * self.cost.scale[0] if crossing else 0.0))
 
 
 class RooflineClock:
