@@ -34,6 +34,23 @@ def smollm2(
     )
 
 
+def save_random_smollm2_shape(path: str, **overrides) -> None:
+    """A random LlamaForCausalLM with SmolLM2-135M's configuration (no tokenizer; no EOS,
+    so greedy runs go the full length); ``overrides`` change fields of the configuration
+    (``max_position_embeddings`` for contexts beyond SmolLM2's 8,192, say). Needs
+    transformers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{
+        **dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+               num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+               rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
+               bos_token_id=None, eos_token_id=None),
+        **overrides,
+    })
+    LlamaForCausalLM(config).save_pretrained(path)
+
+
 def random_prompt(rng: np.random.Generator, length: int) -> list[int]:
     return rng.integers(1000, 49000, size=length).tolist()
 

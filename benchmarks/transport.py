@@ -27,7 +27,7 @@ import numpy as np
 import ray
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pool_common import print_table, random_prompt, smollm2  # noqa: E402
+from pool_common import print_table, random_prompt, save_random_smollm2_shape, smollm2  # noqa: E402
 
 from infinite_llm import SamplingParams  # noqa: E402
 
@@ -98,19 +98,6 @@ def main() -> None:
     print_table(["backend", "seconds", "output tok/s", "decode step ms (median, tail)",
                  "all-to-all ms (one decode query)"], rows)
     print(f"identical outputs: {'yes' if tokens['local'] == tokens['ray'] else 'NO'}")
-
-
-def save_random_smollm2_shape(path: str) -> None:
-    """A random LlamaForCausalLM with SmolLM2-135M's configuration (no tokenizer)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-        rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
-        bos_token_id=None, eos_token_id=None,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
 
 
 if __name__ == "__main__":
