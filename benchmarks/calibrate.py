@@ -98,9 +98,11 @@ class StepLog:
         return "decode" if decodes == tokens else "prefill" if decodes == 0 else "mixed"
 
     def table(self) -> list[list[str]]:
+        """By kind, and apart where a sequence's KV crossed between instances."""
         kinds: dict[str, list[tuple[float, float]]] = {}
         for loads, seconds, priced in self.steps:
-            kinds.setdefault(self.kind(loads), []).append((seconds, priced))
+            crossing = ", crossing" if any(load.near + load.far for load in loads) else ""
+            kinds.setdefault(self.kind(loads) + crossing, []).append((seconds, priced))
         rows = []
         for kind, pairs in sorted(kinds.items()):
             measured, priced = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
