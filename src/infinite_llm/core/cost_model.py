@@ -18,6 +18,7 @@ tokens, tell the two apart).
 from __future__ import annotations
 
 import json
+import statistics
 from bisect import bisect_right
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
@@ -161,8 +162,8 @@ class CostModel:
         full.update(zip(columns, coef))
         engine = sorted(p.engine_s for p in points if p.engine_s is not None)
         # A remote pair: what spreading one request added to the measured steps (median).
-        added = sorted(p.spread_s - p.step_s for p in points if p.spread_s is not None)
-        remote = max(0.0, added[len(added) // 2]) if added else 0.0
+        added = [p.spread_s - p.step_s for p in points if p.spread_s is not None]
+        remote = max(0.0, statistics.median_high(added)) if added else 0.0
         return CostModel(full[0], full[1], full[2], per_remote_s=remote, per_sequence_s=full[3],
                          engine_s=engine[len(engine) // 2] if engine else 0.0,
                          source=dict(source or {}), points=tuple(points))

@@ -70,11 +70,12 @@ def decode_max_tokens(engine: LLMEngine, batch: int, context: int, steps: int,
     the point would time a smaller batch."""
     budget = engine.config.scheduler.max_num_batched_tokens
     prefill_steps = -(-(batch * context) // max(1, budget - batch)) + 1  # decodes take budget
-    if spread:  # the move (within the migrator's per-step budget), a warm step, the timed
+    spread_steps = 0
+    if spread:  # the move (within the migrator's blocks a step), a warm step, timed again
         per_step = max(1, engine.config.pooling.migration_tokens_per_step
                        // engine.config.cache.block_size)
-        steps += -(-SPREAD_BLOCKS // per_step) + 2 + steps
-    return prefill_steps + steps + 2
+        spread_steps = -(-SPREAD_BLOCKS // per_step) + 2 + steps
+    return prefill_steps + steps + spread_steps + 2
 
 
 def measure(engine: LLMEngine, batch: int, context: int, steps: int, seed: int = 0,
@@ -280,6 +281,6 @@ def _median_of_rounds(rounds: list[ProfilePoint]) -> ProfilePoint:
         return rounds[0]
     median = sorted(rounds, key=lambda p: p.step_s)[len(rounds) // 2]
     # What spreading added, round by round (both timed in the same minute), at its median.
-    added = sorted(p.spread_s - p.step_s for p in rounds if p.spread_s is not None)
-    spread_s = median.step_s + added[len(added) // 2] if added else None
+    added = [p.spread_s - p.step_s for p in rounds if p.spread_s is not None]
+    spread_s = median.step_s + statistics.median_high(added) if added else None
     return replace(median, round_s=tuple(p.step_s for p in rounds), spread_s=spread_s)
