@@ -82,9 +82,87 @@ def test_a_scaled_model_prices_decodes_and_prompts_by_their_own_factors(tmp_path
         2 * model.step_time(300, 40000, 0, 2))
     slower.save(tmp_path / "s.json")
     assert CostModel.load(tmp_path / "s.json") == slower
-    with pytest.raises(ValueError, match="scales"):
+    with pytest.raises(ValueError, match="scale"):
         model.scaled(0)
 
+
+
+def test_mixed_points_price_a_prompt_chunk_beside_decodes_and_nothing_else():
+    """A mixed step (a prompt's chunk beside decodes) is priced by the line times the
+    mixed points' ratio, along the chunk's tokens between the measured decodes (points
+    of one shape at several contexts: their median); decode steps and steps of prompts
+    are priced as without them, and a model without mixed points keeps the line."""
+    decode = [ProfilePoint(b, b * s, 0.010 + 0.002 * b + 1e-6 * b * s)
+              for b in (1, 4, 16) for s in (100, 1000)]
+    prefill = [ProfilePoint(1, 128 * 129 // 2, 0.300, tokens=128),
+               ProfilePoint(2, 1024 * 513, 1.500, tokens=1024)]
+    plain = CostModel.fit(decode + prefill)
+    line = plain.line
+
+    def mixed(d, chunk, context, ratio):
+        pairs = d * context + chunk * (chunk + 1) // 2
+        return ProfilePoint(d + 1, pairs, ratio * line(d + chunk, pairs, 0, d + 1),
+                            tokens=d + chunk, decodes=d)
+
+    extra = [mixed(2, 64, 100, 1.5), mixed(2, 64, 1000, 1.3), mixed(2, 64, 500, 1.4),
+             mixed(2, 256, 100, 1.2), mixed(8, 64, 100, 1.1), mixed(8, 256, 100, 1.0)]
+    model = replace(plain, points=plain.points + tuple(extra))
+    assert model.step_time(66, 5000, 0, 3, 2) == pytest.approx(1.4 * line(66, 5000, 0, 3))
+    # Half way between 64 and 256 tokens at 2 decodes (1.4 -> 1.2), and at 5 decodes
+    # half way between the rows of 2 and 8 (1.3 and 1.05).
+    assert model.step_time(162, 9000, 0, 3, 2) == pytest.approx(1.3 * line(162, 9000, 0, 3))
+    assert model.step_time(165, 9000, 0, 6, 5) == pytest.approx(1.175 * line(165, 9000, 0, 6))
+    for step in [(4, 400), (16, 16000), (128, 8256, 0, 1), (700, 90000, 0, 2)]:
+        assert model.step_time(*step) == pytest.approx(plain.step_time(*step))
+    assert plain.step_time(66, 5000, 0, 3, 2) == pytest.approx(line(66, 5000, 0, 3))
+    assert extra[0].decoding == 2 and decode[0].decoding == 1 and prefill[0].decoding == 0
+
+
+def test_alone_prices_a_step_whose_neighbours_idle_by_its_tokens_kinds(tmp_path):
+    model = CostModel(0.010, 0.002, 1e-6, alone=(0.8, 0.9))
+    for step in [(4, 900), (300, 40000, 0, 2), (50, 2000, 0, 10, 5)]:
+        assert model.step_time(*step, alone=False) == pytest.approx(
+            CostModel(0.010, 0.002, 1e-6).step_time(*step))
+    assert model.step_time(4, 900, alone=True) == pytest.approx(0.8 * model.step_time(4, 900))
+    assert model.step_time(50, 2000, 0, 10, 5, alone=True) == pytest.approx(
+        (5 * 0.8 + 45 * 0.9) / 50 * model.step_time(50, 2000, 0, 10, 5))
+    model.save(tmp_path / "m.json")
+    assert CostModel.load(tmp_path / "m.json").alone == (0.8, 0.9)
+    with pytest.raises(ValueError, match="alone"):
+        CostModel(0.010, 0.002, 1e-6, alone=(0.0, 1.0))
+
+
+def test_a_decode_point_times_its_requests_beside_a_fresh_prompt_of_each_chunk(tiny_llama_dir):
+    """measure(chunks=...): after the decode steps, each chunk's prompt is computed whole
+    in one step beside every decode (checked by counting each step's outputs), and the
+    mixed point says so: its decodes, its tokens, its pairs; nothing is left behind."""
+    from infinite_llm import LLM
+    from infinite_llm.engine.profile import measure
+
+    llm = LLM(str(tiny_llama_dir), dtype="float32", device="cpu", kv_cache_memory="4MiB",
+              max_num_batched_tokens=64)
+    engine = llm.engine
+    decoded = []
+    step = engine.step
+
+    def counting():
+        outputs = step()
+        decoded.append(len(outputs))
+        return outputs
+
+    engine.step = counting
+    points = measure(engine, batch=3, context=20, steps=2, chunks=(8, 40))
+    assert decoded[-4:] == [4, 4, 4, 4]  # the 3 decodes and the prompt's first token
+    decode, short, long = points
+    assert decode.tokens is None and decode.decoding == 3
+    assert (short.batch, short.tokens, short.decoding) == (4, 11, 3)
+    assert (long.batch, long.tokens, long.decoding) == (4, 43, 3)
+    # The decodes' contexts as in the step, and the prompt's causal pairs.
+    assert long.context_tokens - 40 * 41 // 2 > short.context_tokens - 8 * 9 // 2 >= 3 * 21
+    assert engine.snapshot().pools_full and not engine.has_unfinished_requests()
+    with pytest.raises(RuntimeError, match="not computed whole"):
+        measure(engine, batch=3, context=20, steps=1, chunks=(62,))
+    assert engine.snapshot().pools_full and not engine.has_unfinished_requests()
 
 def test_profile_measures_a_model_and_writes_the_fit(tiny_llama_dir, tmp_path):
     out = tmp_path / "profile.json"
@@ -256,7 +334,7 @@ def test_a_decode_point_times_its_whole_batch_when_prompts_take_several_steps(ti
         return outputs
 
     engine.step = counting
-    point = measure(engine, batch=4, context=40, steps=3)
+    point, = measure(engine, batch=4, context=40, steps=3)
     assert decoded[-3:] == [4, 4, 4]
     assert point.batch == 4 and point.context_tokens >= 4 * 40
     assert engine.snapshot().pools_full
@@ -309,7 +387,7 @@ def test_a_spread_point_times_the_same_batch_with_one_request_across_two_instanc
         return outputs
 
     engine.step = watching
-    point = measure(engine, batch=4, context=40, steps=3, spread=True)
+    point, = measure(engine, batch=4, context=40, steps=3, spread=True)
     assert point.spread_s is not None and point.spread_s > 0
     assert max(spans) == 2 and spans[-3:] == [2, 2, 2]  # the timed steps ran across
     assert engine.snapshot().pools_full and engine.cluster.ledger().total_debt == 0

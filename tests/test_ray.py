@@ -409,24 +409,35 @@ def test_a_debt_cycle_cancelled_across_actors_changes_no_token(tiny_llama_dir, l
 
 
 def test_profile_on_ray_times_the_exchange_and_host_blocks_come_up_exactly(
-    tiny_llama_dir, local_ray
+    tiny_llama_dir, local_ray, monkeypatch
 ):
     """On Ray the cost model gets its exchange term (per_remote_s) from decode steps
-    timed again with a request spread over both actors, and its points are one actor's
-    share of a step; and a recall from an actor's host tier into its device blocks (a move
-    whose source and target are one actor) changes no token."""
-    from infinite_llm.engine.profile import profile
+    timed again with a request spread over both actors, its points are one actor's
+    share of a step (a mixed point: the prompt's actor's), and the probe timed with both
+    actors busy prices a step whose neighbour idles (``alone``); and a recall from an
+    actor's host tier into its device blocks (a move whose source and target are one
+    actor) changes no token."""
+    from infinite_llm.engine import profile as profiling
 
+    # The probe's shape, small enough for this tiny cache.
+    monkeypatch.setattr(profiling, "PROBE_DECODE", (1, 8))
+    monkeypatch.setattr(profiling, "PROBE_PREFILL", 8)
     remote = cluster(tiny_llama_dir, 2, "ray", host_kv_cache_memory=10 * TINY_BLOCK_BYTES)
     engine = remote.engine
     try:
-        model = profile(engine, [1, 4], [8, 16], steps=2)
+        model = profiling.profile(engine, [1, 4], [8, 16], steps=2, mixed_chunks=[4])
         assert model.per_remote_s > 0 and model.source["backend"] == "ray"
+        decode = [p for p in model.points if p.tokens is None]
+        mixed = [p for p in model.points if p.tokens is not None]
         # The small batch spread (the larger ones' other actor has no room to take blocks).
-        assert [p.spread_s is not None for p in model.points][:2] == [True, True]
+        assert [p.spread_s is not None for p in decode][:2] == [True, True]
         # The actors run side by side: a point is the busiest one's share of the step.
         assert model.source["per_instance"] is True
-        assert [p.batch for p in model.points] == [1, 1, 2, 2]
+        assert [p.batch for p in decode] == [1, 1, 2, 2]
+        assert mixed and all(p.tokens == p.decoding + 4 and p.batch == p.decoding + 1
+                             and p.decoding <= 2 for p in mixed)
+        (alone,), (busy,) = model.source["probe_s"], model.source["probe_together_s"]
+        assert model.alone == pytest.approx((alone[0] / busy[0], alone[1] / busy[1]))
         short = random_prompts(1, 20, 21, 320, seed=4)[0]
         long = random_prompts(1, 70, 71, 320, seed=5)[0]
         params = [SamplingParams(max_tokens=n, **GREEDY) for n in (4, 24)]

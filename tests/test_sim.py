@@ -150,6 +150,31 @@ def test_side_by_side_a_step_pays_one_exchange_however_many_sequences_cross():
         cost.step_time(6, 4900, 5, 6, 6))
 
 
+
+def test_side_by_side_an_instance_computing_while_the_others_idle_runs_at_the_alone_speed():
+    """Ray actors sharing one machine: a step in which one computes and the others idle
+    costs the profile's ``alone`` share of the price (by its tokens' kinds); with a
+    neighbour computing, or a sequence crossing (both join the exchange), the price
+    stays; in one process there are no neighbours to idle."""
+    from dataclasses import replace
+
+    from infinite_llm.sim.clock import StepLoad
+
+    cost = replace(COST, alone=(0.8, 0.9), per_remote_s=0.050)
+    side = MeasuredClock(cost, parallel=True)
+    decoding = StepLoad(tokens=4, sequences=4, decodes=4, pairs=4000)
+    mixed = StepLoad(tokens=104, sequences=5, decodes=4, pairs=9000)
+    assert side.price([decoding]) == pytest.approx(0.8 * cost.step_time(4, 4000))
+    # A prompt of 100 tokens beside 4 decodes: tokens' shares of the two factors.
+    assert side.price([mixed, StepLoad(pairs=300, keys=300)]) == pytest.approx(
+        (4 * 0.8 + 100 * 0.9) / 104 * cost.step_time(104, 9000, 0, 5, 4))
+    assert side.price([decoding, replace(decoding, pairs=10)]) == pytest.approx(
+        cost.step_time(4, 4000))
+    assert side.price([replace(decoding, near=1), StepLoad(pairs=50, keys=50)]) == (
+        pytest.approx(cost.step_time(4, 4000) + 0.050))
+    assert MeasuredClock(cost, parallel=False).price([decoding]) == pytest.approx(
+        cost.step_time(4, 4000))
+
 def test_simulate_on_the_command_line_is_deterministic_and_reads_traces(tmp_path):
     import json
     import subprocess

@@ -395,6 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompts prefilled together in each prefill step (default: %(default)s)",
     )
     profile.add_argument(
+        "--mixed-chunks", type=int, nargs="*", default=[],
+        help="prompt lengths timed beside each decode point's requests (a prompt's chunk "
+             "beside decodes; default: none)",
+    )
+    profile.add_argument(
         "--steps", type=int, default=8, help="steps timed per point (default: %(default)s)"
     )
     profile.add_argument(
@@ -556,25 +561,25 @@ def _profile(args: argparse.Namespace) -> int:
 
     if min(args.batches) < 1 or min(args.contexts) < 1 or args.steps < 1 or (
         args.prefills and min(args.prefills) < 1
-    ) or min(args.prefill_prompts) < 1 or args.rounds < 1:
-        raise ValueError("--batches, --contexts, --prefills, --prefill-prompts, --steps "
-                         "and --rounds must be positive")
+    ) or min(args.prefill_prompts) < 1 or args.rounds < 1 or min(args.mixed_chunks, default=1) < 1:
+        raise ValueError("--batches, --contexts, --prefills, --prefill-prompts, "
+                         "--mixed-chunks, --steps and --rounds must be positive")
     llm = _build_llm(args)
     try:
         model = profile(llm.engine, args.batches, args.contexts, args.steps, model=args.model,
                         prefills=args.prefills, prefill_prompts=args.prefill_prompts,
-                        rounds=args.rounds)
+                        rounds=args.rounds, mixed_chunks=args.mixed_chunks)
     finally:
         llm.shutdown()
     model.save(args.out)
-    print(f"{'batch':>6} {'tokens':>7} {'context tokens':>15} {'step ms':>9} {'line ms':>9}"
-          + (f"  {'rounds ms':>19}" if args.rounds > 1 else ""))
+    print(f"{'batch':>6} {'decodes':>7} {'tokens':>7} {'context tokens':>15} {'step ms':>9} "
+          f"{'line ms':>9}" + (f"  {'rounds ms':>19}" if args.rounds > 1 else ""))
     for p in model.points:
         fit = model.line(p.computed, p.context_tokens, sequences=p.batch) * 1e3
         spread = (f"  {min(p.round_s) * 1e3:>9.2f}-{max(p.round_s) * 1e3:<9.2f}"
                   if p.round_s else "")
-        print(f"{p.batch:>6} {p.computed:>7} {p.context_tokens:>15} {p.step_s * 1e3:>9.2f} "
-              f"{fit:>9.2f}{spread}")
+        print(f"{p.batch:>6} {p.decoding:>7} {p.computed:>7} {p.context_tokens:>15} "
+              f"{p.step_s * 1e3:>9.2f} {fit:>9.2f}{spread}")
     print(f"T = {model.fixed_s * 1e3:.3f} ms + {model.per_token_s * 1e3:.4f} ms/token "
           f"+ {model.per_context_token_s * 1e6:.4f} us/context token "
           f"+ {model.per_sequence_s * 1e3:.4f} ms/sequence "
@@ -585,6 +590,11 @@ def _profile(args: argparse.Namespace) -> int:
         print("the probe (timed again beside later runs to tell this machine's speed then), "
               "decode/prefill a round: "
               + ", ".join(f"{d * 1e3:.1f}/{p * 1e3:.0f} ms" for d, p in probes))
+    if busy := model.source.get("probe_together_s"):
+        print("the probe with every instance busy: "
+              + ", ".join(f"{d * 1e3:.1f}/{p * 1e3:.0f} ms" for d, p in busy)
+              + f"; a step whose neighbours idle costs {model.alone[0]:.3f}x (decode), "
+              f"{model.alone[1]:.3f}x (prompts)")
     return 0
 
 

@@ -28,7 +28,9 @@ from pathlib import Path
 @dataclass(frozen=True)
 class ProfilePoint:
     """One measured configuration: the median step of ``batch`` sequences computing
-    ``tokens`` tokens (None: one each, a decode step) whose attention scores
+    ``tokens`` tokens (None: one each, a decode step), ``decodes`` of which decode one
+    token (None: all of them in a decode step, none in a step of prompts; a mixed step,
+    a prompt's chunk beside decodes, says how many), whose attention scores
     ``context_tokens`` (query, key) pairs."""
 
     batch: int
@@ -42,10 +44,18 @@ class ProfilePoint:
     # Where instances run side by side: the same step once one of its requests' KV spans
     # two instances, one (sequence, remote owner) pair exchanging every layer.
     spread_s: float | None = None
+    decodes: int | None = None
 
     @property
     def computed(self) -> int:
         return self.batch if self.tokens is None else self.tokens
+
+    @property
+    def decoding(self) -> int:
+        """Of the step's sequences, those decoding one token."""
+        if self.decodes is not None:
+            return self.decodes
+        return self.batch if self.tokens is None else 0
 
 
 @dataclass(frozen=True)
@@ -64,36 +74,51 @@ class CostModel:
     points: tuple[ProfilePoint, ...] = ()
     # Every price times these (decode steps, steps of prompts; ``scaled``).
     scale: tuple[float, float] = (1.0, 1.0)
+    # Where instances share one machine side by side (Ray actors on this host): a step
+    # in which one instance computes while the others idle, as a share of the same step
+    # beside busy neighbours (decode steps, steps of prompts; measured by ``profile``).
+    alone: tuple[float, float] = (1.0, 1.0)
 
     def __post_init__(self) -> None:
         for name in ("fixed_s", "per_token_s", "per_context_token_s", "per_remote_s",
                      "per_sequence_s", "engine_s"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not all(f > 0 for f in (*self.scale, *self.alone)):
+            raise ValueError(f"scale and alone must be > 0, got {self.scale} and {self.alone}")
 
     def step_time(
         self, tokens: int, context_tokens: int, remote_pairs: int = 0,
-        sequences: int | None = None, decodes: int | None = None,
+        sequences: int | None = None, decodes: int | None = None, alone: bool = False,
     ) -> float:
         """Seconds of one step computing ``tokens`` tokens of ``sequences`` sequences
         (None: one token each, a decode step), ``decodes`` of which decode one token
         (None: all of them when each computes one, else none), whose attention scores
-        ``context_tokens`` (query, key) pairs (a decode step: its contexts' sum)."""
+        ``context_tokens`` (query, key) pairs (a decode step: its contexts' sum).
+        ``alone``: the only instance of the machine computing in this step."""
         n = tokens if sequences is None else sequences
         d = (n if n == tokens else 0) if decodes is None else decodes
         line = self.line(tokens, context_tokens, remote_pairs, n)
         if tokens <= 0:
             return line
-        scale = (d * self.scale[0] + (tokens - d) * self.scale[1]) / tokens
         # The line, corrected by what the measured points say it misses where the step
         # is like them (the cost is not linear on every machine): a decode step by the
-        # decode grid's residual; a step of prompts only by the prefill points' ratio
-        # (prompts x tokens a prompt). A step mixing both keeps the line.
+        # decode grid's residual; a step of prompts by the prefill points' ratio
+        # (prompts x tokens a prompt); a prompt's chunk beside decodes by the mixed
+        # points' ratio (decodes x the chunks' tokens).
         if d == n == tokens and self._decode_residuals:
             line += _interpolate(self._decode_residuals, tokens, context_tokens / tokens)
         elif d == 0 and self._prefill_ratios:
             line *= _interpolate(self._prefill_ratios, n, tokens / n)
-        return line * scale
+        elif 0 < d < n and self._mixed_ratios:
+            line *= _interpolate(self._mixed_ratios, d, tokens - d)
+        return line * self._share(self.scale, tokens, d) * (
+            self._share(self.alone, tokens, d) if alone else 1.0)
+
+    @staticmethod
+    def _share(factors: tuple[float, float], tokens: int, decodes: int) -> float:
+        """A (decode, prompts) pair of factors, weighed by the step's tokens."""
+        return (decodes * factors[0] + (tokens - decodes) * factors[1]) / tokens
 
     def line(self, tokens: int, context_tokens: float, remote_pairs: int = 0,
              sequences: int | None = None) -> float:
@@ -123,10 +148,25 @@ class CostModel:
         the points (a step of several instances' prompts in one forward)."""
         rows: dict[int, list[tuple[float, float]]] = {}
         for p in self.points:
-            if p.tokens is not None and p.batch > 0:
+            if p.tokens is not None and p.batch > 0 and p.decoding == 0:
                 line = self.line(p.tokens, p.context_tokens, 0, p.batch)
                 rows.setdefault(p.batch, []).append((p.tokens / p.batch, p.step_s / line))
         return sorted((b, sorted(r)) for b, r in rows.items())
+
+    @cached_property
+    def _mixed_ratios(self) -> list[tuple[int, list[tuple[float, float]]]]:
+        """(decodes, [(the chunks' tokens, measured / line)...]) over the mixed points,
+        by decodes; points of one (decodes, chunk tokens) at several contexts keep
+        their median ratio."""
+        ratios: dict[tuple[int, int], list[float]] = {}
+        for p in self.points:
+            if p.tokens is not None and 0 < p.decoding < p.batch:
+                line = self.line(p.tokens, p.context_tokens, 0, p.batch)
+                ratios.setdefault((p.decoding, p.tokens - p.decoding), []).append(p.step_s / line)
+        rows: dict[int, list[tuple[float, float]]] = {}
+        for (d, chunk), r in ratios.items():
+            rows.setdefault(d, []).append((chunk, statistics.median(r)))
+        return sorted((d, sorted(r)) for d, r in rows.items())
 
     def decode_rate(self, batch: int, context_tokens: int, remote_pairs: int = 0) -> float:
         """Output tokens per second of a decode step of ``batch`` requests (0 when idle)."""
@@ -176,8 +216,6 @@ class CostModel:
         where the machine's neighbours take memory bandwidth but not compute, or the
         other way round."""
         prompts = decode if prompts is None else prompts
-        if not (decode > 0 and prompts > 0):
-            raise ValueError(f"scales must be > 0, got {decode!r} and {prompts!r}")
         return replace(self, scale=(decode * self.scale[0], prompts * self.scale[1]))
 
     def save(self, path: str | Path) -> None:
@@ -188,8 +226,8 @@ class CostModel:
         data = json.loads(Path(path).read_text())
         points = tuple(ProfilePoint(**{**p, "round_s": tuple(p.get("round_s", ()))})
                        for p in data.pop("points", ()))
-        return CostModel(**{**data, "scale": tuple(data.get("scale", (1.0, 1.0)))},
-                         points=points)
+        return CostModel(**{**data, "scale": tuple(data.get("scale", (1.0, 1.0))),
+                            "alone": tuple(data.get("alone", (1.0, 1.0)))}, points=points)
 
 
 def _along(row: list[tuple[float, float]], x: float) -> float:

@@ -40,3 +40,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     from infinite_llm.kernels import triton_attention
 
     return triton_attention.paged_decode(q, k_cache, v_cache, block_table, kv_len, scale)
+
+
+def elementwise_supported(x: torch.Tensor) -> bool:
+    """Whether the Triton norm, rotary and SiLU-and-multiply passes take this tensor."""
+    return x.device.type == "cuda" and x.dtype in _DTYPES and triton_kernels_available()

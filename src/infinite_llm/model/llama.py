@@ -14,8 +14,7 @@ import torch
 from torch import nn
 
 from infinite_llm.config import ModelConfig
-from infinite_llm.kernels import cpu as kernels
-from infinite_llm.kernels.cpu import elementwise_supported
+from infinite_llm.kernels.elementwise import kernels_for
 from infinite_llm.model.rope import RotaryEmbedding, apply_rotary
 
 
@@ -36,7 +35,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # One pass (PyTorch's bfloat16 rms_norm is a dozen small ops): they add up to
         # milliseconds per decode step.
-        if elementwise_supported(x):
+        if kernels := kernels_for(x):
             return kernels.rms_norm(x, self.weight, self.eps)
         return nn.functional.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
@@ -44,8 +43,9 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(residual + x), residual + x): the residual add and the next norm in one
-        pass on CPU, where both tensors are overwritten (they are the step's own)."""
-        if elementwise_supported(x) and x.is_contiguous() and residual.is_contiguous():
+        pass where a kernel takes them, both tensors overwritten (they are the step's own)."""
+        kernels = kernels_for(x)
+        if kernels and x.is_contiguous() and residual.is_contiguous():
             kernels.add_rms_norm_(x, residual, self.weight, self.eps)
             return x, residual
         residual = residual + x
@@ -74,7 +74,7 @@ class LlamaAttention(nn.Module):
         qkv = self.qkv_proj(x).view(n, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         # q and k heads sit side by side: rotate them in one go.
         rotated = self.num_heads + self.num_kv_heads
-        if elementwise_supported(qkv):
+        if kernels := kernels_for(qkv):
             kernels.rotary_(qkv, cos, sin, rotated)
             qk = qkv[:, :rotated]
         else:
@@ -96,7 +96,7 @@ class LlamaMLP(nn.Module):
             # The CPU kernel's gated product: silu(gate) * up in one pass.
             return self.down_proj(self.gate_up_proj(x))
         gate_up = self.gate_up_proj(x)
-        if elementwise_supported(gate_up):
+        if kernels := kernels_for(gate_up):
             return self.down_proj(kernels.silu_and_mul(gate_up))
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(nn.functional.silu(gate) * up)

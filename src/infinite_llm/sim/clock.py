@@ -135,10 +135,12 @@ class MeasuredClock:
         # Side by side, every instance joins one exchange a layer whenever any sequence
         # crosses, however many do (``transport/ray.py``): what a profile's spread points
         # measured (``per_remote_s``), once a step. An instance with no tokens of its own
-        # only serves attention over its KV.
+        # only serves attention over its KV; one computing while every other idles (no
+        # exchange) runs at the profile's ``alone`` speed.
         crossing = any(c[2] for c in costs)
-        return (max(self.cost.step_time(t, p, 0, n, d) if t else self.cost.per_context_token_s * p
-                    for t, p, _, n, d in costs)
+        alone = not crossing and sum(1 for c in costs if c[0]) == 1
+        return (max(self.cost.step_time(t, p, 0, n, d, alone) if t
+                    else self.cost.per_context_token_s * p for t, p, _, n, d in costs)
                 + (self.cost.per_remote_s * self.cost.scale[0] if crossing else 0.0))
 
 
