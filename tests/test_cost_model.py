@@ -132,16 +132,12 @@ def test_alone_prices_a_step_whose_neighbours_idle_by_its_tokens_kinds(tmp_path)
         CostModel(0.010, 0.002, 1e-6, alone=(0.0, 1.0))
 
 
-def test_a_decode_point_times_its_requests_beside_a_fresh_prompt_of_each_chunk(tiny_llama_dir):
-    """measure(chunks=...): after the decode steps, each chunk's prompt is computed whole
-    in one step beside every decode (checked by counting each step's outputs), and the
-    mixed point says so: its decodes, its tokens, its pairs; nothing is left behind."""
+def counting_engine(tiny_llama_dir, **options):
+    """A tiny Llama's engine whose every step appends how many requests it output."""
     from infinite_llm import LLM
-    from infinite_llm.engine.profile import measure
 
-    llm = LLM(str(tiny_llama_dir), dtype="float32", device="cpu", kv_cache_memory="4MiB",
-              max_num_batched_tokens=64)
-    engine = llm.engine
+    engine = LLM(str(tiny_llama_dir), dtype="float32", device="cpu", kv_cache_memory="4MiB",
+                 **options).engine
     decoded = []
     step = engine.step
 
@@ -151,6 +147,15 @@ def test_a_decode_point_times_its_requests_beside_a_fresh_prompt_of_each_chunk(t
         return outputs
 
     engine.step = counting
+    return engine, decoded
+
+def test_a_decode_point_times_its_requests_beside_a_fresh_prompt_of_each_chunk(tiny_llama_dir):
+    """measure(chunks=...): after the decode steps, each chunk's prompt is computed whole
+    in one step beside every decode (checked by counting each step's outputs), and the
+    mixed point says so: its decodes, its tokens, its pairs; nothing is left behind."""
+    from infinite_llm.engine.profile import measure
+
+    engine, decoded = counting_engine(tiny_llama_dir, max_num_batched_tokens=64)
     points = measure(engine, batch=3, context=20, steps=2, chunks=(8, 40))
     assert decoded[-4:] == [4, 4, 4, 4]  # the 3 decodes and the prompt's first token
     decode, short, long = points
@@ -319,21 +324,9 @@ def test_steps_of_prompts_follow_the_prefill_points_and_mixed_steps_the_line():
 def test_a_decode_point_times_its_whole_batch_when_prompts_take_several_steps(tiny_llama_dir):
     """4 prompts of 40 tokens at 32 tokens a step take 6 steps to prefill; the first
     requests decode meanwhile and must not finish before the timed steps."""
-    from infinite_llm import LLM
     from infinite_llm.engine.profile import measure
 
-    llm = LLM(str(tiny_llama_dir), dtype="float32", device="cpu", kv_cache_memory="4MiB",
-              max_num_batched_tokens=32)
-    engine = llm.engine
-    decoded = []
-    step = engine.step
-
-    def counting():
-        outputs = step()
-        decoded.append(len(outputs))
-        return outputs
-
-    engine.step = counting
+    engine, decoded = counting_engine(tiny_llama_dir, max_num_batched_tokens=32)
     point, = measure(engine, batch=4, context=40, steps=3)
     assert decoded[-3:] == [4, 4, 4]
     assert point.batch == 4 and point.context_tokens >= 4 * 40
