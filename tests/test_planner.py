@@ -87,6 +87,22 @@ def test_admission_borrows_when_the_batch_pays_for_the_exchange():
     assert costly.worth_borrowing(0, 0, 0, 50)
 
 
+
+def test_on_ray_a_borrowing_instance_pays_one_exchange_a_step_however_many_cross():
+    """A profile taken on Ray (``per_instance``) prices remote pairs once a step: one
+    more crossing sequence costs nothing where one crosses already, as on Ray, where
+    every actor joins one exchange a layer; in process each pair costs its own."""
+    ray = CostModel(0.010, 0.001, 1e-6, per_remote_s=0.020, source={"per_instance": True})
+    assert ray.exchange_once_a_step and not COST.exchange_once_a_step
+    assert ray.step_time(4, 400, 3) == pytest.approx(ray.step_time(4, 400, 1))
+    assert ray.step_time(4, 400, 1) == pytest.approx(ray.step_time(4, 400) + 0.020)
+    in_process = CostModel(0.010, 0.001, 1e-6, per_remote_s=0.020)
+    assert in_process.step_time(4, 400, 3) == pytest.approx(in_process.step_time(4, 400) + 0.060)
+    # 2 running over 100 tokens, one of them across already: a third borrowing adds no
+    # exchange on Ray (3 / 33.15 ms against 2 / 32.1), one more pair in process.
+    assert GreedyPlanner(ray, BLOCK).worth_borrowing(2, 100, 1, 50)
+    assert not GreedyPlanner(in_process, BLOCK).worth_borrowing(2, 100, 1, 50)
+
 def test_nothing_moves_without_a_creditor_or_a_gain():
     full = [
         InstanceLoad(0, free=0, lendable=0, running=2, context_tokens=160, waiting_blocks=(4,)),

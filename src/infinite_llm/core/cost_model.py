@@ -10,7 +10,8 @@ f(b) = b / (fixed + per_token * b), which grows with the batch), S: the (query, 
 pairs the step's attention scores, at throughput g = 1 / per_context_token (a decode
 token attends to its whole context; a prefill chunk of n tokens after p computed ones
 scores n * p + n (n + 1) / 2), x: (sequence, remote owner) pairs whose partials cross
-between instances each layer, n: sequences in the step (sampling and per-sequence
+between instances each layer (at most 1 for a profile taken on Ray, where one exchange
+a layer serves them all: ``exchange_once_a_step``), n: sequences in the step (sampling and per-sequence
 work; in a decode step n = b, and only prefill points, where one sequence brings many
 tokens, tell the two apart).
 """
@@ -120,12 +121,20 @@ class CostModel:
         """A (decode, prompts) pair of factors, weighed by the step's tokens."""
         return (decodes * factors[0] + (tokens - decodes) * factors[1]) / tokens
 
+    @property
+    def exchange_once_a_step(self) -> bool:
+        """Whether remote pairs cost ``per_remote_s`` once a step however many there are
+        (a profile of instances side by side, as on Ray: every one joins one exchange a
+        layer whenever any sequence crosses), else each."""
+        return bool(self.source.get("per_instance"))
+
     def line(self, tokens: int, context_tokens: float, remote_pairs: int = 0,
              sequences: int | None = None) -> float:
         """The fitted line alone, without the measured points' corrections."""
         n = tokens if sequences is None else sequences
+        exchanges = min(remote_pairs, 1) if self.exchange_once_a_step else remote_pairs
         return (self.fixed_s + self.per_token_s * tokens + self.per_sequence_s * n
-                + self.per_context_token_s * context_tokens + self.per_remote_s * remote_pairs)
+                + self.per_context_token_s * context_tokens + self.per_remote_s * exchanges)
 
     @cached_property
     def _decode_residuals(self) -> list[tuple[int, list[tuple[float, float]]]]:
