@@ -235,15 +235,22 @@ PROBE_DECODE = (1, 256)
 PROBE_PREFILL = 512
 
 
+def _probe_fits(engine: LLMEngine, copies: int, steps: int) -> bool:
+    """Whether ``copies`` of the probe's decode request, and then of its prompt, fit
+    ``engine``'s KV cache, its model and one step."""
+    batch, context = PROBE_DECODE
+    block = engine.config.cache.block_size
+    return (_decode_fits(engine, copies * batch, context, steps)
+            and copies * (-(-(PROBE_PREFILL + 1) // block) + 1) * block <= engine.capacity_tokens
+            and PROBE_PREFILL < engine.max_model_len
+            and copies * PROBE_PREFILL <= engine.config.scheduler.max_num_batched_tokens)
+
+
 def probe(engine: LLMEngine, steps: int = 8) -> tuple[float, float] | None:
     """The probe's (decode step, prefill step) seconds on ``engine`` now; None where
     its KV cache, its model or a step cannot hold it."""
     batch, context = PROBE_DECODE
-    block = engine.config.cache.block_size
-    if not (_decode_fits(engine, batch, context, steps)
-            and (-(-(PROBE_PREFILL + 1) // block) + 1) * block <= engine.capacity_tokens
-            and PROBE_PREFILL < engine.max_model_len
-            and PROBE_PREFILL <= engine.config.scheduler.max_num_batched_tokens):
+    if not _probe_fits(engine, 1, steps):
         return None
     return (measure(engine, batch, context, steps)[0].step_s,
             measure_prefill(engine, PROBE_PREFILL, max(1, steps // 2)).step_s)
@@ -258,10 +265,7 @@ def probe_together(engine: LLMEngine, steps: int = 8) -> tuple[float, float] | N
         return None
     n = len(engine.cluster.alive_instances)
     batch, context = PROBE_DECODE
-    block = engine.config.cache.block_size
-    if not (_decode_fits(engine, n * batch, context, steps)
-            and n * (-(-(PROBE_PREFILL + 1) // block) + 1) * block <= engine.capacity_tokens
-            and n * PROBE_PREFILL <= engine.config.scheduler.max_num_batched_tokens):
+    if not _probe_fits(engine, n, steps):
         return None
     decode = measure(engine, n * batch, context, steps)[0]
     prefill = measure_prefill(engine, PROBE_PREFILL, max(1, steps // 2), prompts=n)

@@ -4,6 +4,7 @@ Triton ones on a GPU, or none (PyTorch's ops, which compute the same thing)."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 from types import ModuleType
 
@@ -17,5 +18,11 @@ def kernels_for(x: torch.Tensor) -> ModuleType | None:
     if cpu.elementwise_supported(x):
         return cpu
     if gpu.elementwise_supported(x):
-        return importlib.import_module("infinite_llm.kernels.triton_elementwise")
+        return _triton()
     return None
+
+
+@functools.cache
+def _triton() -> ModuleType:
+    """The Triton kernels' module, imported once (triton only where a GPU asks)."""
+    return importlib.import_module("infinite_llm.kernels.triton_elementwise")
