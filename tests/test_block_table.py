@@ -67,8 +67,9 @@ ops = st.lists(
 def test_the_runners_copy_follows_every_change(operations, rng):
     """Random appends, moves and clears; whenever the runner syncs, its copy holds the
     same blocks per owner, the same (owner, id) for every logical block, and the same
-    visible counts, as the table."""
-    table, runner, fresh = BlockTable(), KVTables(), iter(range(10**6))
+    visible counts, as the table; over joined pools, each block's id in the joined cache."""
+    bases = {0: 0, 1: 10**6, 2: 3 * 10**6, 3: 7 * 10**6}
+    table, runner, fresh = BlockTable(), KVTables(bases), iter(range(10**6))
     for op, owner, n in operations:
         if op == "append":
             table.append(owner, [next(fresh) for _ in range(n)])
@@ -93,6 +94,7 @@ def test_the_runners_copy_follows_every_change(operations, rng):
         owners, ids = mirror.blocks(0, table.num_blocks)
         assert [(o, i) for o, i in zip(owners, ids)] == [
             table.slot(p * 4, 4)[:2] for p in range(table.num_blocks)]
+        assert list(mirror.joined) == [bases[o] + i for o, i in zip(owners, ids)]
         limit = rng.randrange(table.num_blocks * 4 + 1)
         want = {o: 0 for o in table.owners()}
         for p in range(limit):

@@ -78,6 +78,52 @@ def test_seeded_sampling_on_the_gpu_is_reproducible(tiny):
     assert first == again
 
 
+def test_decode_steps_from_cuda_graphs_match_op_by_op_and_transformers(tiny):
+    """Greedy tokens and log-probs with decode steps replayed from CUDA graphs (batches
+    of 1-7 padded to 1, 2, 4, 8) equal op by op (``enforce_eager``) and transformers."""
+    path, hf = tiny
+    kw = dict(device="cuda", dtype="float32", kv_cache_memory="4MiB", block_size=4)
+    graphs, eager = LLM(str(path), **kw), LLM(str(path), enforce_eager=True, **kw)
+    assert graphs.engine.runner.graphs is not None and eager.engine.runner.graphs is None
+    params = SamplingParams(max_tokens=20, logprobs=2, **GREEDY)
+    for count in (1, 3, 7):
+        prompts = random_prompts(count, 2, 70, 320, seed=30 + count)
+        got = graphs.generate(prompts, params, use_tqdm=False)
+        want = eager.generate(prompts, params, use_tqdm=False)
+        for prompt, a, b in zip(prompts, got, want):
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids == hf_greedy(hf, prompt, 20)
+            for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+                assert x.keys() == y.keys() and all(abs(x[t] - y[t]) < 1e-4 for t in x)
+    used = graphs.engine.runner.graphs
+    assert used.replays >= 3 * 19 and {k.batch for k in used.keys} == {1, 2, 4, 8}
+    rm = graphs.engine.cluster.instances[0].rmanager
+    assert rm.num_free == rm.capacity
+
+
+def test_a_decode_step_from_its_graph_never_synchronises_the_host(tiny):
+    """Once captured, a decode step's graph path (inputs in, replay, logits out) makes
+    no call that waits for the GPU: CUDA's sync debug mode raises on any."""
+    path, _ = tiny
+    llm = LLM(str(path), device="cuda", dtype="bfloat16", kv_cache_memory="4MiB", block_size=4)
+    prompts = random_prompts(4, 2, 40, 320, seed=5)
+    params = SamplingParams(max_tokens=12, **GREEDY)
+    want = llm.generate(prompts, params, use_tqdm=False)  # captures the shapes
+    graphs = llm.engine.runner.graphs
+    replayed, logits = graphs.replays, graphs.logits
+
+    def strict(*args):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return logits(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    graphs.logits = strict
+    got = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert graphs.replays - replayed == 11
+
+
 def pooled(path, instances, backend="local", **kwargs) -> LLM:
     return LLM(
         str(path), kv_cache_memory=10 * TINY_BLOCK_BYTES, block_size=BLOCK,

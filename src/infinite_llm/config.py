@@ -325,6 +325,8 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int | None = 0  # the engine's sampling seed (requests may bring their own)
     allow_long_context: bool = False  # max_model_len beyond the trained context only warns
+    # On a GPU, never replay decode steps from CUDA graphs: every step op by op.
+    enforce_eager: bool = False
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     pooling: PoolingConfig = field(default_factory=PoolingConfig)
@@ -371,6 +373,7 @@ OPTIONS = {
     "device": "device",
     "seed": "seed",
     "allow_long_context": "allow_long_context",
+    "enforce_eager": "enforce_eager",
     "kv_cache_memory": "cache.kv_cache_memory",
     "host_kv_cache_memory": "cache.host_kv_cache_memory",
     "block_size": "cache.block_size",

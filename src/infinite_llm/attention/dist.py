@@ -7,10 +7,12 @@ its blocks, and the partials are merged (with the chunk's own causal attention f
 prompt chunks). KV never moves; only queries go out and partials come back.
 
 One path serves every backend. Owners whose pool is in this process (``pools``) are
-attended here; where several are and every run is paged, one pass of the paged kernel
-covers them all (its online softmax is the merge). Other owners are reached through
-``remote``: nobody in one process (``InProcess``), an all-to-all among the instance
-processes on Ray (``exchange.Exchanged``). What goes where was planned once for the
+attended here; where every instance is in this process their pools are views of one
+cache (``KVCache.joined``), one owner (``plan.JOINED``) whose run reads each sequence's
+blocks through one table wherever they live: a spread sequence costs what a local one
+does, one launch. Other owners are reached through ``remote``: nobody in one process
+(``InProcess``), an all-to-all among the instance processes on Ray
+(``exchange.Exchanged``). What goes where was planned once for the
 step (``plan.AttentionPlan``); this is the per-layer execution.
 """
 
@@ -22,7 +24,7 @@ import torch
 
 from infinite_llm.attention.kv_cache import KVCache
 from infinite_llm.attention.merge import merge
-from infinite_llm.attention.micro import PagedRun, causal_attention, micro_attention
+from infinite_llm.attention.micro import causal_attention, micro_attention
 from infinite_llm.attention.plan import (
     AttentionBatch,
     AttentionPlan,
@@ -31,7 +33,7 @@ from infinite_llm.attention.plan import (
     FreshPrompts,
     Part,
 )
-from infinite_llm.kernels.cpu import paged_decode_attention_owners, prefill_attention
+from infinite_llm.kernels.cpu import prefill_attention
 
 Partial = tuple[torch.Tensor, torch.Tensor]  # (out, lse)
 
@@ -128,18 +130,7 @@ class DistAttention:
         self, layer: int, i: int, q: torch.Tensor, parts: tuple[Part, ...],
         remote: dict[tuple[int, int], Partial],
     ) -> list[Partial]:
-        """Batch ``i``'s partial per owner, in the parts' order: here, or from ``remote``.
-        Where every owner's pool is here and every run is paged, one kernel pass computes
-        their partials and the merge together."""
-        here = [part for part in parts if part.owner in self.pools]
-        if len(parts) > 1 and len(here) == len(parts) and all(
-            isinstance(part.run, PagedRun) for part in parts
-        ):
-            owners = [
-                (*self.pools[part.owner].layer(layer), part.run.block_table, part.run.kv_len)
-                for part in parts
-            ]
-            return [paged_decode_attention_owners(q, owners, self.scale)]
+        """Batch ``i``'s partial per owner, in the parts' order: here, or from ``remote``."""
         partials = []
         for part in parts:
             if part.owner in self.pools:

@@ -16,10 +16,13 @@ def num_blocks_for(model: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -
 
 
 class KVCache:
-    """K and V for every layer: (layers, num_blocks, block_size, kv_heads, head_dim) each.
+    """K and V for every layer: (layers, blocks, block_size, kv_heads, head_dim) each.
 
     The host tier's blocks follow the device ones in the same tensors: on a CPU-only
-    machine both are host memory, and the tier is a separate budget."""
+    machine both are host memory, and the tier is a separate budget. A cache built
+    whole holds one more block after its pool's: the scratch, where a padded step's rows
+    that are no sequence's write their k, v (``scratch_slot``; ``engine.decode_graphs``).
+    Several instances' pools in one process are views of one such cache (``joined``)."""
 
     def __init__(
         self,
@@ -29,16 +32,39 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
     ) -> None:
-        shape = (
-            model.num_hidden_layers,
-            num_blocks,
-            block_size,
-            model.num_key_value_heads,
-            model.head_dim,
-        )
+        shape = (model.num_hidden_layers, num_blocks + 1, block_size,
+                 model.num_key_value_heads, model.head_dim)
         self.block_size = block_size
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.base = 0  # this pool's first block in the cache it is a view of
+        self.scratch: int | None = num_blocks  # the scratch block (a view has none)
+
+    @staticmethod
+    def joined(
+        model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+        device: torch.device | str, pools: int,
+    ) -> tuple[KVCache, dict[int, KVCache]]:
+        """``pools`` pools of ``num_blocks`` blocks as views of one cache: the whole
+        (pool i's blocks from ``i * num_blocks`` on, then the scratch) and each pool,
+        which knows its ``base`` there. Attention over a sequence whose blocks are in
+        several of them then reads the whole through one table."""
+        whole = KVCache(model, pools * num_blocks, block_size, dtype, device)
+        return whole, {i: whole._view(i * num_blocks, num_blocks) for i in range(pools)}
+
+    def _view(self, base: int, num_blocks: int) -> KVCache:
+        view = KVCache.__new__(KVCache)
+        view.block_size, view.base, view.scratch = self.block_size, base, None
+        view.k = self.k[:, base : base + num_blocks]
+        view.v = self.v[:, base : base + num_blocks]
+        return view
+
+    @property
+    def scratch_slot(self) -> int:
+        """A flat slot no pool's block holds: the scratch block's first."""
+        if self.scratch is None:
+            raise ValueError("a view of a joined cache has no scratch block: its whole has")
+        return self.scratch * self.block_size
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of one layer's K and V: (num_blocks, block_size, kv_heads, head_dim)."""

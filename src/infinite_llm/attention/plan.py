@@ -4,7 +4,9 @@ worked out once per step as index tensors. Pure index work; the per-layer execut
 
 The runner describes each scheduled sequence once (``SeqSpan``) and this module turns
 the spans into where each new token's k, v go (``KVWrites``) and a few batches, each
-with one MicroAttention run per owner of its sequences' blocks::
+with one MicroAttention run per owner of its sequences' blocks (where the pools are views
+of one cache, ``KVLayout.joined``, one run over each sequence's blocks wherever they
+live, through their ids in that cache: owner ``JOINED``)::
 
     span: positions first_pos .. first_pos + n - 1, its block table (owner, ids)
     Decodes (n = 1)       parts: each owner's blocks, slots of positions <= first_pos
@@ -49,6 +51,9 @@ class KVLayout:
     # Where the caches and the step's tensors live; the step is described on the CPU and
     # moved here once, before the first layer.
     device: torch.device = torch.device("cpu")
+    # Every owner's pool is a view of one cache (``KVCache.joined``), the pool JOINED:
+    # a sequence's blocks wherever they live are one run over it, in logical order.
+    joined: bool = False
 
     @staticmethod
     def for_model(
@@ -67,6 +72,8 @@ class KVLayout:
 
 
 T = TypeVar("T")
+
+JOINED = -1  # the owner of a plan over joined pools: the whole cache
 
 
 def on_device(step: T, device: torch.device) -> T:
@@ -151,7 +158,17 @@ def _block_ids(ids: array) -> torch.Tensor:
 def _parts(
     spans: list[SeqSpan], limits: list[int], layout: KVLayout, paged: bool
 ) -> tuple[Part, ...]:
-    """One run per owner over every span's blocks there (none, for a span it holds none of)."""
+    """One run per owner over every span's blocks there (none, for a span it holds none of);
+    over joined pools, one run over each span's blocks in logical order (the positions
+    below a limit are the first that many slots, as on one owner)."""
+    if layout.joined:
+        bs = layout.block_size
+        rows = [_block_ids(s.table.joined[: -(-limit // bs)]) for s, limit in zip(spans, limits)]
+        table = rows[0][None] if len(rows) == 1 else pad_sequence(rows, batch_first=True)
+        kv_len = torch.tensor(limits)
+        run: KVRun = (PagedRun(table, kv_len) if paged
+                      else MaskedRun.prefix(table, kv_len, bs, layout.dtype))
+        return (Part(JOINED, run),)
     owned = [s.table.owned_below(limit, layout.block_size) for s, limit in zip(spans, limits)]
     parts = []
     for owner in sorted({o for per_span in owned for o in per_span}):
@@ -160,7 +177,7 @@ def _parts(
         table = rows[0][None] if len(rows) == 1 else pad_sequence(rows, batch_first=True)
         kv_len = torch.tensor([n for _, n in tables])
         if paged:
-            run: KVRun = PagedRun(table, kv_len)
+            run = PagedRun(table, kv_len)
         else:
             run = MaskedRun.prefix(table, kv_len, layout.block_size, layout.dtype)
         parts.append(Part(owner, run))
@@ -193,7 +210,8 @@ def build_batch(spans: list[SeqSpan], layout: KVLayout) -> Chunks | Decodes:
 _BUCKET_MIN_DECODES = 16
 
 
-def build_batches(spans: list[SeqSpan], layout: KVLayout) -> list[AttentionBatch]:
+def build_batches(spans: list[SeqSpan], layout: KVLayout, move: bool = True
+                  ) -> list[AttentionBatch]:
     """Decodes apart from prompt chunks (padding a decode to a chunk's length would
     multiply its work), prompts that start at token 0 apart from later chunks (they have
     no history to attend). With the prefill kernel, all such prompts are one unpadded
@@ -224,7 +242,7 @@ def build_batches(spans: list[SeqSpan], layout: KVLayout) -> list[AttentionBatch
     else:
         groups.append(decodes)
     batches += [build_batch(group, layout) for group in groups if group]
-    return on_device(batches, layout.device)
+    return on_device(batches, layout.device) if move else batches
 
 
 @dataclass(frozen=True)
@@ -252,16 +270,21 @@ class KVWrites:
     @staticmethod
     def build(
         spans: list[SeqSpan], positions: torch.Tensor, block_size: int,
-        device: torch.device = torch.device("cpu"),
+        device: torch.device = torch.device("cpu"), joined: bool = False,
     ) -> KVWrites:
-        """From the step's spans and CPU positions; the slots end up on ``device``."""
+        """From the step's spans and CPU positions; the slots end up on ``device``.
+        ``joined``: the slots are the joined cache's (owner ``JOINED``)."""
         if not spans:
             return KVWrites(())
         owners, blocks, firsts = [], [], []
         for span in spans:  # (owner, physical id) of the blocks this step writes into
             first = span.first_pos // block_size
             last = (span.first_pos + span.num_tokens - 1) // block_size
-            span_owners, span_blocks = span.table.blocks(first, last + 1)
+            if joined:
+                span_blocks = list(span.table.joined[first : last + 1])
+                span_owners = [JOINED] * len(span_blocks)
+            else:
+                span_owners, span_blocks = span.table.blocks(first, last + 1)
             owners.append(span_owners)
             blocks.append(span_blocks)
             firsts.append(first)
@@ -290,10 +313,14 @@ class AttentionPlan:
     batches: tuple[AttentionBatch, ...]
 
     @staticmethod
-    def build(spans: list[SeqSpan], positions: torch.Tensor, layout: KVLayout) -> AttentionPlan:
+    def build(spans: list[SeqSpan], positions: torch.Tensor, layout: KVLayout,
+              move: bool = True) -> AttentionPlan:
+        """The plan for the layout's kernels, its tensors on the layout's device (with
+        ``move``; else on the CPU, to be moved in one go: ``on_device``)."""
+        device = layout.device if move else torch.device("cpu")
         return AttentionPlan(
-            KVWrites.build(spans, positions, layout.block_size, layout.device),
-            tuple(build_batches(spans, layout)),
+            KVWrites.build(spans, positions, layout.block_size, device, layout.joined),
+            tuple(build_batches(spans, layout, move)),
         )
 
 

@@ -4,7 +4,9 @@ again), and read each step for where every sequence's KV lives.
 
 The in-process runner and every Ray instance actor keep one each. Integer ids only, in
 ``array('q')`` per (request, owner): appended to in place, and read by the attention
-plan as one int64 buffer (a memcpy, not a Python loop, however long the context).
+plan as one int64 buffer (a memcpy, not a Python loop, however long the context). Where
+the pools are views of one cache (``KVCache.joined``: every instance in one process),
+each table also keeps its blocks' ids in that cache, in logical order (``joined``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from infinite_llm.memory.rblock import TableUpdate
 class KVTable:
     """One request's runs, and per owner its physical ids in logical order."""
 
-    def __init__(self) -> None:
+    def __init__(self, bases: dict[int, int] | None = None) -> None:
+        self.bases = bases  # owner -> its pool's first block in the joined cache
+        self.joined = array("q")  # with bases: each logical block's id in the joined cache
         self.owners: list[int] = []  # per run
         self.starts: list[int] = []  # first logical block of each run
         self.counts: list[int] = []  # blocks in each run
@@ -42,6 +46,9 @@ class KVTable:
                 self.starts.append(rb.first_block)
                 self.counts.append(rb.num_blocks)
             self.by_owner.setdefault(rb.owner, array("q")).extend(rb.block_ids)
+            if self.bases is not None:
+                base = self.bases[rb.owner]
+                self.joined.extend(base + i for i in rb.block_ids)
             self.num_blocks += rb.num_blocks
 
     def _truncate(self, start: int) -> None:
@@ -58,6 +65,7 @@ class KVTable:
             else:
                 self.counts[-1] -= drop
         self.num_blocks = min(self.num_blocks, start)
+        del self.joined[self.num_blocks :]
 
     def owned_below(self, limit: int, block_size: int) -> dict[int, tuple[array, int]]:
         """owner -> (its physical blocks of this request in logical order, how many of
@@ -93,7 +101,8 @@ class KVTable:
 class KVTables:
     """Every request's ``KVTable`` that the runner has been told of."""
 
-    def __init__(self) -> None:
+    def __init__(self, bases: dict[int, int] | None = None) -> None:
+        self.bases = bases  # see KVTable
         self._tables: dict[str, KVTable] = {}
 
     def apply(self, plan: StepPlan) -> None:
@@ -102,7 +111,10 @@ class KVTables:
         for request_id in (*plan.finished, *plan.preempted):
             self._tables.pop(request_id, None)
         for update in plan.tables:
-            self._tables.setdefault(update.request_id, KVTable()).apply(update)
+            table = self._tables.get(update.request_id)
+            if table is None:
+                table = self._tables[update.request_id] = KVTable(self.bases)
+            table.apply(update)
 
     def clear(self) -> None:
         """Forget every table (the bookkeeping resends them whole)."""

@@ -105,11 +105,10 @@ def build_local(config: EngineConfig, load: Callable[[], Checkpoint]) -> LLMEngi
     if device.type == "cpu":
         keep_freed_host_memory()
     model = build_model(checkpoint, dtype, device)
-    kv_caches = {
-        i: KVCache(checkpoint.config, tiers.total, config.cache.block_size, dtype, device)
-        for i in range(config.parallel.instances)
-    }
+    whole, kv_caches = KVCache.joined(checkpoint.config, tiers.total, config.cache.block_size,
+                                      dtype, device, config.parallel.instances)
     if device.type == "cpu":
         trim_host_memory()  # what loading freed goes back (only what steps free is kept)
-    runner = ModelRunner(model, kv_caches, sampler_for(config, checkpoint))
+    runner = ModelRunner(model, kv_caches, sampler_for(config, checkpoint), whole,
+                         None if config.enforce_eager else config.scheduler.max_num_seqs)
     return assemble(config, checkpoint, tiers, runner)

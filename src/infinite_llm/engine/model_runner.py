@@ -10,9 +10,10 @@ import torch
 
 from infinite_llm.attention.dist import DistAttention
 from infinite_llm.attention.kv_cache import KVCache
-from infinite_llm.attention.plan import AttentionPlan, KVLayout, SeqSpan
+from infinite_llm.attention.plan import JOINED, AttentionPlan, KVLayout, SeqSpan, on_device
 from infinite_llm.attention.tables import KVTables
 from infinite_llm.core.step import Chunk, StepPlan, StepResult
+from infinite_llm.engine.decode_graphs import DecodeGraphs
 from infinite_llm.engine.sampler import Sampler
 from infinite_llm.model.checkpoint import Checkpoint
 from infinite_llm.model.cpu_linear import use_cpu_linears
@@ -33,20 +34,35 @@ def build_model(
 
 class ModelRunner:
     """The runner in this process: the model over every instance's KV tensors (by
-    instance id), the block tables as the plans describe them, and the sampler."""
+    instance id), the block tables as the plans describe them, and the sampler. Where
+    the instances' pools are views of one cache (``whole``: ``KVCache.joined``),
+    attention reads it through one table per sequence wherever its blocks live. With
+    ``graph_batch`` on a GPU, decode steps of up to that many sequences are replayed
+    from CUDA graphs (``graphs``)."""
 
     def __init__(
-        self, model: LlamaForCausalLM, kv_caches: dict[int, KVCache], sampler: Sampler
+        self, model: LlamaForCausalLM, kv_caches: dict[int, KVCache], sampler: Sampler,
+        whole: KVCache | None = None, graph_batch: int | None = None,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.sampler = sampler
-        self.tables = KVTables()
         config = model.config
         self.scale = config.head_dim**-0.5
         weight = next(model.parameters())
         block_size = next(iter(kv_caches.values())).block_size
         self.layout = KVLayout.for_model(config, block_size, weight.dtype, weight.device)
+        # The caches attention reads, by owner: the whole where the pools are joined.
+        self.pools = kv_caches
+        bases = None
+        if whole is not None:
+            self.pools = {JOINED: whole}
+            self.layout = replace(self.layout, joined=True)
+            bases = {i: cache.base for i, cache in kv_caches.items()}
+        self.tables = KVTables(bases)
+        self.graphs = None
+        if graph_batch is not None and weight.device.type == "cuda":
+            self.graphs = DecodeGraphs(model, self.pools, self.scale, graph_batch, capture=True)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
@@ -66,15 +82,28 @@ class ModelRunner:
         )
         if not plan.chunks:
             return moved
-        hidden = self.forward(plan.chunks)
-        result = self.sampler.sample(sample_logits(self.model, hidden, plan.chunks), plan.chunks)
+        result = self.sampler.sample(self.logits(plan.chunks), plan.chunks)
         return replace(result, move_s=moved.move_s, moved_bytes=moved.moved_bytes)
+
+    @torch.inference_mode()
+    def logits(self, chunks: tuple[Chunk, ...]) -> torch.Tensor:
+        """Logits of the last token of each chunk that samples: from a graph where one
+        takes the step, else op by op."""
+        step = StepInputs.build(chunks, self.tables, self.layout, move=False)
+        if self.graphs is not None and all(c.sample for c in chunks):
+            logits = self.graphs.logits(step.input_ids, step.positions, step.attention)
+            if logits is not None:
+                return logits
+        hidden = self._forward(on_device(step, self.layout.device))
+        return sample_logits(self.model, hidden, chunks)
 
     @torch.inference_mode()
     def forward(self, chunks: tuple[Chunk, ...]) -> torch.Tensor:
         """Final hidden states (N, hidden) of the chunks' tokens, chunk after chunk."""
-        step = StepInputs.build(chunks, self.tables, self.layout)
-        attend = DistAttention(step.attention, self.kv_caches, self.scale)
+        return self._forward(StepInputs.build(chunks, self.tables, self.layout))
+
+    def _forward(self, step: StepInputs) -> torch.Tensor:
+        attend = DistAttention(step.attention, self.pools, self.scale)
         return self.model(step.input_ids, step.positions, attend)
 
     def shutdown(self) -> None:
@@ -90,13 +119,13 @@ class StepInputs:
     attention: AttentionPlan
 
     @staticmethod
-    def build(chunks: Sequence[Chunk], tables: KVTables, layout: KVLayout) -> StepInputs:
+    def build(chunks: Sequence[Chunk], tables: KVTables, layout: KVLayout,
+              move: bool = True) -> StepInputs:
+        """For the layout's kernels; on its device with ``move``, else on the CPU (to be
+        moved in one go, ``on_device``, or copied into a graph's buffers)."""
         input_ids, positions, spans = prepare(chunks, tables)
-        return StepInputs(
-            input_ids.to(layout.device),
-            positions.to(layout.device),
-            AttentionPlan.build(spans, positions, layout),
-        )
+        step = StepInputs(input_ids, positions, AttentionPlan.build(spans, positions, layout, False))
+        return on_device(step, layout.device) if move else step
 
 
 def prepare(
