@@ -78,6 +78,23 @@ def test_seeded_sampling_on_the_gpu_is_reproducible(tiny):
     assert first == again
 
 
+def test_sampling_on_the_gpu_follows_the_seeds(tiny):
+    """Random rows are sampled on the GPU: a request's own seed gives the tokens it gets
+    on the CPU (its noise is drawn there), the engine's seed the same tokens again."""
+    path, _ = tiny
+    prompt = random_prompts(1, 10, 11, 320, seed=6)[0]
+    seeded = SamplingParams(max_tokens=16, temperature=0.8, top_k=50, top_p=0.9, seed=11,
+                            ignore_eos=True)
+    unseeded = SamplingParams(max_tokens=16, temperature=0.8, ignore_eos=True)
+
+    def tokens(device, params):
+        llm = LLM(str(path), device=device, dtype="float32", kv_cache_memory="4MiB", block_size=4)
+        return llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+
+    assert tokens("cuda", seeded) == tokens("cpu", seeded)
+    assert tokens("cuda", unseeded) == tokens("cuda", unseeded)
+
+
 def test_decode_steps_from_cuda_graphs_match_op_by_op_and_transformers(tiny):
     """Greedy tokens and log-probs with decode steps replayed from CUDA graphs (batches
     of 1-7 padded to 1, 2, 4, 8) equal op by op (``enforce_eager``) and transformers."""
