@@ -55,7 +55,7 @@ class _Static:
         b, w = key.batch, key.width
         pinned = device.type == "cuda"
         self.key, self.scratch_slot = key, scratch_slot
-        self.host = torch.empty(4 * b + b * w, dtype=torch.int64, pin_memory=pinned)
+        self.host = torch.zeros(4 * b + b * w, dtype=torch.int64, pin_memory=pinned)
         self.reset(self.host)
         self.device = self.host if device.type == "cpu" else self.host.to(device)
         self.copied = torch.cuda.Event() if pinned else None
@@ -67,9 +67,12 @@ class _Static:
         self.plan = AttentionPlan(writes, (decodes,))
 
     def reset(self, buffer: torch.Tensor) -> None:
-        """Every row padding: token 0 at position 0 over no keys, its k, v to the scratch."""
-        buffer.zero_()
-        _views(buffer, self.key.batch, self.key.width)[2].fill_(self.scratch_slot)
+        """Every row padding: token 0 at position 0 over no keys, its k, v to the scratch.
+        The table is left as it is: no row reads its entries past its length."""
+        ids, positions, slots, kv_len, _ = _views(buffer, self.key.batch, self.key.width)
+        for column in (ids, positions, kv_len):
+            column.zero_()
+        slots.fill_(self.scratch_slot)
 
     def load(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
              run: PagedRun) -> None:
