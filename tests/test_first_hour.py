@@ -108,6 +108,9 @@ def test_ctrl_c_ends_generate_quietly(smollm2_path):
          "--dtype", "float32", "--kv-cache-memory", "256MiB", "--max-tokens", "4000",
          "--ignore-eos"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # As from a terminal's foreground, whoever started the suite: a suite run in a
+        # background job hands its children SIGINT ignored, and Ctrl-C would not reach.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         time.sleep(0.5)
