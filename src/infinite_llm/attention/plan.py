@@ -155,6 +155,14 @@ def _block_ids(ids: array) -> torch.Tensor:
     return torch.frombuffer(ids, dtype=torch.int64).clone()
 
 
+def _run(rows: list[torch.Tensor], kv_len: torch.Tensor, layout: KVLayout, paged: bool) -> KVRun:
+    """One run over each sequence's block ids (``rows``) and its first ``kv_len`` slots."""
+    table = rows[0][None] if len(rows) == 1 else pad_sequence(rows, batch_first=True)
+    if paged:
+        return PagedRun(table, kv_len)
+    return MaskedRun.prefix(table, kv_len, layout.block_size, layout.dtype)
+
+
 def _parts(
     spans: list[SeqSpan], limits: list[int], layout: KVLayout, paged: bool
 ) -> tuple[Part, ...]:
@@ -164,23 +172,14 @@ def _parts(
     if layout.joined:
         bs = layout.block_size
         rows = [_block_ids(s.table.joined[: -(-limit // bs)]) for s, limit in zip(spans, limits)]
-        table = rows[0][None] if len(rows) == 1 else pad_sequence(rows, batch_first=True)
-        kv_len = torch.tensor(limits)
-        run: KVRun = (PagedRun(table, kv_len) if paged
-                      else MaskedRun.prefix(table, kv_len, bs, layout.dtype))
-        return (Part(JOINED, run),)
+        return (Part(JOINED, _run(rows, torch.tensor(limits), layout, paged)),)
     owned = [s.table.owned_below(limit, layout.block_size) for s, limit in zip(spans, limits)]
     parts = []
     for owner in sorted({o for per_span in owned for o in per_span}):
         tables = [per_span.get(owner, (array("q"), 0)) for per_span in owned]
         rows = [_block_ids(ids) for ids, _ in tables]
-        table = rows[0][None] if len(rows) == 1 else pad_sequence(rows, batch_first=True)
         kv_len = torch.tensor([n for _, n in tables])
-        if paged:
-            run = PagedRun(table, kv_len)
-        else:
-            run = MaskedRun.prefix(table, kv_len, layout.block_size, layout.dtype)
-        parts.append(Part(owner, run))
+        parts.append(Part(owner, _run(rows, kv_len, layout, paged)))
     return tuple(parts)
 
 
