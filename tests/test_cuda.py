@@ -199,7 +199,8 @@ def test_ray_actors_on_the_gpu_give_the_in_process_tokens(tiny_llama_dir, local_
 @pytest.mark.ray
 def test_an_actor_with_a_gpu_of_its_own_joins_an_nccl_group(tiny_llama_dir, local_ray):
     """One instance per GPU: the actor's group is NCCL (a world of one on a one-GPU
-    machine, so its all-to-all moves nothing but runs through NCCL)."""
+    machine, so its all-to-all moves nothing but runs through NCCL); its decode steps
+    replay CUDA graphs and give the in-process tokens."""
     ray = local_ray
     prompts, params = random_prompts(3, 5, 30, 320, seed=9), SamplingParams(max_tokens=8, **GREEDY)
     want, _ = run_watching_owners(pooled(tiny_llama_dir, 1, device="cuda").engine, prompts, params)
@@ -211,5 +212,9 @@ def test_an_actor_with_a_gpu_of_its_own_joins_an_nccl_group(tiny_llama_dir, loca
         assert runner.exchange_latency(64, repeats=3) >= 0
         got, _ = run_watching_owners(remote.engine, prompts, params)
         assert got == want
+        # Its decode steps (none crosses: one instance) replayed CUDA graphs.
+        (replays,) = ray.get([a.__ray_call__.remote(lambda a: a.graphs.replays)
+                              for a in runner.actors.values()])
+        assert replays >= 7
     finally:
         runner.shutdown()

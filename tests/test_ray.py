@@ -12,7 +12,7 @@ import torch
 
 from infinite_llm import LLM, SamplingParams
 
-from test_cluster import BLOCK, GREEDY, TINY_BLOCK_BYTES, run_watching_owners
+from test_cluster import BLOCK, GREEDY, TINY_BLOCK_BYTES, assert_all_pools_full, run_watching_owners
 from test_hf_equivalence import random_prompts
 
 ray = pytest.importorskip("ray")
@@ -114,6 +114,42 @@ def test_what_each_actor_receives_per_decode_step_does_not_grow_with_context(
         assert max(sent[900]) <= max(sent[40]) + 16, sent
     finally:
         llm.shutdown()
+
+
+def test_an_actors_own_decode_steps_replay_its_graphs_and_crossing_ones_exchange(
+    tiny_llama_dir, local_ray
+):
+    """Each actor runs the decodes of a step none of whose sequences crosses from its
+    graphs' padded buffers (on the CPU eagerly, ``capture=False``; a GPU captures them,
+    tests/test_cuda.py), and a step where one crosses through the exchange: the greedy
+    tokens and log-probs of the in-process engine, op by op."""
+    from infinite_llm.engine.decode_graphs import DecodeGraphs
+    from test_decode_graphs import assert_same, generate
+
+    def with_graphs(actor):
+        actor.graphs = DecodeGraphs(actor.model, {actor.rank: actor.kv_cache}, actor.scale,
+                                    8, capture=False)
+
+    long_len = 40 * 2 - 24
+    spanning = [random_prompts(1, long_len, long_len + 1, 320, seed=2)[0]]
+    short = random_prompts(5, 3, 30, 320, seed=22)
+    params = SamplingParams(max_tokens=12, **GREEDY)
+    local = cluster(tiny_llama_dir, 2, "local")
+    want = generate(local, short)
+    want_spanning, _ = run_watching_owners(local.engine, spanning + short, params)
+    remote = cluster(tiny_llama_dir, 2, "ray")
+    actors = remote.engine.runner.actors
+    try:
+        ray.get([a.__ray_call__.remote(with_graphs) for a in actors.values()])
+        assert_same(generate(remote, short), want)
+        replays = ray.get([a.__ray_call__.remote(lambda a: a.graphs.replays)
+                           for a in actors.values()])
+        assert all(n >= 10 for n in replays), replays  # each actor's decodes, 11 steps
+        got, most = run_watching_owners(remote.engine, spanning + short, params)
+        assert most == 2 and got == want_spanning
+        assert_all_pools_full(remote.engine)
+    finally:
+        remote.engine.runner.shutdown()
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -47,7 +47,7 @@ import torch.distributed as dist
 from infinite_llm.attention.dist import DistAttention
 from infinite_llm.attention.exchange import Exchanged, Shapes
 from infinite_llm.attention.kv_cache import KVCache
-from infinite_llm.attention.plan import NO_ATTENTION, KVLayout
+from infinite_llm.attention.plan import NO_ATTENTION, KVLayout, on_device
 from infinite_llm.attention.tables import KVTables
 from infinite_llm.config import EngineConfig, PoolingConfig, RayConfig
 from infinite_llm.core.step import (
@@ -59,6 +59,7 @@ from infinite_llm.core.step import (
     encode_plan,
 )
 from infinite_llm.engine.builder import assemble, blocks_per_instance, sampler_for
+from infinite_llm.engine.decode_graphs import DecodeGraphs
 from infinite_llm.engine.device import torch_dtype
 from infinite_llm.engine.engine import LLMEngine
 from infinite_llm.engine.host_memory import keep_freed_host_memory, trim_host_memory
@@ -80,7 +81,7 @@ class InstanceActor:
 
     def __init__(
         self, instance_id: int, model: str, dtype: torch.dtype, device: str, own_gpu: bool,
-        num_blocks: int, block_size: int, threads: int,
+        num_blocks: int, block_size: int, threads: int, graph_batch: int | None = None,
     ) -> None:
         torch.set_num_threads(threads)
         self.rank = instance_id
@@ -103,6 +104,12 @@ class InstanceActor:
         self.tables = KVTables()
         self.alive: list[int] = []
         self.exchange: Exchange | None = None
+        # A step none of whose sequences crosses an instance is this actor's alone: on a
+        # GPU its decodes replay CUDA graphs, as in process (``engine/decode_graphs.py``).
+        self.graphs = None
+        if graph_batch is not None and self.device.type == "cuda":
+            self.graphs = DecodeGraphs(self.model, {self.rank: self.kv_cache}, self.scale,
+                                       graph_batch, capture=True)
 
     def endpoint(self) -> str:
         """host:port where a new tensor group can meet (asked of the lowest alive instance)."""
@@ -178,7 +185,12 @@ class InstanceActor:
         if not crosses:
             if not mine:
                 return None
-            step = StepInputs.build(mine, self.tables, self.layout)
+            step = StepInputs.build(mine, self.tables, self.layout, move=False)
+            if self.graphs is not None and all(c.sample for c in mine):
+                logits = self.graphs.logits(step.input_ids, step.positions, step.attention)
+                if logits is not None:
+                    return logits.cpu()
+            step = on_device(step, self.device)
             attend = DistAttention(step.attention, pools, self.scale)
             return self._logits(self.model(step.input_ids, step.positions, attend), mine)
         # Every instance derives every home's share of the step, so each knows what the
@@ -267,8 +279,10 @@ class RayRunner:
 
     def start(
         self, model: str, dtype: torch.dtype, num_blocks: int, block_size: int,
-        sampler: Sampler, pooling: PoolingConfig,
+        sampler: Sampler, pooling: PoolingConfig, graph_batch: int | None = None,
     ) -> None:
+        """``graph_batch``: on a GPU, decode steps of up to that many sequences an actor
+        replay CUDA graphs (None: op by op, ``enforce_eager``)."""
         self.sampler = sampler
         self.gmanager = RemoteGManager.start(pooling)
         threads = max(1, (os.cpu_count() or 1) // self.instances)
@@ -280,7 +294,8 @@ class RayRunner:
         own_gpu = self.gpus_per_actor == 1
         self.actors = {
             i: actor.remote(
-                i, model, dtype, str(self.device), own_gpu, num_blocks, block_size, threads
+                i, model, dtype, str(self.device), own_gpu, num_blocks, block_size, threads,
+                graph_batch,
             )
             for i in range(self.instances)
         }
@@ -459,6 +474,7 @@ def build_ray(config: EngineConfig, load: Callable[[], Checkpoint]) -> LLMEngine
             config.model, dtype, tiers.total, config.cache.block_size,
             sampler_for(config, checkpoint),
             config.pooling,
+            None if config.enforce_eager else config.scheduler.max_num_seqs,
         )
         engine = assemble(config, checkpoint, tiers, ray_runner, ray_runner.gmanager)
         # A lost gManager is rebuilt from what the rManagers hold.
