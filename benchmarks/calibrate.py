@@ -39,12 +39,18 @@ from infinite_llm.bench import offline  # noqa: E402
 from infinite_llm.bench.datasets import BenchRequest, Dataset  # noqa: E402
 from infinite_llm.core.cost_model import CostModel  # noqa: E402
 from infinite_llm.engine.engine import LLMEngine  # noqa: E402
-from infinite_llm.engine.profile import probe  # noqa: E402
+from infinite_llm.engine.profile import measure as measure_decode  # noqa: E402
+from infinite_llm.engine.profile import probe, side_by_side  # noqa: E402
 from infinite_llm.sim.clock import MeasuredClock, StepLoad  # noqa: E402
 from infinite_llm.sim.scenario import Scenario  # noqa: E402
 from infinite_llm.sim.simulator import MODES, Simulator, pooling_for, summary  # noqa: E402
 from infinite_llm.workload.summary import summarize  # noqa: E402
 from infinite_llm.workload.traces import TraceRequest  # noqa: E402
+
+# The decode points timed beside each run (sequences an instance, prompt tokens): steps
+# like most of a run's, every instance busy, a few seconds in all.
+GAUGE = ((1, 64), (1, 512), (2, 64), (2, 512), (4, 64), (4, 512))
+GAUGE_STEPS = 4
 
 METRICS = ("duration", "request_throughput", "output_throughput", "mean_ttft_ms",
            "mean_tpot_ms", "mean_itl_ms", "mean_e2el_ms")
@@ -139,6 +145,19 @@ def speed(model: CostModel, probes: list[tuple[float, float]]) -> tuple[float, f
                  / statistics.median(p[k] for p in then) for k in (0, 1))
 
 
+def gauge(engine: LLMEngine, model: CostModel) -> list[float]:
+    """Each of ``GAUGE``'s decode points timed now over the cost model's price of it:
+    how many times slower than profiled this machine runs decode steps, measured as
+    the profile measured them (the probe's one sequence on one instance, its neighbours
+    idle, is a step unlike most of a run's and, on a noisy machine, the noisiest)."""
+    per = len(engine.cluster.alive_instances) if side_by_side(engine) else 1
+    ratios = []
+    for seed, (batch, context) in enumerate(GAUGE):
+        point = measure_decode(engine, per * batch, context, GAUGE_STEPS, seed=seed)[0]
+        ratios.append(point.step_s / model.step_time(point.batch, point.context_tokens))
+    return ratios
+
+
 def simulate(args, requests: list[BenchRequest], cost_model: str, kv_tokens: int,
              block_size: int) -> tuple[dict, int]:
     """The workload simulated on the same cluster, priced by ``cost_model``: its
@@ -183,6 +202,7 @@ def main() -> None:
         parser.error("--workload trace needs --trace FILE")
     model = CostModel.load(args.cost_model)
     probes: list[tuple[float, float]] = []
+    gauged: list[float] = []  # decode points timed beside the runs over their prices
     pooling = pooling_for(args.mode, args.cost_model)
     llm = smollm2(args.instances, args.tokens_each, pooling.enabled, dtype=args.dtype,
                   model=args.model, backend=args.backend, planner_period=pooling.planner_period,
@@ -201,6 +221,7 @@ def main() -> None:
                 log.active = False
                 if (seconds := probe(engine)) is not None:
                     probes.append(seconds)
+                    gauged.extend(gauge(engine, model))
                 log.active = True
             if k < args.repeats:
                 runs.append(measure(engine, requests))
@@ -209,13 +230,20 @@ def main() -> None:
     got, steps_simulated = simulate(args, requests, args.cost_model, blocks * block_size,
                                     block_size)
     factor, got_scaled, steps_scaled = None, None, 0
-    if probes:
-        factor = speed(model, probes)
+    points, got_points, steps_points = None, None, 0
+
+    def at(speed: tuple[float, float]) -> tuple[dict, int]:
         with tempfile.TemporaryDirectory() as tmp:
             scaled = os.path.join(tmp, "scaled.json")
-            model.scaled(*factor).save(scaled)
-            got_scaled, steps_scaled = simulate(args, requests, scaled, blocks * block_size,
-                                                block_size)
+            model.scaled(*speed).save(scaled)
+            return simulate(args, requests, scaled, blocks * block_size, block_size)
+
+    if probes:
+        factor = speed(model, probes)
+        got_scaled, steps_scaled = at(factor)
+        # Decode steps at the gauge's speed, steps of prompts at the probe's.
+        points = (statistics.median(gauged), factor[1])
+        got_points, steps_points = at(points)
     measured = [numbers for numbers, _ in runs]
     want = {m: statistics.median(run[m] for run in measured) for m in METRICS}
 
@@ -224,12 +252,13 @@ def main() -> None:
 
     rows = [[m, f"{want[m]:.2f}", f"{min(r[m] for r in measured):.2f}-"
              f"{max(r[m] for r in measured):.2f}", f"{got[m]:.2f}", error(got, m)]
-            + ([f"{got_scaled[m]:.2f}", error(got_scaled, m)] if got_scaled else [])
+            + ([f"{got_scaled[m]:.2f}", error(got_scaled, m), f"{got_points[m]:.2f}",
+                 error(got_points, m)] if got_scaled else [])
             for m in METRICS]
     steps = "/".join(str(n) for _, n in runs)
     # A slower clock's longer steps gather more arrivals each: fewer steps.
     rows.append(["steps", steps, "", str(steps_simulated), ""]
-                + ([str(steps_scaled), ""] if got_scaled else []))
+                + ([str(steps_scaled), "", str(steps_points), ""] if got_scaled else []))
     print(f"{args.workload}: {len(requests)} requests, {args.instances} instances "
           f"({args.backend}) of {blocks * block_size} KV tokens, {args.mode}"
           + (f"; KV {KV_BYTES_PER_TOKEN[args.dtype]} bytes a token"
@@ -238,8 +267,11 @@ def main() -> None:
         print(f"probe: decode steps {factor[0]:.3f}x, steps of prompts {factor[1]:.3f}x the "
               "profile's time beside these runs (decode/prefill: "
               + ", ".join(f"{d * 1e3:.0f}/{p * 1e3:.0f} ms" for d, p in probes) + ")")
+        print(f"decode points: {points[0]:.3f}x the profile's price beside these runs "
+              f"(median of {len(gauged)}: {min(gauged):.3f}-{max(gauged):.3f}x)")
     print_table(["metric", f"measured (median of {args.repeats})", "range", "simulated",
-                 "error"] + (["at the probe's speed", "error"] if got_scaled else []), rows)
+                 "error"] + (["at the probe's speed", "error", "at the points' speed", "error"]
+                             if got_scaled else []), rows)
     print("each real step priced by the clock, by kind (seconds in all):")
     print_table(["step", "steps", "measured", "priced", "error"], log.table())
     if args.steps_csv:
@@ -247,7 +279,9 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"measured": measured, "simulated": got, "speed": factor,
-                       "simulated_at_speed": got_scaled, "args": vars(args)}, f, indent=2)
+                       "simulated_at_speed": got_scaled, "points_speed": points,
+                       "simulated_at_points_speed": got_points, "args": vars(args)},
+                      f, indent=2)
 
 
 if __name__ == "__main__":

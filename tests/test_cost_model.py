@@ -387,9 +387,9 @@ def test_a_spread_point_times_the_same_batch_with_one_request_across_two_instanc
 
 
 def test_calibrate_runs_a_trace_for_real_and_simulated_with_the_probe(tiny_llama_dir, tmp_path):
-    """benchmarks/calibrate.py end to end on a tiny model: the profile's probe timed again
-    beside the runs, each metric measured and simulated (raw and at the probe's speed),
-    each real step priced."""
+    """benchmarks/calibrate.py end to end on a tiny model: the profile's probe and decode
+    points timed again beside the runs, each metric measured and simulated (raw, at the
+    probe's speed and at the points'), each real step priced."""
     from pathlib import Path
 
     profile = tmp_path / "cost.json"
@@ -418,6 +418,11 @@ def test_calibrate_runs_a_trace_for_real_and_simulated_with_the_probe(tiny_llama
     result = json.loads(out.read_text())
     assert len(result["measured"]) == 2 and len(result["speed"]) == 2
     assert all(s > 0 for s in result["speed"])
+    # The decode points timed beside the runs, on the machine just profiled: near their
+    # price; steps of prompts at the probe's speed.
+    assert 0.25 < result["points_speed"][0] < 4 and result["points_speed"][1] == result["speed"][1]
+    assert "at the points' speed" in done.stdout
     for key in ("duration", "mean_ttft_ms", "mean_tpot_ms", "mean_e2el_ms"):
         assert result["simulated"][key] > 0 and result["simulated_at_speed"][key] > 0
+        assert result["simulated_at_points_speed"][key] > 0
     assert "decode" in done.stdout  # each real step priced, by kind
