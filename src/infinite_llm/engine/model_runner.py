@@ -90,10 +90,8 @@ class ModelRunner:
         """Logits of the last token of each chunk that samples: from a graph where one
         takes the step, else op by op."""
         step = StepInputs.build(chunks, self.tables, self.layout, move=False)
-        if self.graphs is not None and all(c.sample for c in chunks):
-            logits = self.graphs.logits(step.input_ids, step.positions, step.attention)
-            if logits is not None:
-                return logits
+        if (logits := graph_logits(self.graphs, step, chunks)) is not None:
+            return logits
         hidden = self._forward(on_device(step, self.layout.device))
         return sample_logits(self.model, hidden, chunks)
 
@@ -141,6 +139,15 @@ def prepare(
         token_ids.extend(chunk.token_ids)
         positions.extend(range(chunk.first_pos, chunk.first_pos + n))
     return torch.tensor(token_ids), torch.tensor(positions), spans
+
+
+def graph_logits(graphs: DecodeGraphs | None, step: StepInputs,
+                 chunks: Sequence[Chunk]) -> torch.Tensor | None:
+    """The logits of a step built on the CPU (``StepInputs.build(..., move=False)``) from
+    a graph of ``graphs``, where one takes it and every chunk samples; else None."""
+    if graphs is None or not all(c.sample for c in chunks):
+        return None
+    return graphs.logits(step.input_ids, step.positions, step.attention)
 
 
 def sample_logits(

@@ -63,7 +63,12 @@ from infinite_llm.engine.decode_graphs import DecodeGraphs
 from infinite_llm.engine.device import torch_dtype
 from infinite_llm.engine.engine import LLMEngine
 from infinite_llm.engine.host_memory import keep_freed_host_memory, trim_host_memory
-from infinite_llm.engine.model_runner import StepInputs, build_model, sample_logits
+from infinite_llm.engine.model_runner import (
+    StepInputs,
+    build_model,
+    graph_logits,
+    sample_logits,
+)
 from infinite_llm.engine.sampler import Sampler
 from infinite_llm.model.checkpoint import Checkpoint, load_checkpoint
 from infinite_llm.transport.collective import Exchange, backend_for
@@ -186,10 +191,8 @@ class InstanceActor:
             if not mine:
                 return None
             step = StepInputs.build(mine, self.tables, self.layout, move=False)
-            if self.graphs is not None and all(c.sample for c in mine):
-                logits = self.graphs.logits(step.input_ids, step.positions, step.attention)
-                if logits is not None:
-                    return logits.cpu()
+            if (logits := graph_logits(self.graphs, step, mine)) is not None:
+                return logits.cpu()
             step = on_device(step, self.device)
             attend = DistAttention(step.attention, pools, self.scale)
             return self._logits(self.model(step.input_ids, step.positions, attend), mine)
