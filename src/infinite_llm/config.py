@@ -334,6 +334,11 @@ class EngineConfig:
     # Debug: check every pool, table and the ledger whenever the engine goes idle.
     check_integrity: bool = field(default_factory=_integrity_default)
 
+    @property
+    def graph_batch(self) -> int | None:
+        """The largest decode batch replayed from a CUDA graph on a GPU (None: none)."""
+        return None if self.enforce_eager else self.scheduler.max_num_seqs
+
     @staticmethod
     def from_options(model: str, **options: Any) -> EngineConfig:
         """A config from flat options (``kv_cache_memory="256MiB"``, ``instances=4``, ...);

@@ -110,5 +110,5 @@ def build_local(config: EngineConfig, load: Callable[[], Checkpoint]) -> LLMEngi
     if device.type == "cpu":
         trim_host_memory()  # what loading freed goes back (only what steps free is kept)
     runner = ModelRunner(model, kv_caches, sampler_for(config, checkpoint), whole,
-                         None if config.enforce_eager else config.scheduler.max_num_seqs)
+                         config.graph_batch)
     return assemble(config, checkpoint, tiers, runner)

@@ -114,6 +114,15 @@ class DecodeGraphs:
         self._pool = torch.cuda.graph_pool_handle() if capture else None
         self.replays = 0  # steps served from a graph (or, without capture, its padded step)
 
+    @staticmethod
+    def on_gpu(model: LlamaForCausalLM, pools: dict[int, KVCache], scale: float,
+               max_batch: int | None) -> DecodeGraphs | None:
+        """Captured graphs where the model is on a GPU and ``max_batch`` is given (None:
+        ``enforce_eager``); None otherwise (every step op by op)."""
+        if max_batch is None or next(model.parameters()).device.type != "cuda":
+            return None
+        return DecodeGraphs(model, pools, scale, max_batch, capture=True)
+
     @property
     def keys(self) -> list[GraphKey]:
         """The shapes captured so far."""

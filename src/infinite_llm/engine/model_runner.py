@@ -60,9 +60,7 @@ class ModelRunner:
             self.layout = replace(self.layout, joined=True)
             bases = {i: cache.base for i, cache in kv_caches.items()}
         self.tables = KVTables(bases)
-        self.graphs = None
-        if graph_batch is not None and weight.device.type == "cuda":
-            self.graphs = DecodeGraphs(model, self.pools, self.scale, graph_batch, capture=True)
+        self.graphs = DecodeGraphs.on_gpu(model, self.pools, self.scale, graph_batch)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:

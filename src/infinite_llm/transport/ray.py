@@ -111,10 +111,8 @@ class InstanceActor:
         self.exchange: Exchange | None = None
         # A step none of whose sequences crosses an instance is this actor's alone: on a
         # GPU its decodes replay CUDA graphs, as in process (``engine/decode_graphs.py``).
-        self.graphs = None
-        if graph_batch is not None and self.device.type == "cuda":
-            self.graphs = DecodeGraphs(self.model, {self.rank: self.kv_cache}, self.scale,
-                                       graph_batch, capture=True)
+        self.graphs = DecodeGraphs.on_gpu(self.model, {self.rank: self.kv_cache}, self.scale,
+                                          graph_batch)
 
     def endpoint(self) -> str:
         """host:port where a new tensor group can meet (asked of the lowest alive instance)."""
@@ -477,7 +475,7 @@ def build_ray(config: EngineConfig, load: Callable[[], Checkpoint]) -> LLMEngine
             config.model, dtype, tiers.total, config.cache.block_size,
             sampler_for(config, checkpoint),
             config.pooling,
-            None if config.enforce_eager else config.scheduler.max_num_seqs,
+            config.graph_batch,
         )
         engine = assemble(config, checkpoint, tiers, ray_runner, ray_runner.gmanager)
         # A lost gManager is rebuilt from what the rManagers hold.
