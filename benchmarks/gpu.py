@@ -11,13 +11,18 @@
    first sequence is checked against PyTorch's float32 attention over the same blocks.
 3. LAT: batch-1 decode ms/token of a random model of SmolLM2's shape through ``LLM``
    (docs/WORKLOADS.md's LAT: 256 tokens against 1, one 32-token prompt), its decode
-   steps replayed from CUDA graphs (the default) and op by op (``enforce_eager``).
-4. W1: the W1 workload through the same engines, output tokens and requests a second.
+   steps replayed from CUDA graphs (the default), op by op (``enforce_eager``), and
+   compiled by torch.compile before their capture (``enable_torch_compile``); with each
+   the first run's seconds, which capture (and compile) its shapes.
+4. W1: the W1 workload through the same engines, output tokens and requests a second;
+   with torch.compile only given ``--w1-compile`` (each of its batch and table sizes
+   compiles once: minutes), and then timed on a second pass.
 5. spread: one long prompt on ``--spread-instances`` instances whose pools are each too
    small for it (its KV spans them all) against one instance that holds it alone: the
    greedy tokens must be equal.
 
-On a GPU machine (bfloat16, the full sizes; the table last):
+On a GPU machine (bfloat16, the full sizes; each row printed as it is measured, and
+``--json`` rewritten, so a run cut short keeps what it measured; the table last):
 
     PYTHONPATH=src python benchmarks/gpu.py --json gpu.json
 
@@ -40,6 +45,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -68,6 +74,24 @@ class Row:
     value: float
     unit: str
     note: str = ""
+
+
+class Report:
+    """The rows so far: each printed when measured and the json rewritten with it."""
+
+    def __init__(self, path: str | None, header: dict[str, str]) -> None:
+        self.path, self.header, self.rows = path, header, []
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        print(f"[{row.part}] {row.case}: {row.value:,.3f} {row.unit} {row.note}", flush=True)
+        if self.path:
+            with open(self.path, "w") as f:
+                json.dump({**self.header, "rows": [asdict(r) for r in self.rows]}, f, indent=1)
+
+    def table(self) -> None:
+        print_table(["part", "case", "value", "unit", "note"],
+                    [[r.part, r.case, f"{r.value:,.3f}", r.unit, r.note] for r in self.rows])
 
 
 def device_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
@@ -170,8 +194,9 @@ def within_vocab(prompts: list[list[int]], vocab: int) -> list[list[int]]:
     return [[t % vocab for t in p] for p in prompts]
 
 
-def lat_ms(llm: LLM, vocab: int, output_len: int) -> float:
-    """Batch-1 decode ms/token: (t(N tokens) - t(1 token)) / (N - 1), median of 3 pairs."""
+def lat_ms(llm: LLM, vocab: int, output_len: int) -> tuple[float, float]:
+    """(batch-1 decode ms/token: (t(N tokens) - t(1 token)) / (N - 1), median of 3 pairs;
+    seconds of the first run, which captures or compiles the shapes it meets)."""
     lat = get_workload("LAT")
     prompt = within_vocab(lat.prompts, vocab)
 
@@ -181,18 +206,21 @@ def lat_ms(llm: LLM, vocab: int, output_len: int) -> float:
                      use_tqdm=False)
         return time.perf_counter() - start
 
-    seconds(output_len)  # warm-up
+    first = seconds(output_len)  # warm-up
     return statistics.median(lat_decode_ms(seconds(output_len), seconds(1), output_len)
-                             for _ in range(3))
+                             for _ in range(3)), first
 
 
-def w1_rates(llm: LLM, vocab: int, requests: int | None) -> tuple[float, float]:
-    """(output tokens, requests) a second of W1 (its first ``requests`` where given)."""
+def w1_rates(llm: LLM, vocab: int, requests: int | None, warm_whole: bool = False
+             ) -> tuple[float, float]:
+    """(output tokens, requests) a second of W1 (its first ``requests`` where given);
+    ``warm_whole``: the whole workload runs once first (every shape met before timing)."""
     w1 = get_workload("W1")
     prompts = within_vocab(w1.prompts, vocab)[:requests]
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
               for n in w1.output_lens[: len(prompts)]]
-    llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
+    warm = len(prompts) if warm_whole else 2
+    llm.generate(prompts[:warm], params[:warm], use_tqdm=False)  # warm-up
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
@@ -241,6 +269,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 20)")
     parser.add_argument("--parts", nargs="+", default=["copy", "decode", "lat", "w1", "spread"],
                         choices=["copy", "decode", "lat", "w1", "spread"])
+    parser.add_argument("--w1-compile", action="store_true",
+                        help="W1 with torch.compile too (compiles every shape W1 meets)")
     parser.add_argument("--json", default=None, help="write the rows here too")
     args = parser.parse_args()
     small = args.small
@@ -252,15 +282,15 @@ def main() -> None:
     repeats = args.repeats or (2 if small else 20)
     spread_tokens = args.spread_tokens or (400 if small else 131072)
 
-    rows: list[Row] = []
     what = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else platform.processor() or platform.machine())
     print(f"device {what}; torch {torch.__version__}; {dtype_name}", flush=True)
+    report = Report(args.json, {"device": what, "torch": torch.__version__, "dtype": dtype_name})
 
     copy = None
     if "copy" in args.parts or "decode" in args.parts:
         copy = copy_bandwidth(device, (2**24 if small else 2**31), repeats)
-        rows.append(Row("copy", f"{(2**24 if small else 2**31) >> 20} MiB", copy / 1e9, "GB/s"))
+        report.add(Row("copy", f"{(2**24 if small else 2**31) >> 20} MiB", copy / 1e9, "GB/s"))
     if "decode" in args.parts:
         for context in contexts:
             for batch in batches:
@@ -268,10 +298,10 @@ def main() -> None:
                                                      args.block_size, repeats)
                 share = nbytes / seconds / copy
                 assert error < (2e-2 if dtype != torch.float32 else 1e-4), (context, batch, error)
-                rows.append(Row("decode kernel", f"context {context}, batch {batch}",
-                                nbytes / seconds / 1e9, "GB/s",
-                                f"{seconds * 1e6:.1f} us a layer, {share:.0%} of copy, "
-                                f"error {error:.1e}"))
+                report.add(Row("decode kernel", f"context {context}, batch {batch}",
+                               nbytes / seconds / 1e9, "GB/s",
+                               f"{seconds * 1e6:.1f} us a layer, {share:.0%} of copy, "
+                               f"error {error:.1e}"))
     if {"lat", "w1", "spread"} & set(args.parts):
         with tempfile.TemporaryDirectory() as model_dir:
             overrides = {} if not small else dict(
@@ -280,40 +310,69 @@ def main() -> None:
             save_random_smollm2_shape(model_dir, max_position_embeddings=max(
                 8192, 2 ** math.ceil(math.log2(spread_tokens + 1024))), **overrides)
             vocab = json.load(open(os.path.join(model_dir, "config.json")))["vocab_size"]
-            # Graphs only where there is a GPU to capture them; the CPU runs op by op.
-            for eager in ([False, True] if device.type == "cuda" else [True]):
-                if not {"lat", "w1"} & set(args.parts):
-                    break
-                how = "op by op" if eager else "CUDA graphs"
-                llm = engine(model_dir, str(device), dtype_name, 4096 if small else 262144,
-                             enforce_eager=eager)
-                if "lat" in args.parts:
-                    rows.append(Row("LAT", f"batch 1, 32-token prompt, {how}",
-                                    lat_ms(llm, vocab, 16 if small else 256), "ms/token"))
-                if "w1" in args.parts:
-                    tok_s, req_s = w1_rates(llm, vocab, 4 if small else None)
-                    rows.append(Row("W1", f"{'4' if small else '64'} requests, {how}", tok_s,
-                                    "output tok/s", f"{req_s:.2f} req/s"))
-                llm.shutdown()
-                del llm
+            # torch.compile last: its compiles take the longest, and where a run is cut
+            # short the other rows are in. Graphs need a GPU: the CPU runs op by op.
+            first, last = ["CUDA graphs", "op by op"], [COMPILED]
+            if device.type != "cuda":
+                first, last = ["op by op"], []
+            if {"lat", "w1"} & set(args.parts):
+                engines(report, args, model_dir, device, dtype_name, vocab, first)
             if "spread" in args.parts:
                 equal, owners, t_local, t_spread = spread_check(
                     model_dir, str(device), dtype_name, spread_tokens, args.spread_instances,
                     8 if small else 16)
-                rows.append(Row("spread", f"{spread_tokens} tokens over "
-                                f"{args.spread_instances} instances", float(equal),
-                                "tokens equal (1 = yes)",
-                                f"{owners} owners; {t_local:.2f} s all-local, "
-                                f"{t_spread:.2f} s spread"))
+                report.add(Row("spread", f"{spread_tokens} tokens over "
+                               f"{args.spread_instances} instances", float(equal),
+                               "tokens equal (1 = yes)",
+                               f"{owners} owners; {t_local:.2f} s all-local, "
+                               f"{t_spread:.2f} s spread"))
+            if {"lat", "w1"} & set(args.parts):
+                engines(report, args, model_dir, device, dtype_name, vocab, last)
 
-    print_table(["part", "case", "value", "unit", "note"],
-                [[r.part, r.case, f"{r.value:,.3f}", r.unit, r.note] for r in rows])
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": what, "torch": torch.__version__, "dtype": dtype_name,
-                       "rows": [asdict(r) for r in rows]}, f, indent=1)
-    if any(r.part == "spread" and r.value != 1.0 for r in rows):
+    report.table()
+    if any(r.part == "spread" and r.value != 1.0 for r in report.rows):
         sys.exit("spread: the tokens of the KV spread over instances differ from all-local")
+
+
+# The ways an engine runs its decode steps: how each is named, and its options.
+COMPILED = "torch.compile + CUDA graphs"
+MODES = {
+    "CUDA graphs": {},
+    "op by op": {"enforce_eager": True},
+    COMPILED: {"enable_torch_compile": True},
+}
+
+
+def engines(report: Report, args: argparse.Namespace, model_dir: str, device: torch.device,
+            dtype_name: str, vocab: int, modes: list[str]) -> None:
+    """LAT and W1 rows for each of ``modes``; where torch.compile fails, its row says how
+    and the rest stands."""
+    small = args.small
+    for how in modes:
+        options = MODES[how]
+        compiled = how == COMPILED
+        llm = None
+        try:
+            llm = engine(model_dir, str(device), dtype_name, 4096 if small else 262144,
+                         **options)
+            if "lat" in args.parts:
+                ms, first = lat_ms(llm, vocab, 16 if small else 256)
+                report.add(Row("LAT", f"batch 1, 32-token prompt, {how}", ms, "ms/token",
+                               f"first run {first:.1f} s"))
+            if "w1" in args.parts and (args.w1_compile or not compiled):
+                tok_s, req_s = w1_rates(llm, vocab, 4 if small else None, warm_whole=compiled)
+                report.add(Row("W1", f"{'4' if small else '64'} requests, {how}", tok_s,
+                               "output tok/s", f"{req_s:.2f} req/s"))
+        except Exception as error:  # noqa: BLE001 - the other modes' rows still stand
+            if not compiled:
+                raise
+            traceback.print_exc()
+            report.add(Row("LAT", f"batch 1, 32-token prompt, {how}", math.nan, "ms/token",
+                           f"failed: {type(error).__name__}: {str(error)[:200]}"))
+        finally:
+            if llm is not None:
+                llm.shutdown()
+            del llm
 
 
 if __name__ == "__main__":

@@ -13,6 +13,11 @@ import torch
 # Every engine the tests build checks its pools, tables and ledger whenever it goes idle
 # (EngineConfig.check_integrity), servers started in subprocesses included.
 os.environ.setdefault("INFINITE_LLM_CHECK_INTEGRITY", "1")
+# Without a GPU the Triton kernels run under Triton's interpreter, which Triton reads when
+# it is first imported: set before any test module is collected (torch._dynamo, for one,
+# imports triton), not only by the Triton tests.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TINY = dict(
     vocab_size=320,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from infinite_llm import LLM, SamplingParams
 
@@ -115,6 +116,27 @@ def test_decode_steps_from_cuda_graphs_match_op_by_op_and_transformers(tiny):
     assert used.replays >= 3 * 19 and {k.batch for k in used.keys} == {1, 2, 4, 8}
     rm = graphs.engine.cluster.instances[0].rmanager
     assert rm.num_free == rm.capacity
+
+
+def test_decode_steps_compiled_by_torch_compile_match_op_by_op_and_transformers(tiny):
+    """``enable_torch_compile``: the decode step is compiled before its graph is captured
+    (one shape: batch 1, a table of 16 blocks), with the tokens and log-probs of op by op
+    and transformers."""
+    path, hf = tiny
+    kw = dict(device="cuda", dtype="float32", kv_cache_memory="4MiB", block_size=4)
+    compiled, eager = LLM(str(path), enable_torch_compile=True, **kw), LLM(
+        str(path), enforce_eager=True, **kw)
+    params = SamplingParams(max_tokens=16, logprobs=2, **GREEDY)
+    counters.clear()
+    for prompt in random_prompts(2, 8, 30, 320, seed=44):
+        got, want = (llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+                     for llm in (compiled, eager))
+        assert got.token_ids == want.token_ids == hf_greedy(hf, prompt, 16)
+        for x, y in zip(got.logprobs, want.logprobs):
+            assert x.keys() == y.keys() and all(abs(x[t] - y[t]) < 1e-4 for t in x)
+    graphs = compiled.engine.runner.graphs
+    assert counters["stats"]["unique_graphs"] > 0 and graphs.replays == 2 * 15
+    assert [(k.batch, k.width) for k in graphs.keys] == [(1, 16)]
 
 
 def test_a_decode_step_from_its_graph_never_synchronises_the_host(tiny):

@@ -4,7 +4,9 @@ CPU the padded step runs eagerly (``capture=False``); tests/test_cuda.py capture
 
 from __future__ import annotations
 
+import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from infinite_llm import LLM, SamplingParams
 from infinite_llm.attention.plan import JOINED
@@ -13,10 +15,10 @@ from infinite_llm.engine.decode_graphs import DecodeGraphs, GraphKey, bucket
 from test_cluster import BLOCK, GREEDY, assert_all_pools_full, run_watching_owners, tiny_cluster
 
 
-def with_graphs(llm: LLM, max_batch: int = 8) -> DecodeGraphs:
+def with_graphs(llm: LLM, max_batch: int = 8, torch_compile: bool = False) -> DecodeGraphs:
     runner = llm.engine.runner
     runner.graphs = DecodeGraphs(runner.model, runner.pools, runner.scale, max_batch,
-                                 capture=False)
+                                 capture=False, torch_compile=torch_compile)
     return runner.graphs
 
 
@@ -100,3 +102,38 @@ def test_a_sequence_over_two_pools_replays_and_other_steps_run_op_by_op(
     assert [o.outputs[0].token_ids for o in got] == alone_tokens(short, 8)
     assert seen == [None] * 8  # the prompts, then 3 decodes: beyond the largest graph (2)
     assert one.engine.runner.graphs.replays == 0
+
+
+def test_compiled_padded_steps_give_the_op_by_op_tokens_and_logprobs(tiny_llama_dir):
+    """With torch.compile (``enable_torch_compile``) each padded shape is compiled once
+    and its steps run the compiled code: the same greedy tokens and log-probs as op by
+    op, for batches of 1 and 3 (padded to 4), and a shape seen again is not compiled
+    again."""
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 320, (n,), generator=g).tolist() for n in (6, 21, 11)]
+    reference = LLM(str(tiny_llama_dir), dtype="float32", device="cpu", kv_cache_memory="2MiB",
+                    block_size=BLOCK)
+    want = [generate(reference, prompts[:1], 8), generate(reference, prompts, 8)]
+    llm = LLM(str(tiny_llama_dir), dtype="float32", device="cpu", kv_cache_memory="2MiB",
+              block_size=BLOCK)
+    graphs = with_graphs(llm, torch_compile=True)
+    counters.clear()
+    assert_same(generate(llm, prompts[:1], 8), want[0])
+    compiled = counters["stats"]["unique_graphs"]
+    assert_same(generate(llm, prompts, 8), want[1])
+    assert {(k.batch, k.width) for k in graphs.keys} == {(1, 16), (4, 16)}
+    assert graphs.replays == 2 * 7 and compiled > 0
+    assert counters["stats"]["unique_graphs"] > compiled  # the second shape compiled too
+    again = counters["stats"]["unique_graphs"]
+    assert_same(generate(llm, prompts, 8), want[1])
+    assert counters["stats"]["unique_graphs"] == again
+    assert_all_pools_full(llm.engine)
+
+
+def test_torch_compile_is_refused_without_a_gpu_or_with_enforce_eager(tiny_llama_dir):
+    """torch.compile serves the CUDA graphs: asked for on the CPU or beside
+    ``enforce_eager`` it is refused with why, before any weight is read."""
+    with pytest.raises(ValueError, match="enable_torch_compile .* needs a CUDA device"):
+        LLM(str(tiny_llama_dir), device="cpu", enable_torch_compile=True)
+    with pytest.raises(ValueError, match="enforce_eager turns those off"):
+        LLM(str(tiny_llama_dir), device="cpu", enable_torch_compile=True, enforce_eager=True)

@@ -6,15 +6,12 @@ they run under Triton's interpreter (CI); with one, on it."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-if not torch.cuda.is_available():  # read when the kernels are defined: before the import
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Without a GPU, under Triton's interpreter (conftest.py sets TRITON_INTERPRET).
 elementwise = pytest.importorskip("infinite_llm.kernels.triton_elementwise")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

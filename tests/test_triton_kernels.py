@@ -6,15 +6,13 @@ interpreter (CI); with one, on it (``pytest -m cuda`` runs them there too)."""
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-if not torch.cuda.is_available():  # read when the kernels are defined: before the import
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Without a GPU, under Triton's interpreter (conftest.py sets TRITON_INTERPRET).
 triton_attention = pytest.importorskip("infinite_llm.kernels.triton_attention")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

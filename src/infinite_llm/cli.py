@@ -45,6 +45,12 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
         help="on a GPU, run every step op by op: no decode step replayed from a CUDA graph",
     )
     group.add_argument(
+        "--enable-torch-compile", action="store_true",
+        default=option_default("enable_torch_compile"),
+        help="on a GPU, compile each decode step with torch.compile before capturing its "
+        "CUDA graph (each batch and table size compiles once, when first needed)",
+    )
+    group.add_argument(
         "--kv-cache-memory", default=format_memory_size(option_default("kv_cache_memory")),
         help="KV cache budget of each instance, bytes or e.g. 256MiB (default: %(default)s)",
     )
@@ -146,7 +152,7 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
 
 # The flags above, by the option each sets (LLM's keyword arguments).
 _ENGINE_FLAGS = (
-    "dtype", "device", "enforce_eager", "kv_cache_memory", "host_kv_cache_memory", "block_size",
+    "dtype", "device", "enforce_eager", "enable_torch_compile", "kv_cache_memory", "host_kv_cache_memory", "block_size",
     "max_model_len", "max_num_batched_tokens", "max_num_seqs", "admission_output_reserve",
     "seed", "instances",
     "kv_pooling", "max_lend_fraction", "planner_period", "cost_model", "dgfm_period",

@@ -316,6 +316,14 @@ def _integrity_default() -> bool:
 
 
 @dataclass(frozen=True)
+class GraphConfig:
+    """How decode steps are replayed from CUDA graphs on a GPU (``engine/decode_graphs.py``)."""
+
+    max_batch: int  # the largest decode batch with a graph of its own
+    torch_compile: bool  # each step compiled by torch.compile before its graph is captured
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything an engine is built from, each default stated here once. ``LLM``, the
     command line and the server take the flat option names of ``OPTIONS``."""
@@ -327,6 +335,8 @@ class EngineConfig:
     allow_long_context: bool = False  # max_model_len beyond the trained context only warns
     # On a GPU, never replay decode steps from CUDA graphs: every step op by op.
     enforce_eager: bool = False
+    # On a GPU, compile each decode step with torch.compile before capturing its graph.
+    enable_torch_compile: bool = False
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     pooling: PoolingConfig = field(default_factory=PoolingConfig)
@@ -334,10 +344,17 @@ class EngineConfig:
     # Debug: check every pool, table and the ledger whenever the engine goes idle.
     check_integrity: bool = field(default_factory=_integrity_default)
 
+    def __post_init__(self) -> None:
+        if self.enable_torch_compile and self.enforce_eager:
+            raise ValueError("enable_torch_compile compiles the decode steps replayed from "
+                             "CUDA graphs; enforce_eager turns those off: choose one")
+
     @property
-    def graph_batch(self) -> int | None:
-        """The largest decode batch replayed from a CUDA graph on a GPU (None: none)."""
-        return None if self.enforce_eager else self.scheduler.max_num_seqs
+    def graphs(self) -> GraphConfig | None:
+        """How decode steps are replayed from CUDA graphs on a GPU (None: never)."""
+        if self.enforce_eager:
+            return None
+        return GraphConfig(self.scheduler.max_num_seqs, self.enable_torch_compile)
 
     @staticmethod
     def from_options(model: str, **options: Any) -> EngineConfig:
@@ -379,6 +396,7 @@ OPTIONS = {
     "seed": "seed",
     "allow_long_context": "allow_long_context",
     "enforce_eager": "enforce_eager",
+    "enable_torch_compile": "enable_torch_compile",
     "kv_cache_memory": "cache.kv_cache_memory",
     "host_kv_cache_memory": "cache.host_kv_cache_memory",
     "block_size": "cache.block_size",

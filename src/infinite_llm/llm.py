@@ -49,6 +49,8 @@ class LLM:
     - ``dtype`` ("auto": float32 on CPU, bfloat16 on GPU), ``device`` ("auto": a GPU
       when there is one; "cpu", "cuda", "cuda:N"), ``seed`` (0); ``enforce_eager``
       (False: on a GPU, decode steps are replayed from CUDA graphs);
+      ``enable_torch_compile`` (False: on a GPU, each decode step compiled by
+      torch.compile before its graph is captured);
     - ``kv_cache_memory`` (each instance's KV pool: bytes or "256MiB"; 1GiB),
       ``block_size`` (16);
     - ``max_num_batched_tokens`` (8192, as vLLM's offline ``LLM``), ``max_num_seqs``

@@ -11,7 +11,7 @@ from dataclasses import replace
 import torch
 
 from infinite_llm.attention.kv_cache import KVCache, num_blocks_for
-from infinite_llm.config import EngineConfig
+from infinite_llm.config import EngineConfig, GraphConfig
 from infinite_llm.core.cluster import Cluster
 from infinite_llm.core.step import Runner
 from infinite_llm.engine.device import torch_device, torch_dtype
@@ -95,10 +95,22 @@ def sampler_for(config: EngineConfig, checkpoint: Checkpoint) -> Sampler:
     return Sampler(config.seed, grammars)
 
 
+def graphs_on(config: EngineConfig, device: torch.device) -> GraphConfig | None:
+    """How decode steps replay CUDA graphs on ``device`` (``EngineConfig.graphs``);
+    torch.compile without a GPU is refused, before any weight is read."""
+    if config.enable_torch_compile and device.type != "cuda":
+        raise ValueError(
+            f"enable_torch_compile compiles the decode steps replayed from CUDA graphs: it "
+            f"needs a CUDA device, and the instances are on {device.type}"
+        )
+    return config.graphs
+
+
 def build_local(config: EngineConfig, load: Callable[[], Checkpoint]) -> LLMEngine:
     """Every instance in this process: one model, one KV cache per instance. A device
     that is not there is refused before ``load`` reads any weight."""
     device = torch_device(config.device)
+    graphs = graphs_on(config, device)
     dtype = torch_dtype(config.dtype, device)
     checkpoint = load()
     tiers = blocks_per_instance(config, checkpoint, dtype, device)
@@ -109,6 +121,5 @@ def build_local(config: EngineConfig, load: Callable[[], Checkpoint]) -> LLMEngi
                                       dtype, device, config.parallel.instances)
     if device.type == "cpu":
         trim_host_memory()  # what loading freed goes back (only what steps free is kept)
-    runner = ModelRunner(model, kv_caches, sampler_for(config, checkpoint), whole,
-                         config.graph_batch)
+    runner = ModelRunner(model, kv_caches, sampler_for(config, checkpoint), whole, graphs)
     return assemble(config, checkpoint, tiers, runner)

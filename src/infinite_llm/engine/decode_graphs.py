@@ -11,10 +11,15 @@ logits are dropped. The step's inputs reach the device as one copy from one pinn
 buffer; the graph leaves the logits in a buffer of its own, and the sampler's copy of
 the sampled tokens back is the step's one host synchronisation.
 
+With ``torch_compile`` (``enable_torch_compile``) the padded step is compiled by
+torch.compile for its shape before its graph is captured: what the graph then replays
+is Inductor's kernels (its fusions of what runs between the Triton kernels) instead of
+PyTorch's ops one by one. Each shape compiles once, when a step first needs it.
+
 Every other step (prompts, a sequence over several pools, a batch beyond the largest
 bucket) runs op by op, as with ``enforce_eager``. Without a GPU the same padded step
-runs eagerly (``capture=False``): what the padding computes is checked on every
-machine, the capture itself only on a GPU.
+runs without a graph (``capture=False``), compiled or not: what the padding computes
+is checked on every machine, the capture itself only on a GPU.
 """
 
 from __future__ import annotations
@@ -27,9 +32,13 @@ from infinite_llm.attention.dist import DistAttention
 from infinite_llm.attention.kv_cache import KVCache
 from infinite_llm.attention.micro import PagedRun
 from infinite_llm.attention.plan import AttentionPlan, Decodes, KVWrites, OwnerWrites, Part
+from infinite_llm.config import GraphConfig
 from infinite_llm.model.llama import LlamaForCausalLM
 
 MIN_WIDTH = 16  # blocks: the narrowest table a graph is captured for
+# torch.compile keeps this many shapes of the padded step (its default of 8 would run
+# the rest uncompiled): every (batch, width) bucket a server meets.
+MAX_COMPILED_SHAPES = 1024
 
 
 def bucket(n: int, smallest: int = 1) -> int:
@@ -49,9 +58,12 @@ class GraphKey:
 class _Static:
     """One graph's inputs in one int64 buffer on the device (token ids, positions, KV
     slots, context lengths, the block table), filled from a host buffer of the same
-    layout by one copy, and the step it describes over them."""
+    layout by one copy, and the step it describes over them (``attend``: one layer's
+    attention)."""
 
-    def __init__(self, key: GraphKey, scratch_slot: int, device: torch.device) -> None:
+    def __init__(self, key: GraphKey, pools: dict[int, KVCache], scale: float,
+                 device: torch.device) -> None:
+        scratch_slot = pools[key.owner].scratch_slot
         b, w = key.batch, key.width
         pinned = device.type == "cuda"
         self.key, self.scratch_slot = key, scratch_slot
@@ -64,7 +76,7 @@ class _Static:
         rows = torch.arange(b, device=device)[:, None]
         decodes = Decodes(rows, None, (Part(key.owner, PagedRun(self.table, self.kv_len)),),
                           in_order=True)
-        self.plan = AttentionPlan(writes, (decodes,))
+        self.attend = DistAttention(AttentionPlan(writes, (decodes,)), pools, scale)
 
     def reset(self, buffer: torch.Tensor) -> None:
         """Every row padding: token 0 at position 0 over no keys, its k, v to the scratch.
@@ -103,12 +115,14 @@ class DecodeGraphs:
     it (see the module docstring)."""
 
     def __init__(self, model: LlamaForCausalLM, pools: dict[int, KVCache], scale: float,
-                 max_batch: int, capture: bool) -> None:
+                 max_batch: int, capture: bool, torch_compile: bool = False) -> None:
         self.model = model
         self.pools = pools  # the caches attention reads, by owner (``ModelRunner.pools``)
         self.scale = scale
         self.max_batch = bucket(max_batch)
         self.capture = capture
+        # One shape, one compiled step: a new shape compiles, never widens an old one.
+        self._step = torch.compile(self._forward, dynamic=False) if torch_compile else None
         self.device = next(model.parameters()).device
         self._graphs: dict[GraphKey, tuple[_Static, torch.cuda.CUDAGraph | None, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if capture else None
@@ -116,12 +130,13 @@ class DecodeGraphs:
 
     @staticmethod
     def on_gpu(model: LlamaForCausalLM, pools: dict[int, KVCache], scale: float,
-               max_batch: int | None) -> DecodeGraphs | None:
-        """Captured graphs where the model is on a GPU and ``max_batch`` is given (None:
+               config: GraphConfig | None) -> DecodeGraphs | None:
+        """Captured graphs where the model is on a GPU and ``config`` is given (None:
         ``enforce_eager``); None otherwise (every step op by op)."""
-        if max_batch is None or next(model.parameters()).device.type != "cuda":
+        if config is None or next(model.parameters()).device.type != "cuda":
             return None
-        return DecodeGraphs(model, pools, scale, max_batch, capture=True)
+        return DecodeGraphs(model, pools, scale, config.max_batch, capture=True,
+                            torch_compile=config.torch_compile)
 
     @property
     def keys(self) -> list[GraphKey]:
@@ -154,32 +169,38 @@ class DecodeGraphs:
         writes, = plan.writes.per_owner
         static.load(input_ids, positions, writes.slots, plan.batches[0].parts[0].run)
         if graph is None:
-            logits = self._forward(static)
+            logits = self._run(static)
         else:
             graph.replay()
         self.replays += 1
         return logits[: input_ids.shape[0]]
 
     def _forward(self, static: _Static) -> torch.Tensor:
-        attend = DistAttention(static.plan, self.pools, self.scale)
-        hidden = self.model(static.ids, static.positions, attend)
+        hidden = self.model(static.ids, static.positions, static.attend)
         return self.model.compute_logits(hidden)
+
+    def _run(self, static: _Static) -> torch.Tensor:
+        """The padded step over ``static``'s buffers, through torch.compile if asked."""
+        if self._step is None:
+            return self._forward(static)
+        with torch._dynamo.config.patch(recompile_limit=MAX_COMPILED_SHAPES):
+            return self._step(static)
 
     def _capture(self, key: GraphKey) -> tuple[_Static, torch.cuda.CUDAGraph | None, torch.Tensor]:
         """The static buffers of ``key`` and, on a GPU, its graph: run once on a side
         stream (Triton compiles its kernels, the allocator sees the step), then captured,
         every row padding meanwhile (nothing but the scratch slot written)."""
-        static = _Static(key, self.pools[key.owner].scratch_slot, self.device)
+        static = _Static(key, self.pools, self.scale, self.device)
         graph, logits = None, torch.empty(0)
         if self.capture:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                self._forward(static)
+                self._run(static)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             # Thread-local: a server's other threads may use CUDA meanwhile.
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                logits = self._forward(static)
+                logits = self._run(static)
         self._graphs[key] = (static, graph, logits)
         return self._graphs[key]

@@ -12,6 +12,7 @@ from infinite_llm.attention.dist import DistAttention
 from infinite_llm.attention.kv_cache import KVCache
 from infinite_llm.attention.plan import JOINED, AttentionPlan, KVLayout, SeqSpan, on_device
 from infinite_llm.attention.tables import KVTables
+from infinite_llm.config import GraphConfig
 from infinite_llm.core.step import Chunk, StepPlan, StepResult
 from infinite_llm.engine.decode_graphs import DecodeGraphs
 from infinite_llm.engine.sampler import Sampler
@@ -37,12 +38,11 @@ class ModelRunner:
     instance id), the block tables as the plans describe them, and the sampler. Where
     the instances' pools are views of one cache (``whole``: ``KVCache.joined``),
     attention reads it through one table per sequence wherever its blocks live. With
-    ``graph_batch`` on a GPU, decode steps of up to that many sequences are replayed
-    from CUDA graphs (``graphs``)."""
+    ``graphs`` on a GPU, decode steps are replayed from CUDA graphs (``DecodeGraphs``)."""
 
     def __init__(
         self, model: LlamaForCausalLM, kv_caches: dict[int, KVCache], sampler: Sampler,
-        whole: KVCache | None = None, graph_batch: int | None = None,
+        whole: KVCache | None = None, graphs: GraphConfig | None = None,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -60,7 +60,7 @@ class ModelRunner:
             self.layout = replace(self.layout, joined=True)
             bases = {i: cache.base for i, cache in kv_caches.items()}
         self.tables = KVTables(bases)
-        self.graphs = DecodeGraphs.on_gpu(model, self.pools, self.scale, graph_batch)
+        self.graphs = DecodeGraphs.on_gpu(model, self.pools, self.scale, graphs)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:

@@ -49,7 +49,7 @@ from infinite_llm.attention.exchange import Exchanged, Shapes
 from infinite_llm.attention.kv_cache import KVCache
 from infinite_llm.attention.plan import NO_ATTENTION, KVLayout, on_device
 from infinite_llm.attention.tables import KVTables
-from infinite_llm.config import EngineConfig, PoolingConfig, RayConfig
+from infinite_llm.config import EngineConfig, GraphConfig, PoolingConfig, RayConfig
 from infinite_llm.core.step import (
     BlockMove,
     InstanceFailure,
@@ -58,7 +58,7 @@ from infinite_llm.core.step import (
     decode_plan,
     encode_plan,
 )
-from infinite_llm.engine.builder import assemble, blocks_per_instance, sampler_for
+from infinite_llm.engine.builder import assemble, blocks_per_instance, graphs_on, sampler_for
 from infinite_llm.engine.decode_graphs import DecodeGraphs
 from infinite_llm.engine.device import torch_dtype
 from infinite_llm.engine.engine import LLMEngine
@@ -86,7 +86,7 @@ class InstanceActor:
 
     def __init__(
         self, instance_id: int, model: str, dtype: torch.dtype, device: str, own_gpu: bool,
-        num_blocks: int, block_size: int, threads: int, graph_batch: int | None = None,
+        num_blocks: int, block_size: int, threads: int, graphs: GraphConfig | None = None,
     ) -> None:
         torch.set_num_threads(threads)
         self.rank = instance_id
@@ -112,7 +112,7 @@ class InstanceActor:
         # A step none of whose sequences crosses an instance is this actor's alone: on a
         # GPU its decodes replay CUDA graphs, as in process (``engine/decode_graphs.py``).
         self.graphs = DecodeGraphs.on_gpu(self.model, {self.rank: self.kv_cache}, self.scale,
-                                          graph_batch)
+                                          graphs)
 
     def endpoint(self) -> str:
         """host:port where a new tensor group can meet (asked of the lowest alive instance)."""
@@ -280,10 +280,10 @@ class RayRunner:
 
     def start(
         self, model: str, dtype: torch.dtype, num_blocks: int, block_size: int,
-        sampler: Sampler, pooling: PoolingConfig, graph_batch: int | None = None,
+        sampler: Sampler, pooling: PoolingConfig, graphs: GraphConfig | None = None,
     ) -> None:
-        """``graph_batch``: on a GPU, decode steps of up to that many sequences an actor
-        replay CUDA graphs (None: op by op, ``enforce_eager``)."""
+        """``graphs``: on a GPU, how an actor's decode steps replay CUDA graphs (None: op
+        by op, ``enforce_eager``)."""
         self.sampler = sampler
         self.gmanager = RemoteGManager.start(pooling)
         threads = max(1, (os.cpu_count() or 1) // self.instances)
@@ -296,7 +296,7 @@ class RayRunner:
         self.actors = {
             i: actor.remote(
                 i, model, dtype, str(self.device), own_gpu, num_blocks, block_size, threads,
-                graph_batch,
+                graphs,
             )
             for i in range(self.instances)
         }
@@ -468,6 +468,7 @@ def build_ray(config: EngineConfig, load: Callable[[], Checkpoint]) -> LLMEngine
     first, to see which devices it offers; anything started is stopped on failure."""
     ray_runner = RayRunner(config.parallel.ray, config.device, config.parallel.instances)
     try:
+        graphs = graphs_on(config, ray_runner.device)
         dtype = torch_dtype(config.dtype, ray_runner.device)
         checkpoint = load()
         tiers = blocks_per_instance(config, checkpoint, dtype, ray_runner.device)
@@ -475,7 +476,7 @@ def build_ray(config: EngineConfig, load: Callable[[], Checkpoint]) -> LLMEngine
             config.model, dtype, tiers.total, config.cache.block_size,
             sampler_for(config, checkpoint),
             config.pooling,
-            config.graph_batch,
+            graphs,
         )
         engine = assemble(config, checkpoint, tiers, ray_runner, ray_runner.gmanager)
         # A lost gManager is rebuilt from what the rManagers hold.
