@@ -104,6 +104,8 @@ def test_a_sequence_over_two_pools_replays_and_other_steps_run_op_by_op(
     assert one.engine.runner.graphs.replays == 0
 
 
+# On the CPU Dynamo steps around each C++ kernel call, and says so.
+@pytest.mark.filterwarnings("ignore:Dynamo:UserWarning")
 def test_compiled_padded_steps_give_the_op_by_op_tokens_and_logprobs(tiny_llama_dir):
     """With torch.compile (``enable_torch_compile``) each padded shape is compiled once
     and its steps run the compiled code: the same greedy tokens and log-probs as op by

@@ -24,6 +24,8 @@ is checked on every machine, the capture itself only on a GPU.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +36,8 @@ from infinite_llm.attention.micro import PagedRun
 from infinite_llm.attention.plan import AttentionPlan, Decodes, KVWrites, OwnerWrites, Part
 from infinite_llm.config import GraphConfig
 from infinite_llm.model.llama import LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
 
 MIN_WIDTH = 16  # blocks: the narrowest table a graph is captured for
 # torch.compile keeps this many shapes of the padded step (its default of 8 would run
@@ -193,6 +197,7 @@ class DecodeGraphs:
         static = _Static(key, self.pools, self.scale, self.device)
         graph, logits = None, torch.empty(0)
         if self.capture:
+            start = time.perf_counter()
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
@@ -202,5 +207,10 @@ class DecodeGraphs:
             # Thread-local: a server's other threads may use CUDA meanwhile.
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 logits = self._run(static)
+            # A compile takes seconds and stalls the steps behind it: say so, once a shape.
+            logger.info("decode step of %d rows over %d blocks a table %s in %.2f s",
+                        key.batch, key.width,
+                        "compiled and captured" if self._step else "captured",
+                        time.perf_counter() - start)
         self._graphs[key] = (static, graph, logits)
         return self._graphs[key]
