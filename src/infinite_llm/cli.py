@@ -152,7 +152,8 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
 
 # The flags above, by the option each sets (LLM's keyword arguments).
 _ENGINE_FLAGS = (
-    "dtype", "device", "enforce_eager", "enable_torch_compile", "kv_cache_memory", "host_kv_cache_memory", "block_size",
+    "dtype", "device", "enforce_eager", "enable_torch_compile", "kv_cache_memory",
+    "host_kv_cache_memory", "block_size",
     "max_model_len", "max_num_batched_tokens", "max_num_seqs", "admission_output_reserve",
     "seed", "instances",
     "kv_pooling", "max_lend_fraction", "planner_period", "cost_model", "dgfm_period",

@@ -210,7 +210,7 @@ class DecodeGraphs:
             # A compile takes seconds and stalls the steps behind it: say so, once a shape.
             logger.info("decode step of %d rows over %d blocks a table %s in %.2f s",
                         key.batch, key.width,
-                        "compiled and captured" if self._step else "captured",
+                        "compiled and captured" if self._step is not None else "captured",
                         time.perf_counter() - start)
         self._graphs[key] = (static, graph, logits)
         return self._graphs[key]
