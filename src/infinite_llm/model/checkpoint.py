@@ -6,15 +6,17 @@ import importlib.util
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
 from infinite_llm.config import ModelConfig
-from infinite_llm.model.gguf_loader import GGUFFile
 from infinite_llm.model.hf_loader import HFDirectory
 from infinite_llm.model.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from infinite_llm.model.gguf_loader import GGUFFile
 
 
 class WeightSource(Protocol):
@@ -73,6 +75,9 @@ def load_checkpoint(model: str) -> Checkpoint:
     """
     path = BUILTIN_MODELS[model].path() if model in BUILTIN_MODELS else Path(model)
     if path.is_file() and path.suffix == ".gguf":
+        # Imported for a GGUF file only: a Hugging Face directory needs no gguf package.
+        from infinite_llm.model.gguf_loader import GGUFFile
+
         source: GGUFFile | HFDirectory = GGUFFile(str(path))
     elif path.is_dir() and (path / "config.json").is_file():
         source = HFDirectory(str(path))
