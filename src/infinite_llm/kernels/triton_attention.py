@@ -105,8 +105,8 @@ def _paged_attention_kernel(
     out = acc / tl.where(seen, total, 1.0)[:, None]
     lse = tl.where(seen, m + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
     base = split * stride_os + b * stride_ob + query[:, None] * stride_oq
-    tl.store(out_ptr + base + head[:, None] * stride_oh + dims[None, :], out,
-             mask=row_ok[:, None] & dim_ok[None, :])
+    tl.store(out_ptr + base + head[:, None] * stride_oh + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
     tl.store(lse_ptr + split * stride_ls + b * stride_lb + query * stride_lq + head, lse,
              mask=row_ok)
 
@@ -131,7 +131,8 @@ def _merge_kernel(
                    mask=part_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
     seen = total > 0
     merged = tl.sum(weights[:, None] * outs, axis=0) / tl.where(seen, total, 1.0)
-    tl.store(merged_ptr + row * HEAD_DIM + dims, merged, mask=dim_ok)
+    tl.store(merged_ptr + row * HEAD_DIM + dims, merged.to(merged_ptr.dtype.element_ty),
+             mask=dim_ok)
     tl.store(merged_lse_ptr + row, tl.where(seen, shift + tl.log(tl.where(seen, total, 1.0)),
                                             float("-inf")))
 
@@ -144,7 +145,8 @@ def merge_partials(outs: torch.Tensor, lses: torch.Tensor,
     outs = outs.contiguous()
     lses = lses.to(torch.float32).contiguous()
     rows = lses[0].numel()
-    merged = torch.empty(rows, dim, dtype=torch.float32, device=outs.device)
+    # Written in the dtype asked for: no cast after (one kernel fewer a layer).
+    merged = torch.empty(rows, dim, dtype=out_dtype or outs.dtype, device=outs.device)
     merged_lse = torch.empty(rows, dtype=torch.float32, device=outs.device)
     if rows:
         _merge_kernel[(rows,)](
@@ -152,7 +154,7 @@ def merge_partials(outs: torch.Tensor, lses: torch.Tensor,
             PARTS_PAD=triton.next_power_of_2(max(parts, 1)), HEAD_DIM=dim,
             D_PAD=triton.next_power_of_2(dim),
         )
-    return (merged.view(*shape, dim).to(out_dtype or outs.dtype), merged_lse.view(*shape))
+    return merged.view(*shape, dim), merged_lse.view(*shape)
 
 
 def paged_attention(
@@ -195,7 +197,10 @@ def paged_attention(
     all_visible = q_pos is None
     starts = lengths if all_visible else kv_start.to(device).contiguous()
     positions = block_table if all_visible else q_pos.to(device).contiguous()
-    outs = torch.empty(num_splits, batch, num_q, heads, dim, dtype=torch.float32, device=device)
+    # One split's out is the answer: written in q's dtype (no cast after); several are
+    # kept in float32 for their merge.
+    outs = torch.empty(num_splits, batch, num_q, heads, dim, device=device,
+                       dtype=q.dtype if num_splits == 1 else torch.float32)
     lses = torch.empty(num_splits, batch, num_q, heads, dtype=torch.float32, device=device)
     use_dot = (device.type == "cuda" and block_q * group_pad >= 16 and bs_pad >= 16
                and d_pad >= 16)
@@ -215,7 +220,7 @@ def paged_attention(
             ALL_VISIBLE=all_visible,
         )
     if num_splits == 1:
-        return outs[0].to(q.dtype), lses[0]
+        return outs[0], lses[0]
     return merge_partials(outs, lses, q.dtype)
 
 
