@@ -150,3 +150,30 @@ def test_the_kernel_contract_matches_the_cpu_kernels():
     cpu = paged_decode_attention(q, k, v, table, length, 0.125)
     torch.testing.assert_close(ours[0].cpu(), cpu[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours[1].cpu(), cpu[1], rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=15, deadline=None)
+@given(tokens=st.integers(0, 9), kv_heads=st.integers(1, 3), dim=st.sampled_from([8, 12, 16]),
+       block_size=st.sampled_from([1, 4, 16]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       seed=st.integers(0, 2**16))
+def test_write_kv_puts_each_tokens_k_and_v_at_its_slot(tokens, kv_heads, dim, block_size,
+                                                       dtype, seed):
+    """k and v as the model hands them (views of the fused qkv rows, heads after the
+    query's) into distinct random slots of a pool that is a view of a larger cache, both
+    in one launch: exactly what ``index_copy_`` writes, and nothing else moves."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = min(tokens, 4 * block_size)
+    heads = 2 * kv_heads
+    qkv = torch.randn(tokens, heads + 2 * kv_heads, dim, generator=g).to(dtype)
+    k, v = qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:]
+    whole_k = torch.randn(2, 7, block_size, kv_heads, dim, generator=g).to(dtype)
+    whole_v = torch.randn(2, 7, block_size, kv_heads, dim, generator=g).to(dtype)
+    slots = torch.randperm(4 * block_size, generator=g)[:tokens]
+    want_k, want_v = whole_k.clone(), whole_v.clone()
+    want_k[1, 2:6].view(-1, kv_heads, dim).index_copy_(0, slots, k)
+    want_v[1, 2:6].view(-1, kv_heads, dim).index_copy_(0, slots, v)
+    whole_k, whole_v, k, v, slots = on_device(whole_k, whole_v, k, v, slots)
+    # The pool's layer 1 (blocks 2..5 of the cache): what KVCache.layer hands the kernel.
+    triton_attention.write_kv(whole_k[1, 2:6], whole_v[1, 2:6], slots, k, v)
+    assert torch.equal(whole_k.cpu(), want_k) and torch.equal(whole_v.cpu(), want_v)

@@ -42,6 +42,19 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     return triton_attention.paged_decode(q, k_cache, v_cache, block_table, kv_len, scale)
 
 
+def write_kv_supported(cache: torch.Tensor) -> bool:
+    """Whether the Triton kernel writes new tokens' k and v into this cache."""
+    return cache.device.type == "cuda" and cache.dtype in _DTYPES and triton_kernels_available()
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+             k: torch.Tensor, v: torch.Tensor) -> None:
+    """k[n], v[n] into flat slot slots[n] of one layer's caches, in one launch."""
+    from infinite_llm.kernels import triton_attention
+
+    triton_attention.write_kv(k_cache, v_cache, slots, k, v)
+
+
 def elementwise_supported(x: torch.Tensor) -> bool:
     """Whether the Triton norm, rotary and SiLU-and-multiply passes take this tensor."""
     return x.device.type == "cuda" and x.dtype in _DTYPES and triton_kernels_available()

@@ -12,7 +12,8 @@ tile of queries and one split of the blocks (split-KV: a long context is cut int
 split's blocks, read in place through the block table. A second kernel merges the
 splits' partials exactly (``merge_partials``: also the merge of several owners'
 partials, DistAttention's arithmetic). A query that sees no key gets ``out = 0`` and
-``lse = -inf``.
+``lse = -inf``. The new tokens' k and v go into their slots in one launch for both
+(``write_kv``).
 
 Runs on a GPU, and on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``, set
 before this module is imported), which is how CI tests it without a GPU. ``triton`` is an
@@ -135,6 +136,46 @@ def _merge_kernel(
              mask=dim_ok)
     tl.store(merged_lse_ptr + row, tl.where(seen, shift + tl.log(tl.where(seen, total, 1.0)),
                                             float("-inf")))
+
+
+@triton.jit
+def _write_kv_kernel(
+    k_ptr, v_ptr, slots_ptr, k_cache_ptr, v_cache_ptr,
+    stride_kn, stride_kh, stride_vn, stride_vh,
+    stride_ks, stride_kch, stride_vs, stride_vch,
+    KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, H_PAD: tl.constexpr, D_PAD: tl.constexpr,
+):
+    token = tl.program_id(0)
+    slot = tl.load(slots_ptr + token).to(tl.int64)
+    heads = tl.arange(0, H_PAD)
+    dims = tl.arange(0, D_PAD)
+    ok = (heads < KV_HEADS)[:, None] & (dims < HEAD_DIM)[None, :]
+    k = tl.load(k_ptr + token * stride_kn + heads[:, None] * stride_kh + dims[None, :], mask=ok)
+    v = tl.load(v_ptr + token * stride_vn + heads[:, None] * stride_vh + dims[None, :], mask=ok)
+    tl.store(k_cache_ptr + slot * stride_ks + heads[:, None] * stride_kch + dims[None, :],
+             k.to(k_cache_ptr.dtype.element_ty), mask=ok)
+    tl.store(v_cache_ptr + slot * stride_vs + heads[:, None] * stride_vch + dims[None, :],
+             v.to(v_cache_ptr.dtype.element_ty), mask=ok)
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+             k: torch.Tensor, v: torch.Tensor) -> None:
+    """Token n's k[n], v[n] (N, KVH, D) into flat slot ``slots[n]`` (block * block_size +
+    offset) of k_cache, v_cache (num_blocks, block_size, KVH, D), both in one launch;
+    ``index_copy_``'s effect, k and v read where they lie (views of the fused qkv)."""
+    tokens, kv_heads, dim = k.shape
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("k and v need a contiguous last dimension")
+    k_flat = k_cache.view(-1, kv_heads, dim)  # a view: each pool's blocks are contiguous
+    v_flat = v_cache.view(-1, kv_heads, dim)
+    if tokens:
+        _write_kv_kernel[(tokens,)](
+            k, v, slots, k_flat, v_flat,
+            k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            k_flat.stride(0), k_flat.stride(1), v_flat.stride(0), v_flat.stride(1),
+            KV_HEADS=kv_heads, HEAD_DIM=dim, H_PAD=triton.next_power_of_2(kv_heads),
+            D_PAD=triton.next_power_of_2(dim),
+        )
 
 
 def merge_partials(outs: torch.Tensor, lses: torch.Tensor,
