@@ -177,3 +177,65 @@ def test_write_kv_puts_each_tokens_k_and_v_at_its_slot(tokens, kv_heads, dim, bl
     # The pool's layer 1 (blocks 2..5 of the cache): what KVCache.layer hands the kernel.
     triton_attention.write_kv(whole_k[1, 2:6], whole_v[1, 2:6], slots, k, v)
     assert torch.equal(whole_k.cpu(), want_k) and torch.equal(whole_v.cpu(), want_v)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_llama_on_the_gpu_paths_kernels_gives_the_default_paths_outputs(
+    tiny_llama_dir, monkeypatch, dtype
+):
+    """Every kernel a GPU step takes, together, on the CPU: decode attention, the KV
+    writes and the norms, rotary and activation in Triton, decode steps from the padded
+    step a CUDA graph replays. Greedy tokens and log-probs equal the default path's, over
+    pools joined as on one GPU, with a sequence spread over both of them."""
+    from infinite_llm import SamplingParams
+    from infinite_llm.attention import micro
+    from infinite_llm.engine.decode_graphs import DecodeGraphs
+    from infinite_llm.kernels import gpu, triton_elementwise
+    from infinite_llm.model import llama
+
+    from test_cluster import assert_all_pools_full, run_watching_owners, tiny_cluster
+
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(0, 320, (n,), generator=g).tolist() for n in (30, 5, 11)]
+    params = SamplingParams(max_tokens=8, temperature=0, logprobs=2, ignore_eos=True)
+
+    def run():  # 2 instances of 8 blocks of 4 tokens: the 38 tokens of prompt 0 need both
+        return tiny_cluster(tiny_llama_dir, 2, 8 if dtype == "float32" else 4,
+                            max_lend_fraction=1.0, dtype=dtype, device="cpu")
+
+    reference = run()
+    want = reference.generate(prompts, params, use_tqdm=False)
+    calls = {"attention": 0, "write": 0, "elementwise": 0}
+
+    def counted(name, fn):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return call
+
+    def elementwise(x):
+        calls["elementwise"] += 1
+        return triton_elementwise
+
+    monkeypatch.setattr(micro, "paged_decode_attention", counted("attention", gpu.paged_decode))
+    monkeypatch.setattr(gpu, "write_kv_supported", lambda cache: True)
+    monkeypatch.setattr(gpu, "write_kv", counted("write", gpu.write_kv))
+    monkeypatch.setattr(llama, "kernels_for", elementwise)
+    llm = run()
+    runner = llm.engine.runner
+    runner.graphs = DecodeGraphs(runner.model, runner.pools, runner.scale, 4, capture=False)
+    got = llm.generate(prompts, params, use_tqdm=False)
+    alone, most = run_watching_owners(llm.engine, prompts[:1], params)
+    assert most == 2 and alone[0] == want[0].outputs[0].token_ids  # spread over both pools
+    assert all(calls.values()) and runner.graphs.replays >= 7, (calls, runner.graphs.replays)
+    # bfloat16: the runner-up tokens may swap places in a near tie (the interpreter
+    # rounds to bfloat16 toward zero, PyTorch to nearest); the chosen token's may not.
+    tol = 5e-2 if dtype == "bfloat16" else 1e-4
+    for a, b in zip(got, want):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for token, x, y in zip(a.outputs[0].token_ids, a.outputs[0].logprobs,
+                               b.outputs[0].logprobs):
+            assert abs(x[token] - y[token]) < tol
+            assert dtype == "bfloat16" or (x.keys() == y.keys()
+                                           and all(abs(x[t] - y[t]) < tol for t in x))
+    assert_all_pools_full(llm.engine)
