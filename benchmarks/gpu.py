@@ -13,7 +13,9 @@
    (docs/WORKLOADS.md's LAT: 256 tokens against 1, one 32-token prompt), its decode
    steps replayed from CUDA graphs (the default), op by op (``enforce_eager``), and
    compiled by torch.compile before their capture (``enable_torch_compile``); with each
-   the first run's seconds, which capture (and compile) its shapes.
+   the first run's seconds, which capture (and compile) its shapes; with graphs, also
+   one batch-1 step's graph replayed alone (the device's part of LAT: the rest is the
+   host's).
 4. W1: the W1 workload through the same engines, output tokens and requests a second;
    with torch.compile only given ``--w1-compile`` (each of its batch and table sizes
    compiles once: minutes), and then timed on a second pass.
@@ -125,6 +127,18 @@ def device_seconds(fn: Callable[[], object], device: torch.device, repeats: int)
         end.synchronize()
         times.append(begin.elapsed_time(end) / 1000)
     return statistics.median(times)
+
+
+def replay_ms(graph: torch.cuda.CUDAGraph, repeats: int = 50) -> float:
+    """Milliseconds of one replay of a captured graph, by events around ``repeats``."""
+    graph.replay()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / repeats
 
 
 def copy_bandwidth(device: torch.device, nbytes: int, repeats: int) -> float:
@@ -359,6 +373,13 @@ def engines(report: Report, args: argparse.Namespace, model_dir: str, device: to
                 ms, first = lat_ms(llm, vocab, 16 if small else 256)
                 report.add(Row("LAT", f"batch 1, 32-token prompt, {how}", ms, "ms/token",
                                f"first run {first:.1f} s"))
+                graphs = llm.engine.runner.graphs
+                if graphs is not None and graphs.capture:
+                    # The device's part of LAT: its widest batch-1 step replayed alone.
+                    key = max((k for k in graphs.keys if k.batch == 1), key=lambda k: k.width)
+                    report.add(Row("LAT", f"one step's graph alone (batch 1, {key.width} "
+                                   f"blocks), {how}", replay_ms(graphs.graph(key)), "ms/step",
+                                   "device time: the rest of LAT is the host's"))
             if "w1" in args.parts and (args.w1_compile or not compiled):
                 tok_s, req_s = w1_rates(llm, vocab, 4 if small else None, warm_whole=compiled)
                 report.add(Row("W1", f"{'4' if small else '64'} requests, {how}", tok_s,

@@ -147,6 +147,10 @@ class DecodeGraphs:
         """The shapes captured so far."""
         return list(self._graphs)
 
+    def graph(self, key: GraphKey) -> torch.cuda.CUDAGraph | None:
+        """The graph captured for ``key`` (None without capture): to time it alone."""
+        return self._graphs[key][1]
+
     def key(self, plan: AttentionPlan, tokens: int) -> GraphKey | None:
         """The graph a step of ``tokens`` tokens with this (CPU-side) plan would replay:
         None unless it is decodes only, in order, over one pool paged, writing there."""
