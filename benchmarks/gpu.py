@@ -5,7 +5,8 @@
 2. decode kernel: the Triton MicroAttention decode (``kernels/triton_attention``) over
    paged blocks at SmolLM2's attention shape (9 query heads over 3 KV heads of 64, block
    size 16, blocks in random order), for each context and batch: the KV bytes it must
-   read over its time, and that as a share of the copy bandwidth. Enough layers' caches
+   read over its time, and that as a share of the copy bandwidth; with its defaults,
+   then with each of ``VARIANTS`` of its knobs (the kernel's earlier form among them). Enough layers' caches
    are cycled through that they do not fit the L2 cache, and on a GPU the calls are
    captured in a CUDA graph, so the time is the kernels' and not Python's. Each case's
    first sequence is checked against PyTorch's float32 attention over the same blocks.
@@ -149,10 +150,17 @@ def copy_bandwidth(device: torch.device, nbytes: int, repeats: int) -> float:
     return 2 * src.numel() * 4 / seconds
 
 
+# The decode kernel's knobs tried beside its defaults: one block a step without
+# tensor-core products (the kernel's form before tiles), and each tile of blocks.
+VARIANTS = [dict(tile_blocks=1, use_dot=False)] + [
+    dict(tile_blocks=t, use_dot=True) for t in (1, 2, 4, 8)]
+
+
 def decode_case(device: torch.device, dtype: torch.dtype, context: int, batch: int,
-                block_size: int, repeats: int) -> tuple[float, float, float]:
+                block_size: int, repeats: int, **knobs) -> tuple[float, float, float]:
     """(seconds a layer, KV bytes a layer, relative error of sequence 0) of the Triton
-    decode over ``batch`` sequences of ``context`` tokens each."""
+    decode over ``batch`` sequences of ``context`` tokens each (``knobs``: the kernel's,
+    its defaults where not given)."""
     width = -(-context // block_size)
     elem = torch.finfo(dtype).bits // 8
     layer_bytes = 2 * batch * context * KV_HEADS * HEAD_DIM * elem
@@ -172,14 +180,18 @@ def decode_case(device: torch.device, dtype: torch.dtype, context: int, batch: i
     q = randn(batch, 1, HEADS, HEAD_DIM)
     scale = HEAD_DIM**-0.5
 
+    def decode(k, v):
+        return triton_attention.paged_attention(q, k, v, table, None, kv_len, None, scale,
+                                                **knobs)
+
     def step():
         for k, v in caches:
-            triton_attention.paged_decode(q, k, v, table, kv_len, scale)
+            decode(k, v)
 
     seconds = device_seconds(step, device, repeats) / layers
     # Sequence 0 against PyTorch in float32 over the same blocks, gathered.
     k, v = caches[0]
-    out, _ = triton_attention.paged_decode(q, k, v, table, kv_len, scale)
+    out, _ = decode(k, v)
     keys = k[table[0].long()].reshape(-1, KV_HEADS, HEAD_DIM)[:context].float()
     values = v[table[0].long()].reshape(-1, KV_HEADS, HEAD_DIM)[:context].float()
     group = HEADS // KV_HEADS
@@ -283,6 +295,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 20)")
     parser.add_argument("--parts", nargs="+", default=["copy", "decode", "lat", "w1", "spread"],
                         choices=["copy", "decode", "lat", "w1", "spread"])
+    parser.add_argument("--no-variants", dest="variants", action="store_false",
+                        help="time the decode kernel with its defaults only, not also "
+                             "with each of VARIANTS")
     parser.add_argument("--w1-compile", action="store_true",
                         help="W1 with torch.compile too (compiles every shape W1 meets)")
     parser.add_argument("--json", default=None, help="write the rows here too")
@@ -316,6 +331,14 @@ def main() -> None:
                                nbytes / seconds / 1e9, "GB/s",
                                f"{seconds * 1e6:.1f} us a layer, {share:.0%} of copy, "
                                f"error {error:.1e}"))
+                for knobs in VARIANTS if args.variants else []:
+                    seconds, nbytes, error = decode_case(device, dtype, context, batch,
+                                                         args.block_size, repeats, **knobs)
+                    assert error < (2e-2 if dtype != torch.float32 else 1e-4), (knobs, error)
+                    report.add(Row("decode kernel, variant",
+                                   f"context {context}, batch {batch}, {knobs}",
+                                   nbytes / seconds / 1e9, "GB/s",
+                                   f"{nbytes / seconds / copy:.0%} of copy"))
     if {"lat", "w1", "spread"} & set(args.parts):
         with tempfile.TemporaryDirectory() as model_dir:
             overrides = {} if not small else dict(

@@ -29,10 +29,12 @@ def test_the_gpu_script_runs_every_part_at_toy_sizes(tmp_path):
     by_part: dict[str, list[dict]] = {}
     for row in rows:
         by_part.setdefault(row["part"], []).append(row)
-    assert set(by_part) == {"copy", "decode kernel", "LAT", "W1", "spread"}
+    assert set(by_part) == {"copy", "decode kernel", "decode kernel, variant", "LAT", "W1",
+                            "spread"}
     assert len(by_part["decode kernel"]) == 4  # 2 contexts x 2 batches
-    assert all(r["value"] > 0 for part in ("copy", "decode kernel", "LAT", "W1")
-               for r in by_part[part])
+    assert len(by_part["decode kernel, variant"]) == 4 * 5  # each of gpu.py's VARIANTS
+    assert all(r["value"] > 0 for part in ("copy", "decode kernel", "decode kernel, variant",
+                                           "LAT", "W1") for r in by_part[part])
     (spread,) = by_part["spread"]
     assert spread["value"] == 1.0 and spread["note"].startswith("4 owners"), spread
     # Each row printed when measured (a run cut short keeps them), the table last.

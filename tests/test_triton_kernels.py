@@ -68,15 +68,19 @@ def on_device(*tensors):
     batch=st.integers(1, 3), num_q=st.integers(1, 5), kv_heads=st.integers(1, 2),
     group=st.sampled_from([1, 2, 3]), dim=st.sampled_from([8, 12, 16]),
     block_size=st.sampled_from([1, 4, 5, 16]), max_len=st.integers(0, 40),
-    splits=st.integers(1, 4), seed=st.integers(0, 2**16),
+    splits=st.integers(1, 4), tile_blocks=st.sampled_from([1, 2, 4]), use_dot=st.booleans(),
+    seed=st.integers(0, 2**16),
 )
 def test_paged_attention_equals_float64(batch, num_q, kv_heads, group, dim, block_size,
-                                        max_len, splits, seed):
+                                        max_len, splits, tile_blocks, use_dot, seed):
+    """Any shape, split, tile of blocks and product (tensor-core products with their
+    rows padded to 16, or not): float64's answer."""
     q, k, v, table, start, length, pos = case(seed, batch, num_q, kv_heads, group, dim,
                                               block_size, max_len, torch.float32)
     scale = dim**-0.5
     out, lse = triton_attention.paged_attention(*on_device(q, k, v, table, start, length, pos),
-                                                scale, num_splits=splits)
+                                                scale, num_splits=splits,
+                                                tile_blocks=tile_blocks, use_dot=use_dot)
     want_out, want_lse = reference(q, k, v, table, start, length, pos, scale)
     assert out.dtype == torch.float32 and lse.dtype == torch.float32
     torch.testing.assert_close(out.cpu().double(), want_out, rtol=1e-5, atol=1e-5)
@@ -85,13 +89,18 @@ def test_paged_attention_equals_float64(batch, num_q, kv_heads, group, dim, bloc
 
 @pytest.mark.parametrize("block_size", [16, 8])
 @pytest.mark.parametrize("splits", [1, 3])
-def test_decode_of_a_grouped_batch_equals_float64(block_size, splits):
+@pytest.mark.parametrize("tile_blocks", [1, 4])
+def test_decode_of_a_grouped_batch_equals_float64(block_size, splits, tile_blocks):
     """Decode: one query a sequence seeing its whole context, query heads of one KV head
-    together, in float32 and bfloat16."""
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+    together, a tile of blocks a step, in float32 (tensor-core products too: rows padded
+    to 16) and bfloat16 (its products only on a GPU: the interpreter's are wrong)."""
+    cases = [(torch.float32, 1e-5, False), (torch.float32, 1e-5, True),
+             (torch.bfloat16, 2e-2, DEVICE == "cuda")]
+    for dtype, tol, use_dot in cases:
         q, k, v, table, _, length, _ = case(7, 4, 1, 2, 3, 16, block_size, 70, dtype)
-        out, lse = triton_attention.paged_decode(*on_device(q, k, v, table, length), 0.25,
-                                                 num_splits=splits)
+        out, lse = triton_attention.paged_attention(
+            *on_device(q, k, v, table), None, length.to(DEVICE), None, 0.25,
+            num_splits=splits, tile_blocks=tile_blocks, use_dot=use_dot)
         pos = (length.clamp(min=1) - 1)[:, None]
         want_out, want_lse = reference(q, k, v, table, torch.zeros_like(length), length, pos,
                                        0.25)

@@ -38,9 +38,10 @@ def _paged_attention_kernel(
     stride_os, stride_ob, stride_oq, stride_oh,
     stride_ls, stride_lb, stride_lq,
     num_q, num_splits, blocks_per_split,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr, USE_DOT: tl.constexpr, ALL_VISIBLE: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BS_PAD: tl.constexpr, TILE_BLOCKS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, USE_DOT: tl.constexpr,
+    ALL_VISIBLE: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -48,12 +49,13 @@ def _paged_attention_kernel(
     split = tl.program_id(2) % num_splits
 
     # Rows: BLOCK_Q queries x GROUP_PAD query heads, row r = query (r // GROUP_PAD), head
-    # kv_head * GROUP + (r % GROUP_PAD).
-    rows = tl.arange(0, BLOCK_Q * GROUP_PAD)
+    # kv_head * GROUP + (r % GROUP_PAD); ROWS >= BLOCK_Q * GROUP_PAD pads them to what a
+    # tensor-core product takes (16), the padding rows masked.
+    rows = tl.arange(0, ROWS)
     query = q_tile * BLOCK_Q + rows // GROUP_PAD
     member = rows % GROUP_PAD
     head = kv_head * GROUP + member
-    row_ok = (query < num_q) & (member < GROUP)
+    row_ok = (rows < BLOCK_Q * GROUP_PAD) & (query < num_q) & (member < GROUP)
     dims = tl.arange(0, D_PAD)
     dim_ok = dims < HEAD_DIM
 
@@ -64,27 +66,33 @@ def _paged_attention_kernel(
         kv_start = tl.load(kv_start_ptr + b)
     kv_len = tl.load(kv_len_ptr + b)
 
-    m = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
-    total = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
-    acc = tl.zeros([BLOCK_Q * GROUP_PAD, D_PAD], tl.float32)
-    slots = tl.arange(0, BS_PAD)
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    total = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, D_PAD], tl.float32)
+    # A tile: TILE_BLOCKS blocks of the table read together (more bytes in flight a
+    # program), slot t of the tile = block t // BS_PAD of it, offset t % BS_PAD.
+    tile = tl.arange(0, TILE_BLOCKS * BS_PAD)
+    in_tile = tile // BS_PAD
+    offset = tile % BS_PAD
     first = split * blocks_per_split
     last = tl.minimum(first + blocks_per_split, tl.cdiv(kv_len, BLOCK_SIZE))
-    for j in range(first, last):
-        block = tl.load(table_ptr + b * stride_tb + j).to(tl.int64)
-        slot = j * BLOCK_SIZE + slots
-        slot_ok = (slots < BLOCK_SIZE) & (slot < kv_len)
+    for j in range(first, last, TILE_BLOCKS):
+        index = j + in_tile
+        block = tl.load(table_ptr + b * stride_tb + index, mask=index < last, other=0)
+        block = block.to(tl.int64)
+        slot = index * BLOCK_SIZE + offset
+        slot_ok = (offset < BLOCK_SIZE) & (index < last) & (slot < kv_len)
         kv_mask = slot_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_ptr + block * stride_kn + slots[:, None] * stride_ks
+        k = tl.load(k_ptr + block[:, None] * stride_kn + offset[:, None] * stride_ks
                     + kv_head * stride_kh + dims[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + block * stride_vn + slots[:, None] * stride_vs
+        v = tl.load(v_ptr + block[:, None] * stride_vn + offset[:, None] * stride_vs
                     + kv_head * stride_vh + dims[None, :], mask=kv_mask, other=0.0)
         if USE_DOT:
             scores = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             scores = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
         scores = scores * scale
-        if ALL_VISIBLE:  # a decode: every slot up to kv_len
+        if ALL_VISIBLE:  # a decode, or a chunk's history: every slot up to kv_len
             visible = slot_ok[None, :] & row_ok[:, None]
         else:
             visible = slot_ok[None, :] & (kv_start + slot[None, :] <= pos[:, None])
@@ -203,13 +211,17 @@ def paged_attention(
     kv_start: torch.Tensor | None, kv_len: torch.Tensor, q_pos: torch.Tensor | None,
     scale: float,
     num_splits: int | None = None, block_q: int | None = None,
+    tile_blocks: int | None = None, use_dot: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q (B, Q, H, D) over each sequence's first ``kv_len[b]`` slots of its
     blocks (k_cache, v_cache: (num_blocks, block_size, KVH, D); block_table (B, NB)), the
     slots at positions ``kv_start[b]`` on, each query at ``q_pos`` (B, Q) seeing those at
     or before its own (``kv_start`` and ``q_pos`` None: every query sees all of them, a
-    decode, with nothing built for it each layer). ``num_splits`` ranges of blocks are computed side by side and
-    merged (default: enough to give the GPU work for a short batch of long contexts).
+    decode, with nothing built for it each layer). ``num_splits`` ranges of blocks are
+    computed side by side and merged (default: enough to give the GPU work for a short
+    batch of long contexts). The knobs, defaults chosen here: ``tile_blocks`` blocks read
+    a step of a program's loop, ``use_dot`` tensor-core products (rows padded to 16;
+    where a tile has fewer than 16 slots, none).
     Returns out (B, Q, H, D) in q's dtype and lse (B, Q, H) float32, natural log."""
     batch, num_q, heads, dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
@@ -228,6 +240,15 @@ def paged_attention(
         block_q = max(1, min(triton.next_power_of_2(num_q), max(1, 64 // group_pad)))
     d_pad = triton.next_power_of_2(dim)
     bs_pad = triton.next_power_of_2(block_size)
+    if use_dot is None:  # on a GPU (the interpreter's bfloat16 products are wrong)
+        use_dot = q.device.type == "cuda" and d_pad >= 16
+    # A tensor-core product takes at least 16 rows and 16 slots: the rows padded.
+    rows = max(block_q * group_pad, 16 if use_dot else 1)
+    if tile_blocks is None:
+        tile_blocks = _default_tile_blocks(rows, bs_pad, q.element_size())
+    tile_blocks = triton.next_power_of_2(tile_blocks)
+    if use_dot and tile_blocks * bs_pad < 16:
+        use_dot, rows = False, block_q * group_pad
     device = q.device
     # Index tensors as the plan made them (int32 or int64): the kernel reads either, so
     # a layer converts nothing.
@@ -243,8 +264,6 @@ def paged_attention(
     outs = torch.empty(num_splits, batch, num_q, heads, dim, device=device,
                        dtype=q.dtype if num_splits == 1 else torch.float32)
     lses = torch.empty(num_splits, batch, num_q, heads, dtype=torch.float32, device=device)
-    use_dot = (device.type == "cuda" and block_q * group_pad >= 16 and bs_pad >= 16
-               and d_pad >= 16)
     grid = (batch, kv_heads, triton.cdiv(num_q, block_q) * num_splits)
     if batch and num_q:
         _paged_attention_kernel[grid](
@@ -256,9 +275,9 @@ def paged_attention(
             outs.stride(0), outs.stride(1), outs.stride(2), outs.stride(3),
             lses.stride(0), lses.stride(1), lses.stride(2),
             num_q, num_splits, blocks_per_split,
-            GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_SIZE=block_size,
-            BS_PAD=bs_pad, HEAD_DIM=dim, D_PAD=d_pad, USE_DOT=use_dot,
-            ALL_VISIBLE=all_visible,
+            GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, ROWS=rows,
+            BLOCK_SIZE=block_size, BS_PAD=bs_pad, TILE_BLOCKS=tile_blocks, HEAD_DIM=dim,
+            D_PAD=d_pad, USE_DOT=use_dot, ALL_VISIBLE=all_visible,
         )
     if num_splits == 1:
         return outs[0], lses[0]
@@ -273,6 +292,15 @@ def paged_decode(
     slots (as the CPU kernel ``paged_decode_attention``)."""
     return paged_attention(q, k_cache, v_cache, block_table, None, kv_len, None, scale,
                            num_splits)
+
+
+def _default_tile_blocks(rows: int, bs_pad: int, element_size: int) -> int:
+    """Blocks a step of the loop reads: about 64 slots (the more bytes in flight, the
+    nearer the copy bandwidth), fewer where rows x slots would not stay in registers on
+    an H100/H200 (sm_90 builds of these shapes spill beyond 4,096 scores at 2 bytes an
+    element, 1,024 at 4: tests/test_triton_hopper.py)."""
+    scores = 4096 if element_size <= 2 else 1024
+    return max(1, min(64 // bs_pad, scores // (rows * bs_pad)))
 
 
 def _default_splits(programs: int, width: int) -> int:
