@@ -135,9 +135,18 @@ def test_a_llama_with_every_elementwise_pass_in_triton_gives_the_same_logits(
     monkeypatch.setattr(llama, "kernels_for", triton_kernels)
     got = run()
     assert used  # every pass went through the Triton kernels
+    assert_same_outputs(got, want, dtype)
+
+
+def assert_same_outputs(got, want, dtype: str) -> None:
+    """The same greedy tokens, and log-probs within what ``dtype`` allows. In bfloat16
+    the runner-up tokens may swap places in a near tie (the interpreter rounds to
+    bfloat16 toward zero, PyTorch to nearest); the chosen token's log-prob may not move."""
     tol = 5e-2 if dtype == "bfloat16" else 1e-4
-    for g, w in zip(got, want):
-        assert g.outputs[0].token_ids == w.outputs[0].token_ids
-        for token, a, b in zip(w.outputs[0].token_ids, g.outputs[0].logprobs,
-                               w.outputs[0].logprobs):
-            assert abs(a[token] - b[token]) < tol
+    for a, b in zip(got, want, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for token, x, y in zip(a.outputs[0].token_ids, a.outputs[0].logprobs,
+                               b.outputs[0].logprobs):
+            assert abs(x[token] - y[token]) < tol
+            assert dtype == "bfloat16" or (x.keys() == y.keys()
+                                           and all(abs(x[t] - y[t]) < tol for t in x))
