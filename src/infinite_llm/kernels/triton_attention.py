@@ -295,12 +295,12 @@ def paged_decode(
 
 
 def _default_tile_blocks(rows: int, bs_pad: int, element_size: int) -> int:
-    """Blocks a step of the loop reads: about 64 slots (the more bytes in flight, the
-    nearer the copy bandwidth), fewer where rows x slots would not stay in registers on
-    an H100/H200 (sm_90 builds of these shapes spill beyond 4,096 scores at 2 bytes an
-    element, 1,024 at 4: tests/test_triton_hopper.py)."""
+    """Blocks a step of the loop reads: up to 64 slots and 4 blocks (the more bytes in
+    flight, the nearer the copy bandwidth), fewer where they would not stay in registers
+    on an H100/H200: sm_90 builds spill beyond 4,096 scores (rows x slots) at 2 bytes an
+    element, 1,024 at 4, and past 4 blocks of 4 slots (tests/test_triton_hopper.py)."""
     scores = 4096 if element_size <= 2 else 1024
-    return max(1, min(64 // bs_pad, scores // (rows * bs_pad)))
+    return max(1, min(64 // bs_pad, 4, scores // (rows * bs_pad)))
 
 
 def _default_splits(programs: int, width: int) -> int:
