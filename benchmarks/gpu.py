@@ -6,9 +6,10 @@
    paged blocks at SmolLM2's attention shape (9 query heads over 3 KV heads of 64, block
    size 16, blocks in random order), for each context and batch: the KV bytes it must
    read over its time, and that as a share of the copy bandwidth; with its defaults,
-   then with each of ``VARIANTS`` of its knobs (the kernel's earlier form among them). Enough layers' caches
-   are cycled through that they do not fit the L2 cache, and on a GPU the calls are
-   captured in a CUDA graph, so the time is the kernels' and not Python's. Each case's
+   then with each of ``VARIANTS`` of its knobs (the kernel's earlier form among them).
+   Enough layers' caches are cycled through that they do not fit the L2 cache, and on a
+   GPU the calls are captured in a CUDA graph, so the time is the kernels' and not
+   Python's. Each case's
    first sequence is checked against PyTorch's float32 attention over the same blocks.
 3. LAT: batch-1 decode ms/token of a random model of SmolLM2's shape through ``LLM``
    (docs/WORKLOADS.md's LAT: 256 tokens against 1, one 32-token prompt), its decode
@@ -321,24 +322,17 @@ def main() -> None:
         copy = copy_bandwidth(device, (2**24 if small else 2**31), repeats)
         report.add(Row("copy", f"{(2**24 if small else 2**31) >> 20} MiB", copy / 1e9, "GB/s"))
     if "decode" in args.parts:
-        for context in contexts:
-            for batch in batches:
+        for context, batch in ((c, b) for c in contexts for b in batches):
+            # The defaults (what the engine launches), then each variant of the knobs.
+            for knobs in [{}] + (VARIANTS if args.variants else []):
                 seconds, nbytes, error = decode_case(device, dtype, context, batch,
-                                                     args.block_size, repeats)
-                share = nbytes / seconds / copy
-                assert error < (2e-2 if dtype != torch.float32 else 1e-4), (context, batch, error)
-                report.add(Row("decode kernel", f"context {context}, batch {batch}",
+                                                     args.block_size, repeats, **knobs)
+                assert error < (2e-2 if dtype != torch.float32 else 1e-4), (knobs, error)
+                report.add(Row("decode kernel, variant" if knobs else "decode kernel",
+                               f"context {context}, batch {batch}" + (f", {knobs}" if knobs else ""),
                                nbytes / seconds / 1e9, "GB/s",
-                               f"{seconds * 1e6:.1f} us a layer, {share:.0%} of copy, "
-                               f"error {error:.1e}"))
-                for knobs in VARIANTS if args.variants else []:
-                    seconds, nbytes, error = decode_case(device, dtype, context, batch,
-                                                         args.block_size, repeats, **knobs)
-                    assert error < (2e-2 if dtype != torch.float32 else 1e-4), (knobs, error)
-                    report.add(Row("decode kernel, variant",
-                                   f"context {context}, batch {batch}, {knobs}",
-                                   nbytes / seconds / 1e9, "GB/s",
-                                   f"{nbytes / seconds / copy:.0%} of copy"))
+                               f"{seconds * 1e6:.1f} us a layer, "
+                               f"{nbytes / seconds / copy:.0%} of copy, error {error:.1e}"))
     if {"lat", "w1", "spread"} & set(args.parts):
         with tempfile.TemporaryDirectory() as model_dir:
             overrides = {} if not small else dict(
