@@ -328,8 +328,8 @@ def main() -> None:
                 seconds, nbytes, error = decode_case(device, dtype, context, batch,
                                                      args.block_size, repeats, **knobs)
                 assert error < (2e-2 if dtype != torch.float32 else 1e-4), (knobs, error)
-                report.add(Row("decode kernel, variant" if knobs else "decode kernel",
-                               f"context {context}, batch {batch}" + (f", {knobs}" if knobs else ""),
+                case = f"context {context}, batch {batch}" + (f", {knobs}" if knobs else "")
+                report.add(Row("decode kernel, variant" if knobs else "decode kernel", case,
                                nbytes / seconds / 1e9, "GB/s",
                                f"{seconds * 1e6:.1f} us a layer, "
                                f"{nbytes / seconds / copy:.0%} of copy, error {error:.1e}"))
