@@ -114,7 +114,7 @@ def attention_launches(monkeypatch, dtype: torch.dtype):
     Llama's (6 heads over 2 of 16, blocks of 4: tests/test_cuda.py's): decodes of 1 and
     64 sequences (one split, and split-KV with its merge) with the tables a CUDA graph
     step (int64) and an op-by-op step (int32) bring, a prompt chunk's history (16 queries
-    a tile), and the KV writes."""
+    a tile), a chunk over its own keys (causal), and the KV writes."""
     attention = record(monkeypatch, triton_attention, "_paged_attention_kernel")
     merge = record(monkeypatch, triton_attention, "_merge_kernel")
     write = record(monkeypatch, triton_attention, "_write_kv_kernel")
@@ -134,6 +134,10 @@ def attention_launches(monkeypatch, dtype: torch.dtype):
                                          torch.zeros(3, 64, dtype=torch.int32), None,
                                          torch.full((3,), 200, dtype=torch.int32), None, 0.125,
                                          use_dot=True)
+        triton_attention.causal_attention(chunk, qkv[:48, heads:heads + kv_heads].reshape(
+            3, 16, kv_heads, head_dim), qkv[:48, heads + kv_heads:].reshape(3, 16, kv_heads,
+                                                                            head_dim),
+                                          0.125, use_dot=True)
         triton_attention.write_kv(k_cache, v_cache, torch.zeros(64, dtype=torch.int64),
                                   qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:])
     return [attention, merge, write]

@@ -192,12 +192,13 @@ def test_write_kv_puts_each_tokens_k_and_v_at_its_slot(tokens, kv_heads, dim, bl
 def test_a_llama_on_the_gpu_paths_kernels_gives_the_default_paths_outputs(
     tiny_llama_dir, monkeypatch, dtype
 ):
-    """Every kernel a GPU step takes, together, on the CPU: decode attention, the KV
-    writes and the norms, rotary and activation in Triton, decode steps from the padded
-    step a CUDA graph replays. Greedy tokens and log-probs equal the default path's, over
-    pools joined as on one GPU, with a sequence spread over both of them."""
+    """Every kernel a GPU step takes, together, on the CPU: attention (decodes, a chunk's
+    history and its own keys, no CPU prefill kernel), the KV writes and the norms, rotary
+    and activation in Triton, decode steps from the padded step a CUDA graph replays.
+    Greedy tokens and log-probs equal the default path's, over pools joined as on one
+    GPU, with a sequence spread over both of them."""
     from infinite_llm import SamplingParams
-    from infinite_llm.attention import micro
+    from infinite_llm.attention import dist, micro, plan
     from infinite_llm.engine.decode_graphs import DecodeGraphs
     from infinite_llm.kernels import gpu, triton_elementwise
     from infinite_llm.model import llama
@@ -215,7 +216,7 @@ def test_a_llama_on_the_gpu_paths_kernels_gives_the_default_paths_outputs(
 
     reference = run()
     want = reference.generate(prompts, params, use_tqdm=False)
-    calls = {"attention": 0, "write": 0, "elementwise": 0}
+    calls = {"attention": 0, "causal": 0, "write": 0, "elementwise": 0}
 
     def counted(name, fn):
         def call(*args, **kwargs):
@@ -228,6 +229,8 @@ def test_a_llama_on_the_gpu_paths_kernels_gives_the_default_paths_outputs(
         return triton_elementwise
 
     monkeypatch.setattr(micro, "paged_decode_attention", counted("attention", gpu.paged_decode))
+    monkeypatch.setattr(plan, "prefill_attention_supported", lambda *args: False)  # as a GPU
+    monkeypatch.setattr(dist, "causal_attention", counted("causal", gpu.causal_attention))
     monkeypatch.setattr(gpu, "write_kv_supported", lambda cache: True)
     monkeypatch.setattr(gpu, "write_kv", counted("write", gpu.write_kv))
     monkeypatch.setattr(llama, "kernels_for", elementwise)
@@ -240,3 +243,27 @@ def test_a_llama_on_the_gpu_paths_kernels_gives_the_default_paths_outputs(
     assert all(calls.values()) and runner.graphs.replays >= 7, (calls, runner.graphs.replays)
     assert_same_outputs(got, want, dtype)
     assert_all_pools_full(llm.engine)
+
+
+@settings(max_examples=15, deadline=None)
+@given(batch=st.integers(1, 3), num_q=st.integers(1, 40), kv_heads=st.integers(1, 2),
+       group=st.sampled_from([1, 3]), block_size=st.sampled_from([4, 16]),
+       seed=st.integers(0, 2**16))
+def test_a_chunk_over_its_own_keys_is_causal(batch, num_q, kv_heads, group, block_size, seed):
+    """``causal_attention`` (the GPU's for a prompt chunk's own keys): query i sees keys
+    0..i, chunk lengths that fill no whole block included; float64's answer."""
+    g = torch.Generator().manual_seed(seed)
+    heads, dim = kv_heads * group, 16
+    q = torch.randn(batch, num_q, heads, dim, generator=g)
+    k = torch.randn(batch, num_q, kv_heads, dim, generator=g)
+    v = torch.randn(batch, num_q, kv_heads, dim, generator=g)
+    out, lse = triton_attention.causal_attention(*on_device(q, k, v), 0.3, block_size=block_size)
+    keys = k.double().repeat_interleave(group, 2)
+    values = v.double().repeat_interleave(group, 2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), keys) * 0.3
+    scores = scores.masked_fill(torch.ones(num_q, num_q, dtype=torch.bool).triu(1), -math.inf)
+    want_lse = torch.logsumexp(scores, -1)
+    want = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, -1), values)
+    torch.testing.assert_close(out.cpu().double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.cpu().double(), want_lse.transpose(1, 2), rtol=1e-5,
+                               atol=1e-5)

@@ -152,7 +152,11 @@ def causal_attention(
     """Causal attention of a chunk over its own keys, query i seeing keys 0..i.
 
     q (B, Q, H, D); k, v (B, Q, KVH, D). Returns out (B, Q, H, D) and lse (B, Q, H).
+    On a GPU with the Triton kernels, the paged kernel over the chunk's own keys (no
+    Q x Q scores: 32K tokens over SmolLM2's 9 heads would need 38 GB of them a layer).
     """
+    if gpu.paged_attention_supported(q.device, q.dtype, q.shape[-1]):
+        return gpu.causal_attention(q, k, v, scale)
     group = q.shape[2] // k.shape[2]
     out, lse = _attention_with_lse(
         q.transpose(1, 2),

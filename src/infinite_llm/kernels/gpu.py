@@ -42,6 +42,14 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     return triton_attention.paged_decode(q, k_cache, v_cache, block_table, kv_len, scale)
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prompt chunk over its own keys, causal: (out, lse), no Q x Q scores."""
+    from infinite_llm.kernels import triton_attention
+
+    return triton_attention.causal_attention(q, k, v, scale)
+
+
 def write_kv_supported(cache: torch.Tensor) -> bool:
     """Whether the Triton kernel writes new tokens' k and v into this cache."""
     return cache.device.type == "cuda" and cache.dtype in _DTYPES and triton_kernels_available()

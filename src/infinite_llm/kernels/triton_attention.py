@@ -76,6 +76,8 @@ def _paged_attention_kernel(
     offset = tile % BS_PAD
     first = split * blocks_per_split
     last = tl.minimum(first + blocks_per_split, tl.cdiv(kv_len, BLOCK_SIZE))
+    if not ALL_VISIBLE:  # causal: no block past the tile's last query is read
+        last = tl.minimum(last, tl.cdiv(tl.max(pos, axis=0) - kv_start + 1, BLOCK_SIZE))
     for j in range(first, last, TILE_BLOCKS):
         index = j + in_tile
         block = tl.load(table_ptr + b * stride_tb + index, mask=index < last, other=0)
@@ -282,6 +284,31 @@ def paged_attention(
     if num_splits == 1:
         return outs[0], lses[0]
     return merge_partials(outs, lses, q.dtype)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     block_size: int = 16, use_dot: bool | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prompt chunk over its own keys, query i seeing keys 0..i: q (B, Q, H, D), k, v
+    (B, Q, KVH, D) -> out (B, Q, H, D) in q's dtype, lse (B, Q, H) float32. The paged
+    kernel over the chunk's keys laid out as blocks of their own (no Q x Q scores
+    anywhere), each query tile stopping at its last position (``use_dot``: as
+    ``paged_attention``'s)."""
+    batch, num_q, _, _ = q.shape
+    blocks = -(-num_q // block_size)
+    pad = blocks * block_size - num_q
+    if pad:  # the last block filled out: no query sees past its own position
+        k = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, pad))
+        v = torch.nn.functional.pad(v, (0, 0, 0, 0, 0, pad))
+    k_cache = k.reshape(batch * blocks, block_size, *k.shape[2:])
+    v_cache = v.reshape(batch * blocks, block_size, *v.shape[2:])
+    device = q.device
+    table = torch.arange(batch * blocks, dtype=torch.int32, device=device).view(batch, blocks)
+    starts = torch.zeros(batch, dtype=torch.int32, device=device)
+    lengths = torch.full((batch,), num_q, dtype=torch.int32, device=device)
+    positions = torch.arange(num_q, dtype=torch.int32, device=device).expand(batch, num_q)
+    return paged_attention(q, k_cache, v_cache, table, starts, lengths, positions, scale,
+                           num_splits=1, use_dot=use_dot)
 
 
 def paged_decode(
