@@ -40,8 +40,9 @@ from infinite_llm.model.llama import LlamaForCausalLM
 logger = logging.getLogger(__name__)
 
 MIN_WIDTH = 16  # blocks: the narrowest table a graph is captured for
-# torch.compile keeps this many shapes of the padded step (its default of 8 would run
-# the rest uncompiled): every (batch, width) bucket a server meets.
+# torch.compile keeps this many shapes of the padded step (its defaults, 8 a function
+# and 256 in all, would run the rest uncompiled): every (batch, width) bucket a server
+# meets.
 MAX_COMPILED_SHAPES = 1024
 
 
@@ -191,7 +192,8 @@ class DecodeGraphs:
         """The padded step over ``static``'s buffers, through torch.compile if asked."""
         if self._step is None:
             return self._forward(static)
-        with torch._dynamo.config.patch(recompile_limit=MAX_COMPILED_SHAPES):
+        with torch._dynamo.config.patch(recompile_limit=MAX_COMPILED_SHAPES,
+                                        accumulated_recompile_limit=MAX_COMPILED_SHAPES):
             return self._step(static)
 
     def _capture(self, key: GraphKey) -> tuple[_Static, torch.cuda.CUDAGraph | None, torch.Tensor]:
