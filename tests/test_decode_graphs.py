@@ -10,7 +10,7 @@ from torch._dynamo.utils import counters
 
 from infinite_llm import LLM, SamplingParams
 from infinite_llm.attention.plan import JOINED
-from infinite_llm.engine.decode_graphs import DecodeGraphs, GraphKey, bucket
+from infinite_llm.engine.decode_graphs import MAX_COMPILED_SHAPES, DecodeGraphs, GraphKey, bucket
 
 from test_cluster import BLOCK, GREEDY, assert_all_pools_full, run_watching_owners, tiny_cluster
 
@@ -119,6 +119,14 @@ def test_compiled_padded_steps_give_the_op_by_op_tokens_and_logprobs(tiny_llama_
     llm = LLM(str(tiny_llama_dir), dtype="float32", device="cpu", kv_cache_memory="2MiB",
               block_size=BLOCK)
     graphs = with_graphs(llm, torch_compile=True)
+    limits, step = [], graphs._step
+
+    def watched(static):  # the limits Dynamo reads when a new shape compiles
+        limits.append((torch._dynamo.config.recompile_limit,
+                       torch._dynamo.config.accumulated_recompile_limit))
+        return step(static)
+
+    graphs._step = watched
     counters.clear()
     assert_same(generate(llm, prompts[:1], 8), want[0])
     compiled = counters["stats"]["unique_graphs"]
@@ -129,6 +137,8 @@ def test_compiled_padded_steps_give_the_op_by_op_tokens_and_logprobs(tiny_llama_
     again = counters["stats"]["unique_graphs"]
     assert_same(generate(llm, prompts, 8), want[1])
     assert counters["stats"]["unique_graphs"] == again
+    # Dynamo's defaults (8 shapes a function, 256 in all) would leave the rest uncompiled.
+    assert limits and set(limits) == {(MAX_COMPILED_SHAPES, MAX_COMPILED_SHAPES)}
     assert_all_pools_full(llm.engine)
 
 
