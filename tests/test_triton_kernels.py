@@ -231,7 +231,8 @@ def test_a_llama_on_the_gpu_paths_kernels_gives_the_default_paths_outputs(
     monkeypatch.setattr(micro, "paged_decode_attention", counted("attention", gpu.paged_decode))
     monkeypatch.setattr(plan, "prefill_attention_supported", lambda *args: False)  # as a GPU
     monkeypatch.setattr(dist, "causal_attention", counted("causal", gpu.causal_attention))
-    monkeypatch.setattr(gpu, "write_kv_supported", lambda cache: True)
+    monkeypatch.setattr(gpu, "triton_takes", lambda x: True)  # the KV write: CPU kernels
+    # still take the elementwise passes first (kernels_for), llama's is patched below
     monkeypatch.setattr(gpu, "write_kv", counted("write", gpu.write_kv))
     monkeypatch.setattr(llama, "kernels_for", elementwise)
     llm = run()

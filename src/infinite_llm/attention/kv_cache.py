@@ -74,7 +74,7 @@ class KVCache:
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store tokens' k, v (N, kv_heads, head_dim) at flat slots block * block_size + offset."""
         k_cache, v_cache = self.layer(layer)
-        if gpu.write_kv_supported(k_cache):  # both in one launch
+        if gpu.triton_takes(k_cache):  # both in one launch
             gpu.write_kv(k_cache, v_cache, slots, k, v)
             return
         k_cache.view(-1, *k.shape[1:]).index_copy_(0, slots, k)

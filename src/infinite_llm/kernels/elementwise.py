@@ -17,7 +17,7 @@ def kernels_for(x: torch.Tensor) -> ModuleType | None:
     """The module whose elementwise passes take ``x``, or None."""
     if cpu.elementwise_supported(x):
         return cpu
-    if gpu.elementwise_supported(x):
+    if gpu.triton_takes(x):
         return _triton()
     return None
 

@@ -50,11 +50,6 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return triton_attention.causal_attention(q, k, v, scale)
 
 
-def write_kv_supported(cache: torch.Tensor) -> bool:
-    """Whether the Triton kernel writes new tokens' k and v into this cache."""
-    return cache.device.type == "cuda" and cache.dtype in _DTYPES and triton_kernels_available()
-
-
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
              k: torch.Tensor, v: torch.Tensor) -> None:
     """k[n], v[n] into flat slot slots[n] of one layer's caches, in one launch."""
@@ -63,6 +58,7 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
     triton_attention.write_kv(k_cache, v_cache, slots, k, v)
 
 
-def elementwise_supported(x: torch.Tensor) -> bool:
-    """Whether the Triton norm, rotary and SiLU-and-multiply passes take this tensor."""
+def triton_takes(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels that take a tensor whole (norm, rotary, SiLU-and-multiply,
+    the KV write into a cache) take this one."""
     return x.device.type == "cuda" and x.dtype in _DTYPES and triton_kernels_available()
